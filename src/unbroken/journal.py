@@ -1,0 +1,140 @@
+"""Journal and execution records (layer: model).
+
+Records are frozen, slotted dataclasses; enum values are the strings the database stores.
+Payload fields hold the bytes the codec (and, when configured, the cipher) produced: the
+storage layer never interprets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+
+__all__ = [
+    "EntryKind",
+    "ExecutionInfo",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "ExecutionSummary",
+    "JournalEntry",
+    "StepInfo",
+    "ms_to_datetime",
+]
+
+
+class ExecutionStatus(str, Enum):
+    """Where an execution stands; ``info.status == "completed"`` holds."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the status ends the execution (until a reopen, INV-16)."""
+        return self is not ExecutionStatus.RUNNING
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class EntryKind(str, Enum):
+    """The kind of a journal row."""
+
+    RESULT = "result"
+    """A step's committed value."""
+    ERROR = "error"
+    """A step that failed for good; replayed as ``StepFailed``."""
+    INTENT = "intent"
+    """A guarded step's intent, committed before its operation runs."""
+    CONTROL = "control"
+    """A timer, promise or other control point that holds a step id."""
+    CHECKPOINT = "checkpoint"
+    """A folded prefix of idempotent results."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One journal row.
+
+    ``seq`` is assigned by the database on append (global order); it is ``None`` before.
+    ``effect`` is an ``EffectClass`` value; ``idem_key`` the 32-byte idempotency key.
+    """
+
+    execution_id: str
+    generation: int
+    step_id: int
+    kind: EntryKind
+    name: str
+    effect: str
+    idem_key: bytes
+    payload: bytes | None
+    created_at_ms: int
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """One execution row as storage holds it (payload fields are encoded bytes)."""
+
+    execution_id: str
+    workflow: str
+    status: ExecutionStatus
+    generation: int
+    inputs: bytes | None
+    output: bytes | None
+    error_type: str | None
+    error: bytes | None
+    created_at_ms: int
+    updated_at_ms: int
+    finalized_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionSummary:
+    """A listing row: metadata only."""
+
+    execution_id: str
+    workflow: str
+    status: ExecutionStatus
+    steps: int
+    created_at_ms: int
+    finalized_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """Metadata of one journal row: never its payload (INV-5)."""
+
+    step_id: int
+    name: str
+    effect_class: str
+    kind: EntryKind
+    generation: int
+    seq: int
+    created_at_ms: int
+    payload_bytes: int
+    idem_key_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionInfo:
+    """What ``engine.get_execution`` returns: metadata of an execution and its steps."""
+
+    execution_id: str
+    workflow: str
+    status: ExecutionStatus
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+    finalized_at: datetime | None
+    error_type: str | None
+    steps: list[StepInfo]
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """Unix milliseconds to an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

@@ -1,0 +1,135 @@
+"""The storage protocol every backend implements (layer: storage).
+
+The protocol is synchronous: ``sqlite3`` is, psycopg has a sync API, and the engine calls
+storage only from its writer thread and its reader thread, never from the event loop.
+Implementations must be safe to call from several threads at once (one connection per
+thread, or a lock).
+
+Semantics every implementation keeps (the contract suite in ``tests/storage`` checks them):
+
+- ``create_execution`` is idempotent on the id: an existing row is returned untouched.
+- ``finalize_execution`` and ``abort_generation`` are guarded (``WHERE status='running'``,
+  ``WHERE generation=?``): the first writer wins, later calls change nothing.
+- ``reopen_execution`` turns ``completed``/``failed``/``aborted`` back into ``running``
+  (INV-16) and refuses ``canceled`` with ``ExecutionCanceled`` (INV-16').
+- ``append`` writes all entries in one transaction, or none; at most one ``result`` or
+  ``error`` row exists per (execution, generation, step).
+- ``read_segment`` returns the rows of one generation with ``step_id >= from_step``, ordered
+  by ``(step_id, seq)``, at most ``limit`` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ..journal import (
+    ExecutionRecord,
+    ExecutionStatus,
+    ExecutionSummary,
+    JournalEntry,
+    StepInfo,
+)
+
+__all__ = ["SCHEMA_VERSION", "Storage"]
+
+SCHEMA_VERSION = 1
+"""The schema version this code writes; a database with a higher one is refused."""
+
+
+class Storage(Protocol):
+    """A journal store: executions and their journal rows."""
+
+    @property
+    def lock_dir(self) -> Path | None:
+        """Directory of per-execution lock files, or ``None`` for in-process ownership."""
+        ...
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password removed: safe for logs and errors."""
+        ...
+
+    def open(self) -> None:
+        """Connect, create or migrate the schema; refuse foreign or newer databases."""
+        ...
+
+    def close(self) -> None:
+        """Release every connection. Idempotent."""
+        ...
+
+    # -- executions -------------------------------------------------------------------
+
+    def create_execution(
+        self, execution_id: str, workflow: str, inputs: bytes, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
+        ...
+
+    def get_execution(self, execution_id: str) -> ExecutionRecord | None:
+        """The execution row, or ``None``."""
+        ...
+
+    def reopen_execution(self, execution_id: str, now_ms: int) -> ExecutionRecord:
+        """Un-finalize a terminal execution (INV-16); return the row as it is now.
+
+        Raises:
+            ExecutionCanceled: the execution was canceled (INV-16').
+            UnknownExecution: no such execution.
+        """
+        ...
+
+    def finalize_execution(
+        self,
+        execution_id: str,
+        status: ExecutionStatus,
+        now_ms: int,
+        *,
+        output: bytes | None = None,
+        error_type: str | None = None,
+        error: bytes | None = None,
+    ) -> bool:
+        """Set a terminal status while ``running``; ``False`` if another status won."""
+        ...
+
+    def abort_generation(self, execution_id: str, generation: int, now_ms: int) -> int:
+        """Mark ``generation`` aborted and start the next one; return the current generation.
+
+        Guarded: if the execution already moved past ``generation`` nothing changes.
+        """
+        ...
+
+    def list_executions(
+        self, *, status: ExecutionStatus | None = None, limit: int = 100
+    ) -> list[ExecutionSummary]:
+        """Newest first, metadata only."""
+        ...
+
+    def running_executions(self) -> list[tuple[str, str]]:
+        """``(execution_id, workflow)`` of every ``running`` execution, oldest first."""
+        ...
+
+    # -- journal ----------------------------------------------------------------------
+
+    def append(self, entries: Sequence[JournalEntry]) -> int:
+        """Insert entries in one transaction; return the last ``seq`` (0 if none)."""
+        ...
+
+    def read_segment(
+        self, execution_id: str, generation: int, from_step: int, limit: int
+    ) -> list[JournalEntry]:
+        """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
+        ...
+
+    def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
+        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
+        ...
+
+    def list_steps(self, execution_id: str) -> list[StepInfo]:
+        """Metadata of every journal row of the execution, by ``seq``."""
+        ...
+
+    def max_seq(self) -> int:
+        """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
+        ...
