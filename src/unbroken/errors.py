@@ -10,6 +10,7 @@ sizes, never payload bytes, resolver tokens or key material.
     │   └── EncryptionRequired
     ├── EngineNotOpen
     ├── UnknownWorkflow
+    ├── WorkflowMismatch
     ├── StorageError
     │   ├── NotAnUnbrokenDatabase
     │   └── SchemaTooNew
@@ -69,6 +70,7 @@ __all__ = [
     "UnknownExecution",
     "UnknownPromise",
     "UnknownWorkflow",
+    "WorkflowMismatch",
 ]
 
 
@@ -100,6 +102,16 @@ class UnknownWorkflow(UnbrokenError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no workflow is registered under the name {name!r}")
         self.name = name
+
+
+class WorkflowMismatch(UnbrokenError):
+    """An existing execution id was started with a different workflow."""
+
+    def __init__(self, execution_id: str, journaled: str, called: str) -> None:
+        super().__init__(
+            f"execution {execution_id!r} belongs to workflow {journaled!r}, not {called!r}"
+        )
+        self.execution_id = execution_id
 
 
 class StorageError(UnbrokenError):

@@ -1,0 +1,123 @@
+"""Engine configuration: defaults, config file, environment, arguments (layer: engine).
+
+Precedence, lowest first: the defaults below, ``unbroken.toml`` (or ``[tool.unbroken]`` in
+``pyproject.toml``) in the working directory, ``UNBROKEN_*`` environment variables (the
+key in upper case, e.g. ``UNBROKEN_JOURNAL_FLUSH_INTERVAL_MS``; the URL is
+``UNBROKEN_DATABASE_URL``), then keyword arguments of ``Engine(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_DATABASE_URL", "Config", "load_config"]
+
+DEFAULT_DATABASE_URL = "sqlite:///unbroken.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of an engine, with its default."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    sqlite_synchronous: str = "NORMAL"
+    """``NORMAL`` survives a process crash; ``FULL`` also survives power loss."""
+    journal_flush_interval_ms: int = 10
+    journal_max_batch: int = 256
+    journal_ack_timeout_ms: int = 5000
+    max_payload_bytes: int = 1_048_576
+    max_steps_per_execution: int = 10_000
+    replay_segment_steps: int = 100
+    promise_poll_interval_secs: float = 1.0
+    stale_owner_secs: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or value < 0):
+                raise ConfigurationError(f"setting {f.name!r} must be a non-negative number")
+        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ConfigurationError("setting 'sqlite_synchronous' must be NORMAL or FULL")
+
+
+_KEYS = {f.name: f.type for f in fields(Config)}
+
+
+def load_config(
+    url: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration from every source, in precedence order.
+
+    Raises:
+        ConfigurationError: an unknown key, or a value of the wrong type.
+    """
+    values: dict[str, Any] = {}
+    values.update(_from_file(cwd or Path.cwd()))
+    values.update(_from_env(os.environ if environ is None else environ))
+    for key, value in (overrides or {}).items():
+        values[_check_key(key, "Engine argument")] = value
+    if url is not None:
+        values["database_url"] = url
+    try:
+        return dataclasses.replace(Config(), **values)
+    except TypeError as exc:
+        raise ConfigurationError(f"invalid configuration: {exc}") from None
+
+
+def _check_key(key: str, source: str) -> str:
+    if key not in _KEYS:
+        raise ConfigurationError(f"unknown setting {key!r} in {source}")
+    return key
+
+
+def _coerce(key: str, raw: object, source: str) -> object:
+    kind = _KEYS[key]
+    try:
+        if kind == "int":
+            return int(str(raw))
+        if kind == "float":
+            return float(str(raw))
+    except ValueError:
+        raise ConfigurationError(f"setting {key!r} in {source} must be a number") from None
+    return str(raw)
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for key in _KEYS:
+        name = "UNBROKEN_" + key.upper()
+        if name in environ:
+            found[key] = _coerce(key, environ[name], name)
+    return found
+
+
+def _from_file(cwd: Path) -> dict[str, object]:
+    table: Mapping[str, object] = {}
+    source = ""
+    own = cwd / "unbroken.toml"
+    project = cwd / "pyproject.toml"
+    try:
+        if own.is_file():
+            source = str(own)
+            table = tomllib.loads(own.read_text("utf-8"))
+        elif project.is_file():
+            source = f"[tool.unbroken] of {project}"
+            tool = tomllib.loads(project.read_text("utf-8")).get("tool", {})
+            table = tool.get("unbroken", {}) if isinstance(tool, dict) else {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"cannot read configuration file {source}: {exc}") from None
+    return {
+        _check_key(key, source): _coerce(key, value, source) for key, value in table.items()
+    }

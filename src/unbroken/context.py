@@ -1,0 +1,449 @@
+"""The workflow context: ``ctx.step`` and its replay, guard and journal logic (layer: engine).
+
+A step id is taken when ``ctx.step`` is *called* (INV-2): ``ctx.step`` is a plain function
+that numbers the step and returns a coroutine, so ``asyncio.gather(ctx.step(a),
+ctx.step(b))`` numbers a=0, b=1 whatever finishes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import random as _random
+import uuid as _uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from . import codec
+from .effects import EffectClass, Intent, OnAmbiguous, Step, as_step
+from .errors import (
+    AmbiguousEffect,
+    InvalidStep,
+    JournalUnavailable,
+    ReplayDivergence,
+    StepCapExceeded,
+    StepFailed,
+)
+from .ids import idempotency_key
+from .journal import EntryKind, JournalEntry
+from .replay import ReplayCursor, StepRows
+from .runtime import (
+    Diverged,
+    RunServices,
+    SimulatedCrash,
+    StepHandle,
+    Stopped,
+    now_ms,
+    set_current_step,
+)
+
+__all__ = ["Context", "StepOutcome"]
+
+log = logging.getLogger("unbroken")
+audit = logging.getLogger("unbroken.audit")
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """What ``ctx.step_recorded`` returns: the value and how it was obtained."""
+
+    value: Any
+    was_replayed: bool
+    step_id: int
+    idempotency_key: bytes
+
+
+class Context:
+    """The handle a workflow gets as its first argument."""
+
+    __slots__ = ("_cursor", "_cursor_lock", "_dead", "_next_step", "_replaying", "_run", "_tasks")
+
+    def __init__(self, run: RunServices, *, replaying: bool) -> None:
+        self._run = run
+        self._next_step = 0
+        self._replaying = replaying
+        self._cursor = ReplayCursor(run.config.replay_segment_steps)
+        self._cursor_lock = asyncio.Lock()
+        self._dead = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def execution_id(self) -> str:
+        """The id of the running execution."""
+        return self._run.execution_id
+
+    @property
+    def generation(self) -> int:
+        """The journal generation (it grows each time a divergence restarts the workflow)."""
+        return self._run.generation
+
+    @property
+    def is_replaying(self) -> bool:
+        """Whether journaled steps may still be replayed."""
+        return self._replaying
+
+    # -- steps --------------------------------------------------------------------------
+
+    def step(self, step: str | Step, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Run ``fn(*args, **kwargs)`` as a journaled step and return its value.
+
+        ``step`` is a name (an idempotent step) or a ``Step`` descriptor. ``fn`` may be
+        sync (it runs in a worker thread with the context variables copied) or async.
+        The step id is taken now, before anything is awaited (INV-2).
+
+        Raises:
+            InvalidStep: ``step`` or ``fn`` is not usable (raised at once).
+            StepFailed: the operation failed after its retries (live and on replay).
+            AmbiguousEffect: a guarded step found in the ambiguous window under ``FAIL``.
+        """
+        desc, step_id = self._take_step(step, fn)
+        return self._run_step(step_id, desc, fn, args, kwargs, recorded=False)
+
+    def step_recorded(
+        self, step: str | Step, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Awaitable[StepOutcome]:
+        """Like ``step``, but return a ``StepOutcome`` that says whether it was replayed."""
+        desc, step_id = self._take_step(step, fn)
+        return self._run_step(step_id, desc, fn, args, kwargs, recorded=True)
+
+    async def now(self) -> datetime:
+        """The current UTC time, journaled: a replay returns the same instant."""
+        value: datetime = await self.step("unbroken.now", _utc_now)
+        return value
+
+    async def uuid(self) -> _uuid.UUID:
+        """A random UUID (v4), journaled."""
+        value: _uuid.UUID = await self.step("unbroken.uuid", _uuid4)
+        return value
+
+    async def random(self) -> float:
+        """A random float in [0, 1), journaled."""
+        value: float = await self.step("unbroken.random", _random_float)
+        return value
+
+    def _take_step(self, step: str | Step, fn: object) -> tuple[Step, int]:
+        desc = as_step(step)
+        if not callable(fn):
+            raise InvalidStep(f"step {desc.name!r}: the operation must be callable")
+        step_id = self._next_step
+        self._next_step = step_id + 1
+        return desc, step_id
+
+    async def _run_step(
+        self,
+        step_id: int,
+        desc: Step,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        recorded: bool,
+    ) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            value, replayed, key = await self._resolve(step_id, desc, fn, args, kwargs)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+        if recorded:
+            return StepOutcome(value, replayed, step_id, key)
+        return value
+
+    async def _resolve(
+        self,
+        step_id: int,
+        desc: Step,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, bool, bytes]:
+        self._check_alive()
+        cap = self._run.config.max_steps_per_execution
+        if cap and step_id >= cap:
+            raise StepCapExceeded(cap)
+        key = idempotency_key(self._run.execution_id, step_id, desc.key_input)
+        if self._replaying:
+            rows = await self._lookup(step_id)
+            if rows is not None:
+                self._check_divergence(step_id, desc, key, rows)
+                if rows.outcome is not None:
+                    return self._replay(desc, step_id, rows.outcome), True, key
+                if rows.intent is not None and desc.is_guarded:
+                    value = await self._ambiguous(step_id, desc, key, fn, args, kwargs)
+                    return value, False, key
+        if desc.is_guarded and self._run.generation > 0:
+            found = await self._earlier_generation(step_id, desc, key, fn, args, kwargs)
+            if found is not None:
+                return found[0], found[1], key
+        return await self._fresh(step_id, desc, key, fn, args, kwargs), False, key
+
+    # -- replay -------------------------------------------------------------------------
+
+    async def _lookup(self, step_id: int) -> StepRows | None:
+        cursor = self._cursor
+        if cursor.needs(step_id) is not None:
+            async with self._cursor_lock:
+                run = self._run
+                while (from_step := cursor.needs(step_id)) is not None:
+                    rows = await run.read(
+                        run.storage.read_segment,
+                        run.execution_id,
+                        run.generation,
+                        from_step,
+                        cursor.row_limit,
+                    )
+                    cursor.feed(rows)
+        rows_for_step = cursor.take(step_id)
+        if rows_for_step is None and cursor.exhausted and cursor.resident == 0:
+            self._replaying = False  # past the journal's end: no more lookups
+        return rows_for_step
+
+    def _check_divergence(self, step_id: int, desc: Step, key: bytes, rows: StepRows) -> None:
+        entry = rows.any
+        if entry.idem_key == key:
+            return
+        note = ""
+        if rows.result is not None and entry.effect == EffectClass.EXACTLY_ONCE_GUARDED.value:
+            note = (
+                f"a committed guarded effect ({entry.name!r}) is journaled at this position; "
+                "if the code moved it, its new position has a new idempotency key and "
+                "it will run again there"
+            )
+        error = ReplayDivergence(
+            step_id,
+            journaled=(entry.name, entry.effect),
+            called=(desc.name, desc.effect.value),
+            note=note,
+        )
+        log.warning(
+            "replay divergence in execution %r: %s; the journal generation is aborted",
+            self._run.execution_id,
+            error,
+        )
+        self._dead = True
+        raise Diverged(error)
+
+    def _replay(self, desc: Step, step_id: int, entry: JournalEntry) -> Any:
+        value = self._run.decode(entry.payload, entry.kind.value)
+        if entry.kind is EntryKind.ERROR:
+            raise _failure_from_record(desc.name, step_id, value)
+        return value
+
+    async def _earlier_generation(
+        self,
+        step_id: int,
+        desc: Step,
+        key: bytes,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, bool] | None:
+        """INV-13: a guarded effect committed in an earlier generation is never re-fired."""
+        run = self._run
+        rows = await run.read(run.storage.find_by_key, run.execution_id, key)
+        found = StepRows()
+        for row in rows:
+            found.add(row)
+        if found.outcome is not None:
+            return self._replay(desc, step_id, found.outcome), True
+        if found.intent is not None:
+            return await self._ambiguous(step_id, desc, key, fn, args, kwargs), False
+        return None
+
+    async def _ambiguous(
+        self,
+        step_id: int,
+        desc: Step,
+        key: bytes,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Resolve a guarded step whose intent is committed and result is not (FR-DE-10)."""
+        policy = desc.on_ambiguous or OnAmbiguous.FAIL
+        audit.warning(
+            "step resumed in the ambiguous window; applying on_ambiguous=%s",
+            policy.value,
+            extra={
+                "execution_id": self._run.execution_id,
+                "step_id": step_id,
+                "step_name": desc.name,
+                "effect_class": desc.effect.value,
+                "idem_key_prefix": key[:8].hex(),
+                "on_ambiguous": policy.value,
+            },
+        )
+        if policy is OnAmbiguous.FAIL:
+            raise AmbiguousEffect(self._run.execution_id, step_id, desc.name)
+        return await self._execute(step_id, desc, key, fn, args, kwargs)
+
+    # -- fresh runs ---------------------------------------------------------------------
+
+    async def _fresh(
+        self,
+        step_id: int,
+        desc: Step,
+        key: bytes,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if desc.is_guarded:
+            intent = self._entry(step_id, desc, key, EntryKind.INTENT, None)
+            try:
+                await self._run.writer.append_acked(intent)
+            except JournalUnavailable:
+                if desc.intent is not Intent.COST_BEARING:
+                    raise  # exactly-once is never silently dropped: the operation does not run
+                self._degraded(step_id, desc)
+        return await self._execute(step_id, desc, key, fn, args, kwargs)
+
+    async def _execute(
+        self,
+        step_id: int,
+        desc: Step,
+        key: bytes,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            value = await self._call_with_retry(step_id, desc, key, fn, args, kwargs)
+        except Exception as exc:
+            self._check_alive()
+            record = {"type": type(exc).__name__, "message": str(exc)}
+            await self._journal(step_id, desc, key, EntryKind.ERROR, record)
+            raise StepFailed(desc.name, step_id, record["type"], record["message"]) from exc
+        self._check_alive()
+        faults = self._run.faults
+        if faults is not None and desc.is_guarded and faults.in_window(step_id):
+            raise SimulatedCrash()
+        await self._journal(step_id, desc, key, EntryKind.RESULT, value)
+        if faults is not None and faults.after_result(step_id):
+            await self._run.writer.flush()
+            raise SimulatedCrash()
+        return value
+
+    async def _call_with_retry(
+        self,
+        step_id: int,
+        desc: Step,
+        key: bytes,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        policy = desc.retry
+        attempt = 1
+        while True:
+            handle = StepHandle(self._run.execution_id, step_id, desc.name, key, attempt)
+            try:
+                return await self._call(handle, fn, args, kwargs)
+            except Exception as exc:
+                if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
+                    raise
+                self._check_alive()
+                await asyncio.sleep(policy.delay_before(attempt + 1))
+                attempt += 1
+
+    async def _call(
+        self,
+        handle: StepHandle,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        token = set_current_step(handle)
+        try:
+            if inspect.iscoroutinefunction(fn):
+                return await fn(*args, **kwargs)
+            call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+            ctx = contextvars.copy_context()
+            result = await asyncio.get_running_loop().run_in_executor(None, ctx.run, call)
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        finally:
+            token.var.reset(token)
+
+    async def _journal(
+        self, step_id: int, desc: Step, key: bytes, kind: EntryKind, value: Any
+    ) -> None:
+        run = self._run
+        payload = run.encode(value, f"the result of step {step_id} ({desc.name!r})")
+        entry = self._entry(step_id, desc, key, kind, payload)
+        if not desc.is_guarded:
+            run.writer.append_buffered(entry)
+            return
+        try:
+            await run.writer.append_acked(entry)
+        except JournalUnavailable:
+            self._degraded(step_id, desc)  # the operation ran: hand its value back
+
+    def _entry(
+        self, step_id: int, desc: Step, key: bytes, kind: EntryKind, payload: bytes | None
+    ) -> JournalEntry:
+        return JournalEntry(
+            self._run.execution_id,
+            self._run.generation,
+            step_id,
+            kind,
+            desc.name,
+            desc.effect.value,
+            key,
+            payload,
+            now_ms(),
+        )
+
+    def _degraded(self, step_id: int, desc: Step) -> None:
+        self._run.metrics.degraded_appends += 1
+        log.warning(
+            "journal writer unavailable; step %d (%r) of execution %r degrades to "
+            "non-durable mode",
+            step_id,
+            desc.name,
+            self._run.execution_id,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._dead:
+            raise Stopped()
+        self._run.check_stop()
+
+    async def cancel_inflight(self) -> None:
+        """Stop every step still running (after a divergence); their results are dropped."""
+        self._dead = True
+        current = asyncio.current_task()
+        tasks = [task for task in self._tasks if task is not current and not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _failure_from_record(name: str, step_id: int, record: Any) -> StepFailed:
+    if not isinstance(record, dict):
+        return StepFailed(name, step_id, "unknown", "")
+    return StepFailed(name, step_id, str(record.get("type")), str(record.get("message")))
+
+
+async def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _uuid4() -> _uuid.UUID:
+    return _uuid.uuid4()
+
+
+async def _random_float() -> float:
+    return _random.random()
+

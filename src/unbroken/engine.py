@@ -1,0 +1,426 @@
+"""The engine: workflow registry, starting and attaching, recovery, lifecycle (layer: engine).
+
+Use an engine inside ``async with engine:``. Entering opens storage (creating or migrating
+the schema), starts the journal writer and resumes every orphaned execution of a
+registered workflow (one that is ``running`` and whose owner process is dead). Leaving
+stops in-flight executions at their next await (they stay ``running`` and are recovered
+later), flushes the writer and releases ownership. Calling ``run``/``start`` on an engine
+that is not open raises ``EngineNotOpen``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+from .config import Config, load_config
+from .errors import (
+    EngineNotOpen,
+    ExecutionCanceled,
+    UnbrokenError,
+    UnknownWorkflow,
+    WorkflowMismatch,
+)
+from .execution import ExecutionHandle, Run, Workflow
+from .ids import new_execution_id, validate_execution_id
+from .journal import ExecutionInfo, ExecutionRecord, ExecutionStatus, ms_to_datetime
+from .ownership import OwnedLock, Ownership
+from .runtime import FaultPlan, Metrics, RunServices, decode_payload, encode_payload, now_ms
+from .storage import Storage, open_storage
+from .writer import JournalWriter
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("unbroken")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
+
+
+class Engine:
+    """Durable execution of registered workflows on one database.
+
+    Args:
+        url: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``memory://`` or
+            ``postgresql://...``; see ``unbroken.config`` for the precedence of sources.
+        storage: an unopened storage to use instead of one built from the URL.
+        **settings: any ``Config`` field, e.g. ``journal_flush_interval_ms=5``.
+    """
+
+    def __init__(self, url: str | None = None, *, storage: Storage | None = None, **settings: Any):
+        self.config: Config = load_config(url, settings)
+        self._storage = storage or open_storage(
+            self.config.database_url, synchronous=self.config.sqlite_synchronous
+        )
+        self._by_name: dict[str, Workflow] = {}
+        self._by_fn: dict[Callable[..., Any], Workflow] = {}
+        self._results: dict[str, asyncio.Future[Any]] = {}
+        self._runs: dict[str, Run] = {}
+        self.metrics = Metrics()
+        self._open = False
+        self._stopping = False
+        self._reader: ThreadPoolExecutor | None = None
+        self._writer: JournalWriter | None = None
+        self._ownership: Ownership | None = None
+        self._faults: FaultPlan | None = None  # set by unbroken.testing only
+
+    # -- registry -----------------------------------------------------------------------
+
+    @overload
+    def workflow(self, fn: F, /) -> F: ...
+
+    @overload
+    def workflow(
+        self, *, name: str | None = None, on_divergence: Literal["restart", "fail"] = "restart"
+    ) -> Callable[[F], F]: ...
+
+    def workflow(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        on_divergence: Literal["restart", "fail"] = "restart",
+    ) -> F | Callable[[F], F]:
+        """Register an async workflow function ``async def wf(ctx, *args, **kwargs)``.
+
+        The name defaults to ``module.qualname`` (``__main__`` replaced by the script's
+        file stem); pass ``name=`` for anything that must be recovered across deployments.
+        """
+
+        def register(func: F) -> F:
+            if not asyncio.iscoroutinefunction(func):
+                raise TypeError(f"workflow {func.__qualname__!r} must be an async function")
+            if on_divergence not in ("restart", "fail"):
+                raise ValueError("on_divergence must be 'restart' or 'fail'")
+            wf = Workflow(name or _default_name(func), func, on_divergence)
+            if wf.name in self._by_name and self._by_name[wf.name].fn is not func:
+                raise ValueError(f"a different workflow is already registered as {wf.name!r}")
+            self._by_name[wf.name] = wf
+            self._by_fn[func] = wf
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def _resolve(self, workflow: Callable[..., Any] | str) -> Workflow:
+        found = (
+            self._by_name.get(workflow) if isinstance(workflow, str) else self._by_fn.get(workflow)
+        )
+        if found is None:
+            name = workflow if isinstance(workflow, str) else getattr(workflow, "__qualname__", "?")
+            raise UnknownWorkflow(str(name))
+        return found
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        loop = asyncio.get_running_loop()
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-reader")
+        try:
+            await loop.run_in_executor(self._reader, self._storage.open)
+        except BaseException:
+            self._reader.shutdown(wait=False)
+            raise
+        self._ownership = Ownership(self._storage.lock_dir, scope=self._storage)
+        cfg = self.config
+        self._writer = JournalWriter(
+            self._storage,
+            flush_interval_ms=cfg.journal_flush_interval_ms,
+            max_batch=cfg.journal_max_batch,
+            ack_timeout_ms=cfg.journal_ack_timeout_ms,
+        )
+        self._writer.start()
+        self._stopping = False
+        self._open = True
+        await self.recover()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop in-flight executions (they stay running), flush, release everything."""
+        if not self._open:
+            return
+        self._stopping = True
+        tasks = [run.task for run in self._runs.values() if run.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        assert self._writer is not None and self._reader is not None
+        await loop.run_in_executor(None, self._writer.close)
+        await loop.run_in_executor(None, self._storage.close)
+        self._reader.shutdown(wait=True)
+        self._open = False
+
+    def _require_open(self) -> tuple[JournalWriter, Ownership]:
+        if not self._open or self._writer is None or self._ownership is None:
+            raise EngineNotOpen()
+        return self._writer, self._ownership
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, functools.partial(fn, *args))
+
+    # -- starting -----------------------------------------------------------------------
+
+    async def run(
+        self,
+        workflow: Callable[..., Awaitable[T]] | str,
+        /,
+        *args: Any,
+        execution_id: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Start (or attach to) an execution and return its output.
+
+        For an id that exists: ``completed`` returns the journaled output without running
+        the workflow; ``running`` attaches; ``failed`` and ``aborted`` are reopened and run
+        again under replay (INV-16); ``canceled`` raises ``ExecutionCanceled``. The
+        journaled inputs are used and this call's arguments are ignored.
+
+        Raises:
+            ExecutionLocked: another live process owns the execution.
+            ExecutionCanceled: the execution was canceled.
+            Exception: whatever ended the execution (the same object in-process).
+        """
+        handle = await self.start(workflow, *args, execution_id=execution_id, **kwargs)
+        return await handle.result()
+
+    async def start(
+        self,
+        workflow: Callable[..., Awaitable[Any]] | str,
+        /,
+        *args: Any,
+        execution_id: str | None = None,
+        **kwargs: Any,
+    ) -> ExecutionHandle:
+        """Start (or attach to) an execution and return its handle at once."""
+        self._require_open()
+        wf = self._resolve(workflow)
+        eid = new_execution_id() if execution_id is None else validate_execution_id(execution_id)
+        existing = self._results.get(eid)
+        if existing is not None:
+            return ExecutionHandle(eid, existing)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._results[eid] = future
+        try:
+            await self._begin(wf, eid, future, args, kwargs)
+        except BaseException as exc:
+            self._results.pop(eid, None)
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: the caller gets it raised below
+            raise
+        return ExecutionHandle(eid, future)
+
+    async def _begin(
+        self,
+        wf: Workflow,
+        eid: str,
+        future: asyncio.Future[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        writer, ownership = self._require_open()
+        row = await self._read(self._storage.get_execution, eid)
+        if row is not None and self._settled(wf, row, future):
+            self._results.pop(eid, None)
+            return
+        inputs = b""
+        if row is None:
+            inputs = self._encode_inputs(eid, args, kwargs)
+        lock = ownership.acquire(eid)
+        try:
+            row, replaying = await self._claim(wf, eid, inputs, row)
+            if row is None:
+                lock.release()
+                self._results.pop(eid, None)
+                return
+            self._launch(wf, row, replaying, lock, future)
+        except BaseException:
+            lock.release()
+            raise
+
+    async def _claim(
+        self, wf: Workflow, eid: str, inputs: bytes, row: ExecutionRecord | None
+    ) -> tuple[ExecutionRecord | None, bool]:
+        """Under the lock: create, reopen or resume the row. ``None``: it settled meanwhile."""
+        writer, _ = self._require_open()
+        if row is None:
+            row, created = await writer.call(
+                lambda s: s.create_execution(eid, wf.name, inputs, now_ms())
+            )
+            if created:
+                self.metrics.executions_started += 1
+                return row, False
+        row = await self._read(self._storage.get_execution, eid)
+        assert row is not None
+        future = self._results[eid]
+        if self._settled(wf, row, future):
+            return None, False
+        if row.status is not ExecutionStatus.RUNNING:
+            row = await writer.call(lambda s: s.reopen_execution(eid, now_ms()))
+        return row, True
+
+    def _settled(self, wf: Workflow, row: ExecutionRecord, future: asyncio.Future[Any]) -> bool:
+        """Settle ``future`` from a row that needs no run (completed); refuse canceled."""
+        if row.workflow != wf.name:
+            raise WorkflowMismatch(row.execution_id, row.workflow, wf.name)
+        if row.status is ExecutionStatus.CANCELED:
+            raise ExecutionCanceled(row.execution_id)
+        if row.status is ExecutionStatus.COMPLETED:
+            future.set_result(self._decode(row.output, "execution output"))
+            return True
+        return False
+
+    def _launch(
+        self,
+        wf: Workflow,
+        row: ExecutionRecord,
+        replaying: bool,
+        lock: OwnedLock,
+        future: asyncio.Future[Any],
+    ) -> None:
+        writer, _ = self._require_open()
+        inputs = self._decode(row.inputs, "execution inputs")
+        if not isinstance(inputs, dict):
+            inputs = {}
+        services = RunServices(
+            execution_id=row.execution_id,
+            workflow=wf.name,
+            generation=row.generation,
+            storage=self._storage,
+            writer=writer,
+            config=self.config,
+            metrics=self.metrics,
+            read=self._read,
+            stopping=lambda: self._stopping,
+            faults=self._faults,
+        )
+        run = Run(
+            services,
+            wf,
+            tuple(inputs.get("args", ())),
+            dict(inputs.get("kwargs", {})),
+            replaying,
+            lock,
+            future,
+        )
+        self._runs[row.execution_id] = run
+        run.task = asyncio.get_running_loop().create_task(
+            self._drive(run), name=f"unbroken:{row.execution_id}"
+        )
+
+    async def _drive(self, run: Run) -> None:
+        eid = run.services.execution_id
+        try:
+            await run.drive()
+        finally:
+            self._runs.pop(eid, None)
+            if self._results.get(eid) is run.future:
+                del self._results[eid]
+
+    def _encode_inputs(self, eid: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        limit = self.config.max_payload_bytes
+        return encode_payload({"args": args, "kwargs": kwargs}, f"the inputs of {eid!r}", limit)
+
+    def _decode(self, data: bytes | None, what: str) -> Any:
+        return decode_payload(data, what, self.config.max_payload_bytes)
+
+    # -- recovery -----------------------------------------------------------------------
+
+    async def recover(self) -> list[str]:
+        """Resume every orphaned execution of a registered workflow; return their ids.
+
+        Runs on entering ``async with engine``; the executions run as background tasks
+        (their failures are logged). One whose workflow is not registered stays
+        ``running`` with a WARN; one owned by a live process is left to it.
+        """
+        self._require_open()
+        recovered: list[str] = []
+        for eid, name in await self._read(self._storage.running_executions):
+            if eid in self._results:
+                continue
+            wf = self._by_name.get(name)
+            if wf is None:
+                log.warning(
+                    "execution %r of unregistered workflow %r stays running; register the "
+                    "workflow to resume it",
+                    eid,
+                    name,
+                )
+                continue
+            try:
+                handle = await self.start(wf.fn, execution_id=eid)
+            except UnbrokenError as exc:
+                log.debug("recovery skipped execution %r: %s", eid, exc)
+                continue
+            recovered.append(eid)
+            self.metrics.executions_recovered += 1
+            handle._future.add_done_callback(functools.partial(_log_outcome, eid))
+        return recovered
+
+    # -- inspection ---------------------------------------------------------------------
+
+    async def get_execution(self, execution_id: str) -> ExecutionInfo | None:
+        """Metadata of an execution and its journal rows (never payloads), or ``None``."""
+        self._require_open()
+        row = await self._read(self._storage.get_execution, execution_id)
+        if row is None:
+            return None
+        steps = await self._read(self._storage.list_steps, execution_id)
+        return ExecutionInfo(
+            execution_id=row.execution_id,
+            workflow=row.workflow,
+            status=row.status,
+            generation=row.generation,
+            created_at=ms_to_datetime(row.created_at_ms),
+            updated_at=ms_to_datetime(row.updated_at_ms),
+            finalized_at=(
+                ms_to_datetime(row.finalized_at_ms) if row.finalized_at_ms is not None else None
+            ),
+            error_type=row.error_type,
+            steps=steps,
+        )
+
+    async def flush(self) -> None:
+        """Wait until every buffered journal entry is committed."""
+        writer, _ = self._require_open()
+        await writer.flush()
+
+    @property
+    def storage(self) -> Storage:
+        """The engine's storage (for tools and tests)."""
+        return self._storage
+
+
+def _log_outcome(eid: str, future: asyncio.Future[Any]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        log.warning("recovered execution %r ended with %s", eid, type(exc).__name__)
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    module = fn.__module__
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        module = Path(main_file).stem if main_file else "__main__"
+    return f"{module}.{fn.__qualname__}"
+

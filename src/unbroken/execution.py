@@ -1,0 +1,159 @@
+"""Driving one execution: generations, divergence restart, finalize (layer: engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .context import Context
+from .errors import (
+    EncodeError,
+    ExecutionCanceled,
+    ExecutionFailed,
+    PayloadTooLarge,
+    StepCapExceeded,
+)
+from .journal import ExecutionStatus
+from .ownership import OwnedLock
+from .runtime import Diverged, RunServices, SimulatedCrash, Stopped, now_ms
+
+__all__ = ["ExecutionHandle", "Run", "Workflow"]
+
+log = logging.getLogger("unbroken")
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    """A registered workflow function."""
+
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    on_divergence: Literal["restart", "fail"] = "restart"
+
+
+class ExecutionHandle:
+    """A started execution: ``await handle.result()`` gives its output."""
+
+    __slots__ = ("_future", "execution_id")
+
+    def __init__(self, execution_id: str, future: asyncio.Future[Any]) -> None:
+        self.execution_id = execution_id
+        self._future = future
+
+    async def result(self) -> Any:
+        """The workflow's return value; raises the exception that ended the execution."""
+        return await asyncio.shield(self._future)
+
+    def done(self) -> bool:
+        """Whether the execution has ended (in this process)."""
+        return self._future.done()
+
+    def __repr__(self) -> str:
+        return f"ExecutionHandle({self.execution_id!r}, done={self.done()})"
+
+
+@dataclass(slots=True)
+class Run:
+    """One execution driven by this engine, across its generations."""
+
+    services: RunServices
+    workflow: Workflow
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    replaying: bool
+    lock: OwnedLock
+    future: asyncio.Future[Any]
+    task: asyncio.Task[None] | None = None
+    contexts: list[Context] = field(default_factory=list)
+
+    async def drive(self) -> None:
+        """Run the workflow until it ends; settle ``future``; release ownership."""
+        try:
+            output = await self._generations()
+        except (Stopped, asyncio.CancelledError):
+            self.future.cancel()  # the engine is closing: the execution stays running
+        except SimulatedCrash as crash:
+            self.future.set_exception(crash)  # as if the process died: no finalize
+        except BaseException as exc:
+            if not self.future.done():
+                self.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not self.future.done():
+                self.future.set_result(output)
+        finally:
+            self.lock.release()
+
+    async def _generations(self) -> Any:
+        services = self.services
+        while True:
+            ctx = Context(services, replaying=self.replaying)
+            self.contexts = [ctx]
+            try:
+                output = await self.workflow.fn(ctx, *self.args, **self.kwargs)
+            except Diverged as diverged:
+                await ctx.cancel_inflight()
+                services.metrics.divergences += 1
+                if self.workflow.on_divergence == "fail":
+                    await self._finalize(ExecutionStatus.ABORTED, error=diverged.error)
+                    raise diverged.error from None
+                services.generation = await services.writer.call(
+                    lambda s, g=services.generation: s.abort_generation(
+                        services.execution_id, g, now_ms()
+                    )
+                )
+                self.replaying = False
+                continue
+            except (Stopped, SimulatedCrash, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                status = (
+                    ExecutionStatus.ABORTED
+                    if isinstance(exc, StepCapExceeded)
+                    else ExecutionStatus.FAILED
+                )
+                await self._finalize(status, error=exc)
+                raise
+            try:
+                await self._finalize(ExecutionStatus.COMPLETED, output=output)
+            except (EncodeError, PayloadTooLarge) as exc:
+                await self._finalize(ExecutionStatus.FAILED, error=exc)
+                raise
+            return output
+
+    async def _finalize(
+        self,
+        status: ExecutionStatus,
+        *,
+        output: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        services = self.services
+        what = f"the output of execution {services.execution_id!r}"
+        output_blob = services.encode(output, what) if status is ExecutionStatus.COMPLETED else None
+        error_type = type(error).__name__ if error is not None else None
+        error_blob = (
+            services.encode({"type": error_type, "message": str(error)}, "an execution error")
+            if error is not None
+            else None
+        )
+        won = await services.writer.call(
+            lambda s: s.finalize_execution(
+                services.execution_id,
+                status,
+                now_ms(),
+                output=output_blob,
+                error_type=error_type,
+                error=error_blob,
+            )
+        )
+        if not won:
+            row = await services.read(services.storage.get_execution, services.execution_id)
+            if row is not None and row.status is ExecutionStatus.CANCELED:
+                raise ExecutionCanceled(services.execution_id)
+            if row is not None:
+                raise ExecutionFailed(services.execution_id, "a concurrent finalize", row.status)

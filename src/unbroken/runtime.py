@@ -1,0 +1,183 @@
+"""What a running execution shares with its context: services, signals, the step handle
+(layer: engine).
+
+``Diverged`` and ``Stopped`` derive from ``BaseException`` so that a workflow's
+``except Exception`` cannot swallow them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from . import codec
+from .config import Config
+from .errors import PayloadTooLarge, ReplayDivergence
+from .storage import Storage
+from .writer import JournalWriter
+
+__all__ = [
+    "Diverged",
+    "FaultPlan",
+    "Metrics",
+    "RunServices",
+    "SimulatedCrash",
+    "StepHandle",
+    "Stopped",
+    "current_step",
+    "decode_payload",
+    "encode_payload",
+    "now_ms",
+    "set_current_step",
+]
+
+T = TypeVar("T")
+
+READ_SLACK_BYTES = 128
+"""Read-side allowance over ``max_payload_bytes`` (seal overhead comes on top)."""
+
+
+def now_ms() -> int:
+    """Unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class Diverged(BaseException):
+    """Internal: the code diverged from the journal; unwinds the workflow (INV-3)."""
+
+    def __init__(self, error: ReplayDivergence) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Stopped(BaseException):
+    """Internal: the execution must stop at this await (engine closing, generation dead)."""
+
+
+class SimulatedCrash(BaseException):
+    """Raised by ``unbroken.testing`` fault injection where a real process would die."""
+
+
+@dataclass(slots=True)
+class FaultPlan:
+    """Where ``unbroken.testing`` makes an execution die, as if its process were killed."""
+
+    crash_after_step: int | None = None
+    """Die once this step's result is committed."""
+    crash_in_window_of_step: int | None = None
+    """Die after this guarded step's operation returned, before its result is written."""
+    fired: bool = False
+
+    def after_result(self, step_id: int) -> bool:
+        """Whether to die now that ``step_id``'s result is journaled."""
+        return self._fire(self.crash_after_step, step_id)
+
+    def in_window(self, step_id: int) -> bool:
+        """Whether to die inside ``step_id``'s ambiguous window."""
+        return self._fire(self.crash_in_window_of_step, step_id)
+
+    def _fire(self, planned: int | None, step_id: int) -> bool:
+        if self.fired or planned != step_id:
+            return False
+        self.fired = True
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class StepHandle:
+    """The running step, as ``unbroken.current_step()`` returns it."""
+
+    execution_id: str
+    step_id: int
+    name: str
+    idempotency_key: bytes
+    attempt: int
+
+    @property
+    def idempotency_key_hex(self) -> str:
+        """The key as 64 lowercase hex characters: the ``Idempotency-Key`` header value."""
+        return self.idempotency_key.hex()
+
+
+_CURRENT_STEP: contextvars.ContextVar[StepHandle] = contextvars.ContextVar("unbroken_step")
+
+
+def current_step() -> StepHandle:
+    """The step whose operation is running now (sync or async).
+
+    Raises:
+        RuntimeError: called outside a step's operation.
+    """
+    try:
+        return _CURRENT_STEP.get()
+    except LookupError:
+        raise RuntimeError("unbroken.current_step() called outside a running step") from None
+
+
+def set_current_step(handle: StepHandle) -> contextvars.Token[StepHandle]:
+    """Make ``handle`` the current step; reset with ``token.var.reset(token)``."""
+    return _CURRENT_STEP.set(handle)
+
+
+@dataclass(slots=True)
+class Metrics:
+    """Counters an engine keeps (exported to OpenTelemetry when it is configured)."""
+
+    degraded_appends: int = 0
+    executions_started: int = 0
+    executions_recovered: int = 0
+    divergences: int = 0
+
+
+Reader = Callable[..., Any]
+
+
+@dataclass(slots=True)
+class RunServices:
+    """Everything a context needs from its engine, for one generation of one execution."""
+
+    execution_id: str
+    workflow: str
+    generation: int
+    storage: Storage
+    writer: JournalWriter
+    config: Config
+    metrics: Metrics
+    read: Callable[..., Any]
+    """``await read(fn, *args)`` runs a storage read off the event loop."""
+    stopping: Callable[[], bool] = field(default=lambda: False)
+    faults: FaultPlan | None = None
+
+    def check_stop(self) -> None:
+        """Raise ``Stopped`` if the engine is closing."""
+        if self.stopping():
+            raise Stopped()
+
+    def encode(self, value: Any, what: str) -> bytes:
+        """Encode a value for the journal, enforcing ``max_payload_bytes`` (INV-11)."""
+        return encode_payload(value, what, self.config.max_payload_bytes)
+
+    def decode(self, data: bytes | None, what: str) -> Any:
+        """Decode a stored value; oversize blobs are refused before decoding (INV-11)."""
+        return decode_payload(data, what, self.config.max_payload_bytes)
+
+
+def encode_payload(value: Any, what: str, limit: int) -> bytes:
+    """Encode a value for storage; raise ``PayloadTooLarge`` past ``limit`` (INV-11)."""
+    data = codec.encode(value, what=what)
+    if len(data) > limit:
+        raise PayloadTooLarge(len(data), limit, what)
+    return data
+
+
+def decode_payload(data: bytes | None, what: str, limit: int) -> Any:
+    """Decode a stored value; a blob past ``limit`` + slack is refused unread (INV-11)."""
+    if data is None:
+        return None
+    ceiling = limit + READ_SLACK_BYTES
+    if len(data) > ceiling:
+        raise PayloadTooLarge(len(data), ceiling, f"stored {what}")
+    return codec.decode(data)

@@ -1,0 +1,64 @@
+"""Tools for testing your own workflows (layer: edges).
+
+- ``memory_engine()``: an engine on in-memory storage that survives engine restarts in
+  the same process (pass ``storage=`` of a previous one).
+- ``crash_after_step(engine, n)`` / ``crash_in_ambiguous_window(engine, n)``: the next
+  execution dies at that point as if its process had been killed; ``engine.run`` raises
+  ``SimulatedCrash`` and the execution stays ``running`` for a resume.
+
+Example::
+
+    storage = MemoryStorage()
+    async with Engine(storage=storage) as engine:
+        with crash_after_step(engine, 2), pytest.raises(SimulatedCrash):
+            await engine.run(checkout, "cart-1", execution_id="order-1")
+        assert await engine.run(checkout, execution_id="order-1") == expected
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .engine import Engine
+from .runtime import FaultPlan, SimulatedCrash
+from .storage.memory import MemoryStorage
+
+__all__ = [
+    "MemoryStorage",
+    "SimulatedCrash",
+    "crash_after_step",
+    "crash_in_ambiguous_window",
+    "memory_engine",
+]
+
+
+def memory_engine(storage: MemoryStorage | None = None, **settings: Any) -> Engine:
+    """An engine on in-memory storage (a new one, or ``storage`` to resume from)."""
+    return Engine(storage=storage or MemoryStorage(), **settings)
+
+
+@contextmanager
+def crash_after_step(engine: Engine, step_id: int) -> Iterator[FaultPlan]:
+    """Executions started in this block die once step ``step_id``'s result is committed."""
+    with _plan(engine, FaultPlan(crash_after_step=step_id)) as plan:
+        yield plan
+
+
+@contextmanager
+def crash_in_ambiguous_window(engine: Engine, step_id: int) -> Iterator[FaultPlan]:
+    """Executions started in this block die inside guarded step ``step_id``'s window:
+    its operation has run, its result is not written."""
+    with _plan(engine, FaultPlan(crash_in_window_of_step=step_id)) as plan:
+        yield plan
+
+
+@contextmanager
+def _plan(engine: Engine, plan: FaultPlan) -> Iterator[FaultPlan]:
+    previous = engine._faults
+    engine._faults = plan
+    try:
+        yield plan
+    finally:
+        engine._faults = previous
