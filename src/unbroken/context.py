@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from . import codec
 from .effects import EffectClass, Intent, OnAmbiguous, Step, as_step
 from .errors import (
     AmbiguousEffect,
@@ -89,7 +88,9 @@ class Context:
 
     # -- steps --------------------------------------------------------------------------
 
-    def step(self, step: str | Step, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+    def step(
+        self, step: str | Step, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as a journaled step and return its value.
 
         ``step`` is a name (an idempotent step) or a ``Step`` descriptor. ``fn`` may be
@@ -364,7 +365,7 @@ class Context:
         try:
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args, **kwargs)
-            call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+            call = functools.partial(fn, *args, **kwargs)
             ctx = contextvars.copy_context()
             result = await asyncio.get_running_loop().run_in_executor(None, ctx.run, call)
             if inspect.isawaitable(result):

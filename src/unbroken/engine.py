@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -78,17 +79,16 @@ class Engine:
 
     @overload
     def workflow(
-        self, *, name: str | None = None, on_divergence: Literal["restart", "fail"] = "restart"
+        self, *, name: str | None = ..., on_divergence: Literal["restart", "fail"] = ...
     ) -> Callable[[F], F]: ...
 
     def workflow(
         self,
-        fn: F | None = None,
-        /,
+        fn: Callable[..., Awaitable[Any]] | None = None,
         *,
         name: str | None = None,
         on_divergence: Literal["restart", "fail"] = "restart",
-    ) -> F | Callable[[F], F]:
+    ) -> Any:
         """Register an async workflow function ``async def wf(ctx, *args, **kwargs)``.
 
         The name defaults to ``module.qualname`` (``__main__`` replaced by the script's
@@ -96,7 +96,7 @@ class Engine:
         """
 
         def register(func: F) -> F:
-            if not asyncio.iscoroutinefunction(func):
+            if not _is_async(func):
                 raise TypeError(f"workflow {func.__qualname__!r} must be an async function")
             if on_divergence not in ("restart", "fail"):
                 raise ValueError("on_divergence must be 'restart' or 'fail'")
@@ -236,7 +236,7 @@ class Engine:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        writer, ownership = self._require_open()
+        _, ownership = self._require_open()
         row = await self._read(self._storage.get_execution, eid)
         if row is not None and self._settled(wf, row, future):
             self._results.pop(eid, None)
@@ -415,6 +415,10 @@ def _log_outcome(eid: str, future: asyncio.Future[Any]) -> None:
     exc = future.exception()
     if exc is not None:
         log.warning("recovered execution %r ended with %s", eid, type(exc).__name__)
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn)
 
 
 def _default_name(fn: Callable[..., Any]) -> str:

@@ -19,6 +19,7 @@ from .errors import (
 from .journal import ExecutionStatus
 from .ownership import OwnedLock
 from .runtime import Diverged, RunServices, SimulatedCrash, Stopped, now_ms
+from .storage import Storage
 
 __all__ = ["ExecutionHandle", "Run", "Workflow"]
 
@@ -101,11 +102,7 @@ class Run:
                 if self.workflow.on_divergence == "fail":
                     await self._finalize(ExecutionStatus.ABORTED, error=diverged.error)
                     raise diverged.error from None
-                services.generation = await services.writer.call(
-                    lambda s, g=services.generation: s.abort_generation(
-                        services.execution_id, g, now_ms()
-                    )
-                )
+                services.generation = await self._next_generation()
                 self.replaying = False
                 continue
             except (Stopped, SimulatedCrash, asyncio.CancelledError):
@@ -124,6 +121,15 @@ class Run:
                 await self._finalize(ExecutionStatus.FAILED, error=exc)
                 raise
             return output
+
+    async def _next_generation(self) -> int:
+        """Mark the current generation aborted; the execution stays ``running`` (FR-DE-03)."""
+        eid, generation = self.services.execution_id, self.services.generation
+
+        def abort(storage: Storage) -> int:
+            return storage.abort_generation(eid, generation, now_ms())
+
+        return await self.services.writer.call(abort)
 
     async def _finalize(
         self,

@@ -15,12 +15,13 @@ for acknowledged work, awaits a future the writer thread resolves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import JournalUnavailable
@@ -52,7 +53,6 @@ class _Stats:
     restarts: int = 0
     resume_seq: int = 0
     last_seq: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class JournalWriter:
@@ -276,7 +276,5 @@ def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
         else:
             request.future.set_result(value)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
         request.loop.call_soon_threadsafe(apply)
-    except RuntimeError:
-        pass  # the loop is closed: nobody is waiting any more

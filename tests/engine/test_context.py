@@ -109,8 +109,9 @@ async def test_parallel_group_replays_by_position_after_a_crash(make_engine: Eng
 
     @engine.workflow
     async def wf(ctx: Context) -> Any:
-        group = await asyncio.gather(*(ctx.step(f"q{i}", ops.aop, f"q{i}", i, 0.01 * (3 - i))
-                                       for i in range(3)))
+        group = await asyncio.gather(
+            *(ctx.step(f"q{i}", ops.aop, f"q{i}", i, 0.01 * (3 - i)) for i in range(3))
+        )
         tail = await ctx.step("tail", ops.op, "tail")
         return [*group, tail]
 
@@ -266,7 +267,9 @@ async def test_divergence_is_not_swallowed_by_except_exception(make_engine: Engi
             await engine.run(wf, execution_id="x")
 
 
-async def test_step_failure_is_journaled_and_identical_on_replay(make_engine: EngineFactory) -> None:
+async def test_step_failure_is_journaled_and_identical_on_replay(
+    make_engine: EngineFactory,
+) -> None:
     calls = Counter[str]()
     engine = make_engine()
     caught: list[tuple[str, str, str, bool]] = []
