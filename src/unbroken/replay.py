@@ -1,4 +1,4 @@
-"""The segment-buffered replay cursor (layer: model; it does no I/O itself).
+"""The segment-buffered replay cursor, which does no I/O itself (layer: model).
 
 Resuming an execution reads its journal in segments of ``segment_steps`` steps; each step
 is removed from the window when it is looked up (consume-on-lookup), so memory stays
