@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import statistics
@@ -73,11 +74,8 @@ async def _per_step_us(db: Path, workflow: str, n: int) -> float:
 async def _prepare_resume(db: Path, n: int) -> None:
     engine = _engine(db)
     async with engine:
-        with crash_after_step(engine, n - 1):
-            try:
-                await engine.run("async_steps", n + 1, execution_id="resume-me")
-            except SimulatedCrash:
-                pass
+        with crash_after_step(engine, n - 1), contextlib.suppress(SimulatedCrash):
+            await engine.run("async_steps", n + 1, execution_id="resume-me")
 
 
 async def _resume_ms(db: Path) -> float:

@@ -77,8 +77,8 @@ def _imports(name: str, path: Path) -> set[str]:
             target = ".".join([*base, node.module] if node.module else base)
             out.add(target)
             out.update(f"{target}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("unbroken"):
-            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unbroken"):
+            out.add(str(node.module))
     return out
 
 
@@ -110,7 +110,6 @@ def test_import_unbroken_loads_no_optional_extra() -> None:
 
 def test_every_cli_command_has_help_and_is_in_the_readme() -> None:
     from click.testing import CliRunner
-
     from unbroken.cli import main
 
     readme = (SRC.parent.parent / "README.md").read_text()

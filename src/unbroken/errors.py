@@ -276,7 +276,9 @@ class ExecutionLocked(UnbrokenError):
 
     def __init__(self, execution_id: str, holder_pid: int) -> None:
         holder = f"pid {holder_pid}" if holder_pid else "pid unknown"
-        super().__init__(f"execution {execution_id!r} is already open in another process ({holder})")
+        super().__init__(
+            f"execution {execution_id!r} is already open in another process ({holder})"
+        )
         self.execution_id = execution_id
         self.holder_pid = holder_pid
 
