@@ -5,6 +5,9 @@
 - ``crash_after_step(engine, n)`` / ``crash_in_ambiguous_window(engine, n)``: the next
   execution dies at that point as if its process had been killed; ``engine.run`` raises
   ``SimulatedCrash`` and the execution stays ``running`` for a resume.
+- ``check_resume_at_every_step(engine, workflow, *args)``: one execution killed after each
+  of its steps in turn and resumed each time; fails if a resume diverges from the
+  journal, which catches nondeterministic workflow code.
 
 Example::
 
@@ -17,17 +20,19 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .engine import Engine
+from .ids import new_execution_id
 from .runtime import FaultPlan, SimulatedCrash
 from .storage.memory import MemoryStorage
 
 __all__ = [
     "MemoryStorage",
     "SimulatedCrash",
+    "check_resume_at_every_step",
     "crash_after_step",
     "crash_in_ambiguous_window",
     "memory_engine",
@@ -62,3 +67,39 @@ def _plan(engine: Engine, plan: FaultPlan) -> Iterator[FaultPlan]:
         yield plan
     finally:
         engine._faults = previous
+
+
+async def check_resume_at_every_step(
+    engine: Engine,
+    workflow: Callable[..., Awaitable[Any]] | str,
+    /,
+    *args: Any,
+    execution_id: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run one execution that is killed after each of its steps in turn and resumed.
+
+    Every resume replays the steps before the kill; none may diverge from the journal (a
+    divergence means the workflow's code is not deterministic outside its steps). Returns
+    the execution's output, for the caller to compare with a crash-free run.
+
+    Raises:
+        AssertionError: a resume diverged from the journal.
+    """
+    eid = execution_id or new_execution_id()
+    step_id = 0
+    while True:
+        before = engine.metrics.divergences
+        with crash_after_step(engine, step_id) as plan:
+            try:
+                output = await engine.run(workflow, *args, execution_id=eid, **kwargs)
+            except SimulatedCrash:
+                output = _CRASHED
+        if engine.metrics.divergences != before:
+            raise AssertionError(f"resuming after step {step_id - 1} diverged from the journal")
+        if output is not _CRASHED and not plan.fired:
+            return output
+        step_id += 1
+
+
+_CRASHED = object()
