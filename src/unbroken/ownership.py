@@ -1,0 +1,149 @@
+"""Process-exclusive ownership of executions, INV-15 (layer: engine).
+
+Exactly one live process owns an execution at a time. With a lock directory (SQLite) an
+owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel drops
+the lock when the owner's process dies, so an orphan is reclaimable at once. The file holds
+the owner's pid, for error messages only, and is never unlinked: a waiter that opened the
+old inode and a newcomer that created a new one could then both hold "the" lock.
+
+``flock`` locks belong to an open file description, so a second ``acquire`` of the same id
+in the same process fails too; a forked child inherits the description and the lock.
+
+Without a lock directory (``memory://``) ownership is in-process: ids conflict within one
+``scope`` object (for instance the storage they live in), tracked in a weak registry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from unbroken.errors import ExecutionLocked, StorageError
+from unbroken.ids import lock_name
+
+__all__ = ["OwnedLock", "Ownership"]
+
+_PID_BYTES = 32
+
+_registry_guard = threading.Lock()
+_registry: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
+
+
+class OwnedLock:
+    """Ownership of one execution, held until ``release`` (or the end of a ``with``)."""
+
+    __slots__ = ("_on_release", "execution_id")
+
+    def __init__(self, execution_id: str, on_release: Callable[[], None]) -> None:
+        self.execution_id = execution_id
+        self._on_release: Callable[[], None] | None = on_release
+
+    @property
+    def held(self) -> bool:
+        """Whether this lock has not been released yet."""
+        return self._on_release is not None
+
+    def release(self) -> None:
+        """Give up ownership; releasing twice is harmless."""
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()
+
+    def __enter__(self) -> OwnedLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Ownership:
+    """Grants process-exclusive ownership of executions.
+
+    Args:
+        lock_dir: the directory of lock files (created with mode 0700 if missing), or
+            ``None`` for in-process ownership.
+        scope: with no ``lock_dir``, the object within which ids conflict (held weakly);
+            defaults to this ``Ownership`` itself.
+    """
+
+    def __init__(self, lock_dir: Path | None, *, scope: object | None = None) -> None:
+        self._lock_dir = lock_dir
+        self._scope: object = self if scope is None else scope
+
+    def acquire(self, execution_id: str) -> OwnedLock:
+        """Take ownership of an execution without waiting.
+
+        Args:
+            execution_id: the execution to own.
+
+        Returns:
+            The held lock; ``release`` it (or use it as a context manager) to give it up.
+
+        Raises:
+            ExecutionLocked: another owner holds it (``holder_pid`` 0 when unknown).
+            StorageError: the lock directory or file cannot be created or opened.
+        """
+        if self._lock_dir is None:
+            return self._acquire_in_process(execution_id)
+        return _acquire_file(self._lock_dir, execution_id)
+
+    def _acquire_in_process(self, execution_id: str) -> OwnedLock:
+        with _registry_guard:
+            held = _registry.setdefault(self._scope, set())
+            if execution_id in held:
+                raise ExecutionLocked(execution_id, os.getpid())
+            held.add(execution_id)
+
+        def release() -> None:
+            with _registry_guard:
+                held.discard(execution_id)
+
+        return OwnedLock(execution_id, release)
+
+
+def _acquire_file(lock_dir: Path, execution_id: str) -> OwnedLock:
+    path = lock_dir / f"{lock_name(execution_id)}.lock"
+    try:
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        raise ExecutionLocked(execution_id, holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    _write_pid(fd)
+    return OwnedLock(execution_id, lambda: os.close(fd))
+
+
+def _read_pid(fd: int) -> int:
+    """The pid the holder wrote, or 0 if it cannot be read (being rewritten, garbage)."""
+    try:
+        pid = int(os.pread(fd, _PID_BYTES, 0).decode("ascii").strip())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return 0
+    return pid if pid > 0 else 0
+
+
+def _write_pid(fd: int) -> None:
+    """Record our pid for others' error messages; the lock does not depend on it."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        pass
