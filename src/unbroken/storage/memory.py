@@ -1,0 +1,294 @@
+"""In-process storage in plain dicts and lists, for tests and ``memory://`` (layer: storage).
+
+Same semantics as the SQLite backend (the contract suite in ``tests/storage`` runs against
+both); nothing survives the process. One lock serialises every call, so each call is atomic.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import ExecutionCanceled, StorageError, UnknownExecution
+from ..journal import (
+    EntryKind,
+    ExecutionRecord,
+    ExecutionStatus,
+    ExecutionSummary,
+    JournalEntry,
+    StepInfo,
+)
+
+__all__ = ["MemoryStorage"]
+
+_OUTCOMES = (EntryKind.RESULT, EntryKind.ERROR)
+_REOPENABLE = (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.ABORTED)
+
+
+class MemoryStorage:
+    """The in-memory backend of the ``Storage`` protocol; ``seq`` counts from 1."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._is_open = False
+        self._executions: dict[str, ExecutionRecord] = {}
+        self._journal: dict[str, list[JournalEntry]] = {}
+        self._outcomes: set[tuple[str, int, int]] = set()
+        self._last_seq = 0
+
+    @property
+    def lock_dir(self) -> Path | None:
+        """``None``: ownership is in-process."""
+        return None
+
+    @property
+    def display_url(self) -> str:
+        """``memory://``."""
+        return "memory://"
+
+    def open(self) -> None:
+        """Make the storage usable; data kept from an earlier open stays."""
+        with self._lock:
+            self._is_open = True
+
+    def close(self) -> None:
+        """Refuse further calls until ``open``. Idempotent."""
+        with self._lock:
+            self._is_open = False
+
+    def _check_open(self, op: str) -> None:
+        """Raise ``StorageError(op)`` unless open (caller holds the lock)."""
+        if not self._is_open:
+            raise StorageError(op, "the storage is not open")
+
+    # -- executions -------------------------------------------------------------------
+
+    def create_execution(
+        self, execution_id: str, workflow: str, inputs: bytes, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
+        with self._lock:
+            self._check_open("create_execution")
+            existing = self._executions.get(execution_id)
+            if existing is not None:
+                return existing, False
+            record = ExecutionRecord(
+                execution_id,
+                workflow,
+                ExecutionStatus.RUNNING,
+                0,
+                inputs,
+                None,
+                None,
+                None,
+                now_ms,
+                now_ms,
+                None,
+            )
+            self._executions[execution_id] = record
+            return record, True
+
+    def get_execution(self, execution_id: str) -> ExecutionRecord | None:
+        """The execution row, or ``None``."""
+        with self._lock:
+            self._check_open("get_execution")
+            return self._executions.get(execution_id)
+
+    def reopen_execution(self, execution_id: str, now_ms: int) -> ExecutionRecord:
+        """Un-finalize a terminal execution (INV-16); return the row as it is now.
+
+        Raises:
+            ExecutionCanceled: the execution was canceled (INV-16').
+            UnknownExecution: no such execution.
+        """
+        with self._lock:
+            self._check_open("reopen_execution")
+            record = self._executions.get(execution_id)
+            if record is None:
+                raise UnknownExecution(execution_id)
+            if record.status is ExecutionStatus.CANCELED:
+                raise ExecutionCanceled(execution_id)
+            if record.status in _REOPENABLE:
+                record = replace(
+                    record,
+                    status=ExecutionStatus.RUNNING,
+                    finalized_at_ms=None,
+                    output=None,
+                    error_type=None,
+                    error=None,
+                    updated_at_ms=now_ms,
+                )
+                self._executions[execution_id] = record
+            return record
+
+    def finalize_execution(
+        self,
+        execution_id: str,
+        status: ExecutionStatus,
+        now_ms: int,
+        *,
+        output: bytes | None = None,
+        error_type: str | None = None,
+        error: bytes | None = None,
+    ) -> bool:
+        """Set a terminal status while ``running``; ``False`` if another status won."""
+        status = ExecutionStatus(status)
+        with self._lock:
+            self._check_open("finalize_execution")
+            record = self._executions.get(execution_id)
+            if record is None or record.status is not ExecutionStatus.RUNNING:
+                return False
+            self._executions[execution_id] = replace(
+                record,
+                status=status,
+                output=output,
+                error_type=error_type,
+                error=error,
+                updated_at_ms=now_ms,
+                finalized_at_ms=now_ms if status.is_terminal else None,
+            )
+            return True
+
+    def abort_generation(self, execution_id: str, generation: int, now_ms: int) -> int:
+        """Mark ``generation`` aborted and start the next one; return the current generation.
+
+        Guarded: if the execution already moved past ``generation`` nothing changes.
+
+        Raises:
+            UnknownExecution: no such execution.
+        """
+        with self._lock:
+            self._check_open("abort_generation")
+            record = self._executions.get(execution_id)
+            if record is None:
+                raise UnknownExecution(execution_id)
+            if record.generation == generation:
+                record = replace(record, generation=generation + 1, updated_at_ms=now_ms)
+                self._executions[execution_id] = record
+            return record.generation
+
+    def list_executions(
+        self, *, status: ExecutionStatus | None = None, limit: int = 100
+    ) -> list[ExecutionSummary]:
+        """Newest first, metadata only; ``steps`` counts results and errors of the current
+        generation."""
+        wanted = None if status is None else ExecutionStatus(status)
+        with self._lock:
+            self._check_open("list_executions")
+            records = [r for r in self._executions.values() if wanted in (None, r.status)]
+            records.sort(key=lambda r: (r.created_at_ms, r.execution_id), reverse=True)
+            return [
+                ExecutionSummary(
+                    r.execution_id,
+                    r.workflow,
+                    r.status,
+                    self._count_outcomes(r),
+                    r.created_at_ms,
+                    r.finalized_at_ms,
+                )
+                for r in records[: max(limit, 0)]
+            ]
+
+    def _count_outcomes(self, record: ExecutionRecord) -> int:
+        """Results and errors of the record's current generation (caller holds the lock)."""
+        return sum(
+            1
+            for e in self._journal.get(record.execution_id, ())
+            if e.generation == record.generation and e.kind in _OUTCOMES
+        )
+
+    def running_executions(self) -> list[tuple[str, str]]:
+        """``(execution_id, workflow)`` of every ``running`` execution, oldest first."""
+        with self._lock:
+            self._check_open("running_executions")
+            running = [r for r in self._executions.values() if r.status is ExecutionStatus.RUNNING]
+        running.sort(key=lambda r: (r.created_at_ms, r.execution_id))
+        return [(r.execution_id, r.workflow) for r in running]
+
+    # -- journal ----------------------------------------------------------------------
+
+    def append(self, entries: Sequence[JournalEntry]) -> int:
+        """Insert entries in one step; return the last ``seq`` (0 if none).
+
+        Raises:
+            StorageError: a second result or error for one (execution, generation, step),
+                or an unknown execution; nothing was inserted.
+        """
+        if not entries:
+            return 0
+        with self._lock:
+            self._check_open("append")
+            outcomes = self._validate(entries)
+            for entry in entries:
+                self._last_seq += 1
+                stored = replace(entry, kind=EntryKind(entry.kind), seq=self._last_seq)
+                self._journal.setdefault(entry.execution_id, []).append(stored)
+            self._outcomes.update(outcomes)
+            return self._last_seq
+
+    def _validate(self, entries: Sequence[JournalEntry]) -> set[tuple[str, int, int]]:
+        """The outcome slots the batch fills; raise if any entry may not be written."""
+        outcomes: set[tuple[str, int, int]] = set()
+        for entry in entries:
+            if entry.execution_id not in self._executions:
+                raise StorageError(
+                    "append", "the journal entry names an execution that does not exist"
+                )
+            if EntryKind(entry.kind) not in _OUTCOMES:
+                continue
+            slot = (entry.execution_id, entry.generation, entry.step_id)
+            if slot in self._outcomes or slot in outcomes:
+                raise StorageError(
+                    "append",
+                    "a result or error already exists for this (execution, generation, step)",
+                )
+            outcomes.add(slot)
+        return outcomes
+
+    def read_segment(
+        self, execution_id: str, generation: int, from_step: int, limit: int
+    ) -> list[JournalEntry]:
+        """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
+        with self._lock:
+            self._check_open("read_segment")
+            rows = [
+                e
+                for e in self._journal.get(execution_id, ())
+                if e.generation == generation and e.step_id >= from_step
+            ]
+        rows.sort(key=lambda e: (e.step_id, e.seq or 0))
+        return rows[: max(limit, 0)]
+
+    def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
+        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
+        with self._lock:
+            self._check_open("find_by_key")
+            return [e for e in self._journal.get(execution_id, ()) if e.idem_key == idem_key]
+
+    def list_steps(self, execution_id: str) -> list[StepInfo]:
+        """Metadata of every journal row of the execution, by ``seq`` (INV-5: no payloads)."""
+        with self._lock:
+            self._check_open("list_steps")
+            rows = list(self._journal.get(execution_id, ()))
+        return [
+            StepInfo(
+                e.step_id,
+                e.name,
+                e.effect,
+                e.kind,
+                e.generation,
+                e.seq or 0,
+                e.created_at_ms,
+                len(e.payload) if e.payload is not None else 0,
+                e.idem_key[:8].hex(),
+            )
+            for e in rows
+        ]
+
+    def max_seq(self) -> int:
+        """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
+        with self._lock:
+            self._check_open("max_seq")
+            return self._last_seq

@@ -1,0 +1,88 @@
+"""The versioned SQLite schema: one migration per version (layer: storage).
+
+``MIGRATIONS[v - 1]`` holds the statements that take a database from version ``v - 1`` to
+version ``v``; a later schema version appends a migration and bumps ``SCHEMA_VERSION`` in
+``storage/base.py``. The version a database is at lives in ``PRAGMA user_version``; the
+file is marked as ours with ``PRAGMA application_id``. Timestamps are Unix milliseconds.
+
+Each journal row carries its generation, step name and effect class, so replay, the
+divergence check and INV-13's key lookup never need a second table.
+"""
+
+from __future__ import annotations
+
+from .base import SCHEMA_VERSION
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "migration_statements"]
+
+APPLICATION_ID = 0x756E6272
+"""``PRAGMA application_id`` of every unbroken database: ASCII ``'unbr'``."""
+
+_V1: tuple[str, ...] = (
+    """
+    CREATE TABLE executions (
+        execution_id TEXT PRIMARY KEY,
+        workflow     TEXT NOT NULL,
+        status       TEXT NOT NULL
+                     CHECK (status IN ('running','completed','failed','aborted','canceled')),
+        generation   INTEGER NOT NULL DEFAULT 0,
+        inputs       BLOB,
+        output       BLOB,
+        error_type   TEXT,
+        error        BLOB,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        finalized_at INTEGER
+    )
+    """,
+    "CREATE INDEX idx_executions_status_time ON executions (status, finalized_at)",
+    """
+    CREATE TABLE journal (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        execution_id TEXT NOT NULL REFERENCES executions(execution_id),
+        generation   INTEGER NOT NULL,
+        step_id      INTEGER NOT NULL,
+        kind         TEXT NOT NULL
+                     CHECK (kind IN ('result','error','intent','control','checkpoint')),
+        name         TEXT NOT NULL,
+        effect       TEXT NOT NULL,
+        idem_key     BLOB NOT NULL,
+        payload      BLOB,
+        created_at   INTEGER NOT NULL
+    )
+    """,
+    "CREATE INDEX idx_journal_exec_step ON journal (execution_id, generation, step_id, seq)",
+    # At most one committed outcome per (execution, generation, step): a database-level
+    # defence behind the writer's own bookkeeping.
+    """
+    CREATE UNIQUE INDEX idx_journal_outcome ON journal (execution_id, generation, step_id)
+    WHERE kind IN ('result','error')
+    """,
+    # INV-13: a guarded step's key is looked up across generations in O(log n).
+    "CREATE INDEX idx_journal_idem_key ON journal (execution_id, idem_key)",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1]
+"""``MIGRATIONS[v - 1]`` migrates a database from version ``v - 1`` to ``v``."""
+
+assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs exactly one migration"
+
+
+def migration_statements(from_version: int) -> list[str]:
+    """The statements that take a database from ``from_version`` to ``SCHEMA_VERSION``.
+
+    The list ends by stamping ``application_id`` and ``user_version``; run it inside one
+    write transaction so a crash leaves the database at the old version or the new one.
+
+    Args:
+        from_version: The ``user_version`` the database holds now (0 for a new file).
+
+    Returns:
+        The SQL statements, in order; empty when the database is current.
+    """
+    if from_version >= SCHEMA_VERSION:
+        return []
+    statements = [sql for migration in MIGRATIONS[from_version:] for sql in migration]
+    statements.append(f"PRAGMA application_id = {APPLICATION_ID}")
+    statements.append(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return statements

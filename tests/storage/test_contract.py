@@ -1,0 +1,513 @@
+"""The storage contract: every backend keeps the semantics ``storage/base.py`` documents.
+
+Each test runs once per backend (the ``storage`` fixture is parametrized over ``memory``
+and ``sqlite``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, replace
+from typing import TypeVar
+
+import pytest
+
+from unbroken.errors import ExecutionCanceled, StorageError, UnknownExecution
+from unbroken.journal import (
+    EntryKind,
+    ExecutionRecord,
+    ExecutionStatus,
+    JournalEntry,
+    StepInfo,
+)
+from unbroken.storage.base import Storage
+
+T = TypeVar("T")
+
+SECRET = b"SECRET-PAYLOAD-BYTES"
+TERMINAL = [
+    ExecutionStatus.COMPLETED,
+    ExecutionStatus.FAILED,
+    ExecutionStatus.ABORTED,
+    ExecutionStatus.CANCELED,
+]
+
+
+def key(n: int) -> bytes:
+    """A distinct 32-byte idempotency key."""
+    return n.to_bytes(4, "big") * 8
+
+
+def entry(
+    execution_id: str,
+    step_id: int,
+    kind: EntryKind = EntryKind.RESULT,
+    *,
+    generation: int = 0,
+    idem_key: bytes | None = None,
+    payload: bytes | None = b"payload",
+    name: str = "step",
+    effect: str = "idempotent",
+    created_at_ms: int = 1_000,
+) -> JournalEntry:
+    """A journal entry with defaults for everything the test does not care about."""
+    return JournalEntry(
+        execution_id=execution_id,
+        generation=generation,
+        step_id=step_id,
+        kind=kind,
+        name=name,
+        effect=effect,
+        idem_key=idem_key if idem_key is not None else key(step_id),
+        payload=payload,
+        created_at_ms=created_at_ms,
+    )
+
+
+def create(storage: Storage, execution_id: str = "ex-1", now_ms: int = 1_000) -> ExecutionRecord:
+    """Create a running execution and return its row."""
+    record, created = storage.create_execution(execution_id, "wf", b"inputs", now_ms)
+    assert created
+    return record
+
+
+def run_concurrently(n: int, fn: Callable[[int], T]) -> list[T]:
+    """Call ``fn(0..n-1)`` from ``n`` threads released at the same moment."""
+    barrier = threading.Barrier(n)
+
+    def call(i: int) -> T:
+        barrier.wait()
+        return fn(i)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(call, range(n)))
+
+
+# -- lifecycle ------------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_calls_after_close_raise_storage_error(storage: Storage) -> None:
+    create(storage)
+    storage.close()
+    storage.close()
+    with pytest.raises(StorageError) as excinfo:
+        storage.get_execution("ex-1")
+    assert excinfo.value.op == "get_execution"
+
+
+def test_reopening_the_storage_keeps_its_data(storage: Storage) -> None:
+    create(storage)
+    seq = storage.append([entry("ex-1", 0)])
+    storage.close()
+    storage.open()
+    storage.open()  # idempotent
+    assert storage.get_execution("ex-1") is not None
+    assert storage.max_seq() == seq
+
+
+# -- executions -----------------------------------------------------------------------
+
+
+def test_create_execution_inserts_a_running_row(storage: Storage) -> None:
+    record, created = storage.create_execution("ex-1", "wf", b"inputs", 1_234)
+    assert created
+    assert record == ExecutionRecord(
+        execution_id="ex-1",
+        workflow="wf",
+        status=ExecutionStatus.RUNNING,
+        generation=0,
+        inputs=b"inputs",
+        output=None,
+        error_type=None,
+        error=None,
+        created_at_ms=1_234,
+        updated_at_ms=1_234,
+        finalized_at_ms=None,
+    )
+    assert storage.get_execution("ex-1") == record
+
+
+def test_create_execution_is_idempotent_and_leaves_the_existing_row_untouched(
+    storage: Storage,
+) -> None:
+    first = create(storage)
+    storage.finalize_execution("ex-1", ExecutionStatus.COMPLETED, 2_000, output=b"out")
+    stored = storage.get_execution("ex-1")
+    again, created = storage.create_execution("ex-1", "other-wf", b"other", 9_999)
+    assert not created
+    assert again == stored
+    assert again is not None and again.created_at_ms == first.created_at_ms
+
+
+def test_get_execution_of_unknown_id_is_none(storage: Storage) -> None:
+    assert storage.get_execution("nope") is None
+
+
+@pytest.mark.parametrize(
+    "status", [ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.ABORTED]
+)
+def test_reopen_unfinalizes_completed_failed_and_aborted_inv16(
+    storage: Storage, status: ExecutionStatus
+) -> None:
+    create(storage)
+    storage.abort_generation("ex-1", 0, 1_500)
+    storage.finalize_execution(
+        "ex-1", status, 2_000, output=b"out", error_type="ValueError", error=b"err"
+    )
+    record = storage.reopen_execution("ex-1", 3_000)
+    assert record.status is ExecutionStatus.RUNNING
+    assert record.finalized_at_ms is None
+    assert (record.output, record.error_type, record.error) == (None, None, None)
+    assert record.updated_at_ms == 3_000
+    assert record.generation == 1  # reopening resumes, it does not start a generation
+    assert record.inputs == b"inputs"
+    assert storage.get_execution("ex-1") == record
+    assert storage.running_executions() == [("ex-1", "wf")]
+
+
+def test_reopen_of_a_running_execution_returns_it_unchanged_inv16(storage: Storage) -> None:
+    record = create(storage)
+    assert storage.reopen_execution("ex-1", 5_000) == record
+
+
+def test_reopen_refuses_a_canceled_execution_inv16_prime(storage: Storage) -> None:
+    create(storage)
+    storage.finalize_execution("ex-1", ExecutionStatus.CANCELED, 2_000)
+    with pytest.raises(ExecutionCanceled) as excinfo:
+        storage.reopen_execution("ex-1", 3_000)
+    assert excinfo.value.execution_id == "ex-1"
+    after = storage.get_execution("ex-1")
+    assert after is not None
+    assert after.status is ExecutionStatus.CANCELED
+    assert after.finalized_at_ms == 2_000
+
+
+def test_reopen_of_an_unknown_execution_raises_unknown_execution(storage: Storage) -> None:
+    with pytest.raises(UnknownExecution):
+        storage.reopen_execution("nope", 1_000)
+    assert storage.get_execution("nope") is None
+
+
+@pytest.mark.parametrize("status", TERMINAL)
+def test_finalize_sets_status_payloads_and_finalized_at(
+    storage: Storage, status: ExecutionStatus
+) -> None:
+    create(storage)
+    assert storage.finalize_execution(
+        "ex-1", status, 2_000, output=b"out", error_type="KeyError", error=b"err"
+    )
+    record = storage.get_execution("ex-1")
+    assert record is not None
+    assert record.status is status
+    assert (record.output, record.error_type, record.error) == (b"out", "KeyError", b"err")
+    assert (record.updated_at_ms, record.finalized_at_ms) == (2_000, 2_000)
+
+
+def test_finalize_first_terminal_write_wins(storage: Storage) -> None:
+    create(storage)
+    assert storage.finalize_execution("ex-1", ExecutionStatus.COMPLETED, 2_000, output=b"ok")
+    for status in TERMINAL:
+        assert not storage.finalize_execution("ex-1", status, 3_000, error_type="X", error=b"late")
+    record = storage.get_execution("ex-1")
+    assert record is not None
+    assert record.status is ExecutionStatus.COMPLETED
+    assert (record.output, record.error, record.finalized_at_ms) == (b"ok", None, 2_000)
+
+
+def test_finalize_of_an_unknown_execution_changes_nothing(storage: Storage) -> None:
+    assert not storage.finalize_execution("nope", ExecutionStatus.COMPLETED, 2_000)
+    assert storage.get_execution("nope") is None
+
+
+def test_finalize_race_has_exactly_one_winner_in_each_of_20_trials(storage: Storage) -> None:
+    for trial in range(20):
+        execution_id = f"race-{trial}"
+        create(storage, execution_id)
+
+        def finalize(i: int, execution_id: str = execution_id) -> bool:
+            return storage.finalize_execution(
+                execution_id, TERMINAL[i], 2_000 + i, error_type=f"T{i}"
+            )
+
+        wins = run_concurrently(len(TERMINAL), finalize)
+        assert wins.count(True) == 1, wins
+        record = storage.get_execution(execution_id)
+        assert record is not None
+        winner = wins.index(True)
+        assert record.status is TERMINAL[winner]
+        assert record.error_type == f"T{winner}"
+
+
+def test_abort_generation_starts_the_next_generation_and_is_guarded(storage: Storage) -> None:
+    create(storage)
+    assert storage.abort_generation("ex-1", 0, 2_000) == 1
+    assert storage.abort_generation("ex-1", 0, 3_000) == 1  # stale: nothing changes
+    record = storage.get_execution("ex-1")
+    assert record is not None
+    assert (record.generation, record.updated_at_ms) == (1, 2_000)
+    assert record.status is ExecutionStatus.RUNNING  # the execution stays running
+    assert storage.abort_generation("ex-1", 1, 4_000) == 2
+    assert storage.abort_generation("ex-1", 5, 5_000) == 2
+
+
+def test_abort_generation_race_advances_exactly_once(storage: Storage) -> None:
+    create(storage)
+    results = run_concurrently(6, lambda i: storage.abort_generation("ex-1", 0, 2_000 + i))
+    assert results == [1] * 6
+    record = storage.get_execution("ex-1")
+    assert record is not None and record.generation == 1
+
+
+def test_abort_generation_of_an_unknown_execution_raises(storage: Storage) -> None:
+    with pytest.raises(UnknownExecution):
+        storage.abort_generation("nope", 0, 1_000)
+
+
+def test_list_executions_is_newest_first_with_status_filter_and_limit(storage: Storage) -> None:
+    create(storage, "a", now_ms=1_000)
+    create(storage, "b", now_ms=3_000)
+    create(storage, "c", now_ms=2_000)
+    create(storage, "d", now_ms=3_000)  # same time as "b": the id breaks the tie
+    storage.finalize_execution("c", ExecutionStatus.FAILED, 4_000, error_type="E")
+    listed = storage.list_executions()
+    assert [s.execution_id for s in listed] == ["d", "b", "c", "a"]
+    failed = storage.list_executions(status=ExecutionStatus.FAILED)
+    assert [(s.execution_id, s.status, s.finalized_at_ms) for s in failed] == [
+        ("c", ExecutionStatus.FAILED, 4_000)
+    ]
+    assert [s.execution_id for s in storage.list_executions(limit=2)] == ["d", "b"]
+    assert storage.list_executions(status=ExecutionStatus.CANCELED) == []
+    assert listed[0].workflow == "wf" and listed[0].created_at_ms == 3_000
+
+
+def test_list_executions_counts_results_and_errors_of_the_current_generation(
+    storage: Storage,
+) -> None:
+    create(storage)
+    create(storage, "other")
+    storage.append(
+        [
+            entry("ex-1", 0),
+            entry("ex-1", 1, EntryKind.INTENT),
+            entry("ex-1", 1, EntryKind.ERROR),
+            entry("ex-1", 2, EntryKind.CONTROL),
+            entry("ex-1", 3, EntryKind.CHECKPOINT),
+            entry("other", 0),
+        ]
+    )
+    counts = {s.execution_id: s.steps for s in storage.list_executions()}
+    assert counts == {"ex-1": 2, "other": 1}
+    storage.abort_generation("ex-1", 0, 2_000)
+    storage.append([entry("ex-1", 0, generation=1)])
+    counts = {s.execution_id: s.steps for s in storage.list_executions()}
+    assert counts == {"ex-1": 1, "other": 1}
+
+
+def test_running_executions_lists_running_ones_oldest_first(storage: Storage) -> None:
+    create(storage, "late", now_ms=3_000)
+    create(storage, "early", now_ms=1_000)
+    create(storage, "done", now_ms=2_000)
+    storage.finalize_execution("done", ExecutionStatus.COMPLETED, 4_000)
+    assert storage.running_executions() == [("early", "wf"), ("late", "wf")]
+
+
+# -- journal --------------------------------------------------------------------------
+
+
+def test_append_of_nothing_returns_zero(storage: Storage) -> None:
+    assert storage.append([]) == 0
+    assert storage.max_seq() == 0
+
+
+def test_append_assigns_increasing_seqs_and_returns_the_last(storage: Storage) -> None:
+    create(storage)
+    first = storage.append([entry("ex-1", 0)])
+    last = storage.append([entry("ex-1", 1), entry("ex-1", 2), entry("ex-1", 3)])
+    assert first >= 1
+    assert last == first + 3
+    seqs = [e.seq for e in storage.read_segment("ex-1", 0, 0, 100)]
+    assert seqs == [first, first + 1, first + 2, first + 3]
+
+
+def test_appended_entries_read_back_unchanged_with_their_seq(storage: Storage) -> None:
+    create(storage)
+    written = [
+        entry("ex-1", 0, payload=b"\x00\xffbinary", name="fetch", effect="at_least_once"),
+        entry("ex-1", 1, EntryKind.INTENT, payload=None, effect="exactly_once_guarded"),
+    ]
+    last = storage.append(written)
+    read = storage.read_segment("ex-1", 0, 0, 10)
+    assert read == [replace(written[0], seq=last - 1), replace(written[1], seq=last)]
+    assert all(isinstance(e.kind, EntryKind) for e in read)
+
+
+def test_append_is_atomic_a_duplicate_result_rolls_back_the_whole_batch(
+    storage: Storage,
+) -> None:
+    create(storage)
+    before = storage.append([entry("ex-1", 0)])
+    batch = [
+        entry("ex-1", 1, EntryKind.INTENT, payload=SECRET),
+        entry("ex-1", 1, payload=SECRET),
+        entry("ex-1", 0, EntryKind.ERROR, payload=SECRET),  # step 0 already has a result
+    ]
+    with pytest.raises(StorageError) as excinfo:
+        storage.append(batch)
+    assert excinfo.value.op == "append"
+    assert SECRET.decode() not in str(excinfo.value)
+    assert storage.max_seq() == before
+    assert [e.step_id for e in storage.read_segment("ex-1", 0, 0, 100)] == [0]
+    assert [s.steps for s in storage.list_executions()] == [1]
+    # the storage is still usable, and the rejected rows can be written on their own
+    assert storage.append(batch[:2]) > before
+
+
+def test_append_rejects_two_outcomes_for_one_step_within_a_batch(storage: Storage) -> None:
+    create(storage)
+    with pytest.raises(StorageError) as excinfo:
+        storage.append([entry("ex-1", 0), entry("ex-1", 0, EntryKind.ERROR)])
+    assert excinfo.value.op == "append"
+    assert storage.max_seq() == 0
+    assert storage.read_segment("ex-1", 0, 0, 10) == []
+
+
+def test_append_allows_one_outcome_per_step_in_each_generation(storage: Storage) -> None:
+    create(storage)
+    storage.append(
+        [
+            entry("ex-1", 0, EntryKind.INTENT),
+            entry("ex-1", 0, EntryKind.CONTROL),
+            entry("ex-1", 0, EntryKind.CONTROL),
+            entry("ex-1", 0),
+            entry("ex-1", 0, generation=1),
+            entry("ex-1", 0, EntryKind.ERROR, generation=2),
+        ]
+    )
+    assert len(storage.list_steps("ex-1")) == 6
+
+
+def test_append_for_an_unknown_execution_raises_and_inserts_nothing(storage: Storage) -> None:
+    create(storage)
+    with pytest.raises(StorageError) as excinfo:
+        storage.append([entry("ex-1", 0), entry("ghost", 0)])
+    assert excinfo.value.op == "append"
+    assert storage.max_seq() == 0
+
+
+def test_concurrent_appends_from_many_threads_lose_nothing(storage: Storage) -> None:
+    create(storage)
+
+    def writer(thread: int) -> list[int]:
+        return [storage.append([entry("ex-1", thread * 1_000 + i)]) for i in range(25)]
+
+    seqs = [seq for batch in run_concurrently(4, writer) for seq in batch]
+    assert len(set(seqs)) == 100
+    assert storage.max_seq() == max(seqs)
+    assert len(storage.read_segment("ex-1", 0, 0, 1_000)) == 100
+
+
+def test_read_segment_orders_by_step_then_seq_with_from_step_and_limit(storage: Storage) -> None:
+    create(storage)
+    storage.append([entry("ex-1", 2), entry("ex-1", 0), entry("ex-1", 1, EntryKind.INTENT)])
+    storage.append([entry("ex-1", 1), entry("ex-1", 3, EntryKind.CONTROL)])
+    rows = storage.read_segment("ex-1", 0, 0, 100)
+    assert [(e.step_id, e.kind) for e in rows] == [
+        (0, EntryKind.RESULT),
+        (1, EntryKind.INTENT),
+        (1, EntryKind.RESULT),
+        (2, EntryKind.RESULT),
+        (3, EntryKind.CONTROL),
+    ]
+    seqs = [e.seq or 0 for e in rows if e.step_id == 1]
+    assert seqs == sorted(seqs)
+    assert [e.step_id for e in storage.read_segment("ex-1", 0, 1, 3)] == [1, 1, 2]
+    assert [e.step_id for e in storage.read_segment("ex-1", 0, 3, 100)] == [3]
+    assert storage.read_segment("ex-1", 0, 4, 100) == []
+    assert storage.read_segment("ex-1", 0, 0, 0) == []
+
+
+def test_read_segment_returns_only_the_requested_generation_and_execution(
+    storage: Storage,
+) -> None:
+    create(storage)
+    create(storage, "other")
+    storage.append(
+        [
+            entry("ex-1", 0, generation=0, payload=b"g0"),
+            entry("ex-1", 0, generation=1, payload=b"g1"),
+            entry("other", 0, generation=1, payload=b"other"),
+        ]
+    )
+    assert [e.payload for e in storage.read_segment("ex-1", 1, 0, 10)] == [b"g1"]
+    assert [e.payload for e in storage.read_segment("ex-1", 0, 0, 10)] == [b"g0"]
+    assert storage.read_segment("ex-1", 2, 0, 10) == []
+    assert storage.read_segment("nope", 0, 0, 10) == []
+
+
+def test_find_by_key_returns_rows_of_every_generation_by_seq_inv13(storage: Storage) -> None:
+    create(storage)
+    create(storage, "other")
+    k = key(77)
+    storage.append(
+        [
+            entry("ex-1", 4, EntryKind.INTENT, generation=0, idem_key=k, payload=None),
+            entry("ex-1", 4, generation=0, idem_key=key(5)),
+            entry("other", 4, generation=0, idem_key=k),
+            entry("ex-1", 9, generation=1, idem_key=k, payload=b"committed"),
+        ]
+    )
+    found = storage.find_by_key("ex-1", k)
+    assert [(e.generation, e.step_id, e.kind) for e in found] == [
+        (0, 4, EntryKind.INTENT),
+        (1, 9, EntryKind.RESULT),
+    ]
+    assert found[0].seq is not None and found[1].seq is not None
+    assert found[0].seq < found[1].seq
+    assert found[1].payload == b"committed"
+    assert storage.find_by_key("ex-1", key(999)) == []
+
+
+def test_list_steps_reports_metadata_and_payload_sizes_only_inv5(storage: Storage) -> None:
+    create(storage)
+    k = bytes(range(32))
+    last = storage.append(
+        [
+            entry("ex-1", 0, payload=b"x" * 300, name="fetch", idem_key=k, created_at_ms=5),
+            entry("ex-1", 1, EntryKind.INTENT, payload=None, effect="exactly_once_guarded"),
+            entry("ex-1", 1, EntryKind.ERROR, generation=1, payload=b""),
+        ]
+    )
+    steps = storage.list_steps("ex-1")
+    assert steps[0] == StepInfo(
+        step_id=0,
+        name="fetch",
+        effect_class="idempotent",
+        kind=EntryKind.RESULT,
+        generation=0,
+        seq=last - 2,
+        created_at_ms=5,
+        payload_bytes=300,
+        idem_key_prefix="0001020304050607",
+    )
+    assert [(s.kind, s.generation, s.payload_bytes, s.seq) for s in steps[1:]] == [
+        (EntryKind.INTENT, 0, 0, last - 1),
+        (EntryKind.ERROR, 1, 0, last),
+    ]
+    assert steps[1].effect_class == "exactly_once_guarded"
+    assert not any(f.name == "payload" for f in fields(StepInfo))
+    assert storage.list_steps("nope") == []
+
+
+def test_max_seq_is_zero_when_empty_and_grows_monotonically_fr_de_12(storage: Storage) -> None:
+    assert storage.max_seq() == 0
+    create(storage)
+    create(storage, "other")
+    seen = [storage.max_seq()]
+    for i in range(5):
+        execution_id = "ex-1" if i % 2 else "other"
+        last = storage.append([entry(execution_id, i)])
+        assert storage.max_seq() == last
+        seen.append(last)
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
