@@ -435,3 +435,19 @@ def test_malformed_urls_are_configuration_errors(url: str) -> None:
 )
 def test_redact_url_replaces_only_the_password(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
+
+
+def test_operator_tools_never_turn_an_empty_file_into_a_journal(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    storage = SqliteStorage(empty, create=False)
+    with pytest.raises(NotAnUnbrokenDatabase):
+        storage.open()
+    storage.close()
+    assert empty.read_bytes() == b""
+
+
+def test_a_memory_url_with_credentials_is_refused_without_the_password() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        open_storage("memory://bob:hunter2@x")
+    assert "hunter2" not in str(caught.value)

@@ -145,6 +145,9 @@ class SqliteStorage:
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Inspect the database (reads only), then switch to WAL and migrate."""
         version = self._inspect(conn)
+        if version == 0 and not self._create:
+            # Operator tools open with create=False: never turn an empty file into a journal.
+            raise NotAnUnbrokenDatabase(str(self._path))
         _enable_wal(conn)
         if version == SCHEMA_VERSION:
             return

@@ -76,7 +76,9 @@ def open_storage(url: str, *, synchronous: str = "NORMAL", create: bool = True) 
         return SqliteStorage(_sqlite_path(rest), synchronous=level, create=create)
     if scheme == "memory":
         if rest:
-            raise ConfigurationError(f"a memory URL takes nothing after 'memory://': {url!r}")
+            raise ConfigurationError(
+                f"a memory URL takes nothing after 'memory://': {redact_url(url)!r}"
+            )
         return MemoryStorage()
     if scheme in ("postgresql", "postgres"):
         raise ConfigurationError(
