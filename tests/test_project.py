@@ -110,6 +110,7 @@ def test_import_unbroken_loads_no_optional_extra() -> None:
 
 def test_every_cli_command_has_help_and_is_in_the_readme() -> None:
     from click.testing import CliRunner
+
     from unbroken.cli import main
 
     readme = (SRC.parent.parent / "README.md").read_text()
