@@ -321,16 +321,22 @@ class Context:
             self._check_alive()
             record = {"type": type(exc).__name__, "message": str(exc)}
             await self._journal(step_id, desc, key, EntryKind.ERROR, record)
+            await self._fault_after(step_id)
             raise StepFailed(desc.name, step_id, record["type"], record["message"]) from exc
         self._check_alive()
         faults = self._run.faults
         if faults is not None and desc.is_guarded and faults.in_window(step_id):
             raise SimulatedCrash()
         await self._journal(step_id, desc, key, EntryKind.RESULT, value)
+        await self._fault_after(step_id)
+        return value
+
+    async def _fault_after(self, step_id: int) -> None:
+        """``unbroken.testing``: die once this step's outcome is committed."""
+        faults = self._run.faults
         if faults is not None and faults.after_result(step_id):
             await self._run.writer.flush()
             raise SimulatedCrash()
-        return value
 
     async def _call_with_retry(
         self,

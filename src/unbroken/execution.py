@@ -106,6 +106,7 @@ class Run:
                 self.replaying = False
                 continue
             except (Stopped, SimulatedCrash, asyncio.CancelledError):
+                await asyncio.shield(ctx.cancel_inflight())  # as a dying process would
                 raise
             except Exception as exc:
                 status = (
