@@ -418,3 +418,22 @@ async def test_bad_step_arguments_raise_at_call_time(make_engine: EngineFactory)
 
     async with engine:
         assert await engine.run(wf) == 1
+
+
+async def test_oversize_stored_values_are_refused_on_read_before_decoding_inv11(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+
+    @engine.workflow(name="wf")
+    async def wf(ctx: Context) -> Any:
+        return await ctx.step("big", lambda: "x" * 5000)
+
+    async with engine:
+        with crash_after_step(engine, 0), pytest.raises(SimulatedCrash):
+            await engine.run(wf, execution_id="x")
+    strict = make_engine(max_payload_bytes=1000)
+    strict.workflow(name="wf")(wf)
+    async with strict:
+        with pytest.raises(PayloadTooLarge, match="stored"):
+            await strict.run("wf", execution_id="x")
