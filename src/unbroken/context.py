@@ -48,6 +48,18 @@ audit = logging.getLogger("unbroken.audit")
 
 
 @dataclass(frozen=True, slots=True)
+class _Call:
+    """One call of ``ctx.step``: its position, descriptor, key and operation."""
+
+    step_id: int
+    desc: Step
+    key: bytes
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutcome:
     """What ``ctx.step_recorded`` returns: the value and how it was obtained."""
 
@@ -102,15 +114,13 @@ class Context:
             StepFailed: the operation failed after its retries (live and on replay).
             AmbiguousEffect: a guarded step found in the ambiguous window under ``FAIL``.
         """
-        desc, step_id = self._take_step(step, fn)
-        return self._run_step(step_id, desc, fn, args, kwargs, recorded=False)
+        return self._run_step(self._take_step(step, fn, args, kwargs), recorded=False)
 
     def step_recorded(
         self, step: str | Step, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Awaitable[StepOutcome]:
         """Like ``step``, but return a ``StepOutcome`` that says whether it was replayed."""
-        desc, step_id = self._take_step(step, fn)
-        return self._run_step(step_id, desc, fn, args, kwargs, recorded=True)
+        return self._run_step(self._take_step(step, fn, args, kwargs), recorded=True)
 
     async def now(self) -> datetime:
         """The current UTC time, journaled: a replay returns the same instant."""
@@ -127,63 +137,53 @@ class Context:
         value: float = await self.step("unbroken.random", _random_float)
         return value
 
-    def _take_step(self, step: str | Step, fn: object) -> tuple[Step, int]:
+    def _take_step(
+        self,
+        step: str | Step,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _Call:
         desc = as_step(step)
         if not callable(fn):
             raise InvalidStep(f"step {desc.name!r}: the operation must be callable")
         step_id = self._next_step
         self._next_step = step_id + 1
-        return desc, step_id
+        key = idempotency_key(self._run.execution_id, step_id, desc.key_input)
+        return _Call(step_id, desc, key, fn, args, kwargs)
 
-    async def _run_step(
-        self,
-        step_id: int,
-        desc: Step,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        recorded: bool,
-    ) -> Any:
+    async def _run_step(self, call: _Call, *, recorded: bool) -> Any:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         try:
-            value, replayed, key = await self._resolve(step_id, desc, fn, args, kwargs)
+            value, replayed = await self._resolve(call)
         finally:
             if task is not None:
                 self._tasks.discard(task)
         if recorded:
-            return StepOutcome(value, replayed, step_id, key)
+            return StepOutcome(value, replayed, call.step_id, call.key)
         return value
 
-    async def _resolve(
-        self,
-        step_id: int,
-        desc: Step,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[Any, bool, bytes]:
+    async def _resolve(self, call: _Call) -> tuple[Any, bool]:
+        """Replay, resolve the ambiguous window, find an earlier generation's, or run."""
         self._check_alive()
         cap = self._run.config.max_steps_per_execution
-        if cap and step_id >= cap:
+        if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
-        key = idempotency_key(self._run.execution_id, step_id, desc.key_input)
         if self._replaying:
-            rows = await self._lookup(step_id)
+            rows = await self._lookup(call.step_id)
             if rows is not None:
-                self._check_divergence(step_id, desc, key, rows)
+                self._check_divergence(call, rows)
                 if rows.outcome is not None:
-                    return self._replay(desc, step_id, rows.outcome), True, key
-                if rows.intent is not None and desc.is_guarded:
-                    value = await self._ambiguous(step_id, desc, key, fn, args, kwargs)
-                    return value, False, key
-        if desc.is_guarded and self._run.generation > 0:
-            found = await self._earlier_generation(step_id, desc, key, fn, args, kwargs)
+                    return self._replay(call, rows.outcome), True
+                if rows.intent is not None and call.desc.is_guarded:
+                    return await self._ambiguous(call), False
+        if call.desc.is_guarded and self._run.generation > 0:
+            found = await self._earlier_generation(call)
             if found is not None:
-                return found[0], found[1], key
-        return await self._fresh(step_id, desc, key, fn, args, kwargs), False, key
+                return found
+        return await self._fresh(call), False
 
     # -- replay -------------------------------------------------------------------------
 
@@ -206,9 +206,10 @@ class Context:
             self._replaying = False  # past the journal's end: no more lookups
         return rows_for_step
 
-    def _check_divergence(self, step_id: int, desc: Step, key: bytes, rows: StepRows) -> None:
+    def _check_divergence(self, call: _Call, rows: StepRows) -> None:
+        """INV-3: a journaled step is returned only if the code called the same step."""
         entry = rows.any
-        if entry.idem_key == key:
+        if entry.idem_key == call.key:
             return
         note = ""
         if rows.result is not None and entry.effect == EffectClass.EXACTLY_ONCE_GUARDED.value:
@@ -218,9 +219,9 @@ class Context:
                 "it will run again there"
             )
         error = ReplayDivergence(
-            step_id,
+            call.step_id,
             journaled=(entry.name, entry.effect),
-            called=(desc.name, desc.effect.value),
+            called=(call.desc.name, call.desc.effect.value),
             note=note,
         )
         log.warning(
@@ -231,104 +232,72 @@ class Context:
         self._dead = True
         raise Diverged(error)
 
-    def _replay(self, desc: Step, step_id: int, entry: JournalEntry) -> Any:
+    def _replay(self, call: _Call, entry: JournalEntry) -> Any:
         value = self._run.decode(entry.payload, entry.kind.value)
         if entry.kind is EntryKind.ERROR:
-            raise _failure_from_record(desc.name, step_id, value)
+            raise _failure_from_record(call.desc.name, call.step_id, value)
         return value
 
-    async def _earlier_generation(
-        self,
-        step_id: int,
-        desc: Step,
-        key: bytes,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[Any, bool] | None:
+    async def _earlier_generation(self, call: _Call) -> tuple[Any, bool] | None:
         """INV-13: a guarded effect committed in an earlier generation is never re-fired."""
         run = self._run
-        rows = await run.read(run.storage.find_by_key, run.execution_id, key)
         found = StepRows()
-        for row in rows:
+        for row in await run.read(run.storage.find_by_key, run.execution_id, call.key):
             found.add(row)
         if found.outcome is not None:
-            return self._replay(desc, step_id, found.outcome), True
+            return self._replay(call, found.outcome), True
         if found.intent is not None:
-            return await self._ambiguous(step_id, desc, key, fn, args, kwargs), False
+            return await self._ambiguous(call), False
         return None
 
-    async def _ambiguous(
-        self,
-        step_id: int,
-        desc: Step,
-        key: bytes,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    async def _ambiguous(self, call: _Call) -> Any:
         """Resolve a guarded step whose intent is committed and result is not (FR-DE-10)."""
-        policy = desc.on_ambiguous or OnAmbiguous.FAIL
+        policy = call.desc.on_ambiguous or OnAmbiguous.FAIL
         audit.warning(
             "step resumed in the ambiguous window; applying on_ambiguous=%s",
             policy.value,
             extra={
                 "execution_id": self._run.execution_id,
-                "step_id": step_id,
-                "step_name": desc.name,
-                "effect_class": desc.effect.value,
-                "idem_key_prefix": key[:8].hex(),
+                "step_id": call.step_id,
+                "step_name": call.desc.name,
+                "effect_class": call.desc.effect.value,
+                "idem_key_prefix": call.key[:8].hex(),
                 "on_ambiguous": policy.value,
             },
         )
         if policy is OnAmbiguous.FAIL:
-            raise AmbiguousEffect(self._run.execution_id, step_id, desc.name)
-        return await self._execute(step_id, desc, key, fn, args, kwargs)
+            raise AmbiguousEffect(self._run.execution_id, call.step_id, call.desc.name)
+        return await self._execute(call)
 
     # -- fresh runs ---------------------------------------------------------------------
 
-    async def _fresh(
-        self,
-        step_id: int,
-        desc: Step,
-        key: bytes,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if desc.is_guarded:
-            intent = self._entry(step_id, desc, key, EntryKind.INTENT, None)
+    async def _fresh(self, call: _Call) -> Any:
+        if call.desc.is_guarded:
+            intent = self._entry(call, EntryKind.INTENT, None)
             try:
                 await self._run.writer.append_acked(intent)
             except JournalUnavailable:
-                if desc.intent is not Intent.COST_BEARING:
+                if call.desc.intent is not Intent.COST_BEARING:
                     raise  # exactly-once is never silently dropped: the operation does not run
-                self._degraded(step_id, desc)
-        return await self._execute(step_id, desc, key, fn, args, kwargs)
+                self._degraded(call)
+        return await self._execute(call)
 
-    async def _execute(
-        self,
-        step_id: int,
-        desc: Step,
-        key: bytes,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    async def _execute(self, call: _Call) -> Any:
         try:
-            value = await self._call_with_retry(step_id, desc, key, fn, args, kwargs)
+            value = await self._call_with_retry(call)
         except Exception as exc:
             self._check_alive()
             record = {"type": type(exc).__name__, "message": str(exc)}
-            await self._journal(step_id, desc, key, EntryKind.ERROR, record)
-            await self._fault_after(step_id)
-            raise StepFailed(desc.name, step_id, record["type"], record["message"]) from exc
+            await self._journal(call, EntryKind.ERROR, record)
+            await self._fault_after(call.step_id)
+            desc = call.desc
+            raise StepFailed(desc.name, call.step_id, record["type"], record["message"]) from exc
         self._check_alive()
         faults = self._run.faults
-        if faults is not None and desc.is_guarded and faults.in_window(step_id):
+        if faults is not None and call.desc.is_guarded and faults.in_window(call.step_id):
             raise SimulatedCrash()
-        await self._journal(step_id, desc, key, EntryKind.RESULT, value)
-        await self._fault_after(step_id)
+        await self._journal(call, EntryKind.RESULT, value)
+        await self._fault_after(call.step_id)
         return value
 
     async def _fault_after(self, step_id: int) -> None:
@@ -338,21 +307,15 @@ class Context:
             await self._run.writer.flush()
             raise SimulatedCrash()
 
-    async def _call_with_retry(
-        self,
-        step_id: int,
-        desc: Step,
-        key: bytes,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        policy = desc.retry
+    async def _call_with_retry(self, call: _Call) -> Any:
+        policy = call.desc.retry
         attempt = 1
         while True:
-            handle = StepHandle(self._run.execution_id, step_id, desc.name, key, attempt)
+            handle = StepHandle(
+                self._run.execution_id, call.step_id, call.desc.name, call.key, attempt
+            )
             try:
-                return await self._call(handle, fn, args, kwargs)
+                return await _invoke(handle, call)
             except Exception as exc:
                 if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
                     raise
@@ -360,62 +323,39 @@ class Context:
                 await asyncio.sleep(policy.delay_before(attempt + 1))
                 attempt += 1
 
-    async def _call(
-        self,
-        handle: StepHandle,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        token = set_current_step(handle)
-        try:
-            if inspect.iscoroutinefunction(fn):
-                return await fn(*args, **kwargs)
-            call = functools.partial(fn, *args, **kwargs)
-            ctx = contextvars.copy_context()
-            result = await asyncio.get_running_loop().run_in_executor(None, ctx.run, call)
-            if inspect.isawaitable(result):
-                return await result
-            return result
-        finally:
-            token.var.reset(token)
-
-    async def _journal(
-        self, step_id: int, desc: Step, key: bytes, kind: EntryKind, value: Any
-    ) -> None:
+    async def _journal(self, call: _Call, kind: EntryKind, value: Any) -> None:
         run = self._run
-        payload = run.encode(value, f"the result of step {step_id} ({desc.name!r})")
-        entry = self._entry(step_id, desc, key, kind, payload)
-        if not desc.is_guarded:
+        what = f"the {kind.value} of step {call.step_id} ({call.desc.name!r})"
+        entry = self._entry(call, kind, run.encode(value, what))
+        if not call.desc.is_guarded:
             run.writer.append_buffered(entry)
             return
         try:
             await run.writer.append_acked(entry)
         except JournalUnavailable:
-            self._degraded(step_id, desc)  # the operation ran: hand its value back
+            self._degraded(call)  # the operation ran: hand its value back
 
-    def _entry(
-        self, step_id: int, desc: Step, key: bytes, kind: EntryKind, payload: bytes | None
-    ) -> JournalEntry:
+    def _entry(self, call: _Call, kind: EntryKind, payload: bytes | None) -> JournalEntry:
+        run = self._run
+        desc = call.desc
         return JournalEntry(
-            self._run.execution_id,
-            self._run.generation,
-            step_id,
+            run.execution_id,
+            run.generation,
+            call.step_id,
             kind,
             desc.name,
             desc.effect.value,
-            key,
+            call.key,
             payload,
             now_ms(),
         )
 
-    def _degraded(self, step_id: int, desc: Step) -> None:
+    def _degraded(self, call: _Call) -> None:
         self._run.metrics.degraded_appends += 1
         log.warning(
-            "journal writer unavailable; step %d (%r) of execution %r degrades to "
-            "non-durable mode",
-            step_id,
-            desc.name,
+            "journal writer unavailable; step %d (%r) of execution %r degrades to non-durable mode",
+            call.step_id,
+            call.desc.name,
             self._run.execution_id,
         )
 
@@ -437,6 +377,22 @@ class Context:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _invoke(handle: StepHandle, call: _Call) -> Any:
+    """Run the operation: async in this task, sync in a worker thread (context copied)."""
+    token = set_current_step(handle)
+    try:
+        if inspect.iscoroutinefunction(call.fn):
+            return await call.fn(*call.args, **call.kwargs)
+        bound = functools.partial(call.fn, *call.args, **call.kwargs)
+        ctx = contextvars.copy_context()
+        result = await asyncio.get_running_loop().run_in_executor(None, ctx.run, bound)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+    finally:
+        token.var.reset(token)
+
+
 def _failure_from_record(name: str, step_id: int, record: Any) -> StepFailed:
     if not isinstance(record, dict):
         return StepFailed(name, step_id, "unknown", "")
@@ -453,4 +409,3 @@ async def _uuid4() -> _uuid.UUID:
 
 async def _random_float() -> float:
     return _random.random()
-
