@@ -61,6 +61,7 @@ class JournalEntry:
     """One journal row.
 
     ``seq`` is assigned by the database on append (global order); it is ``None`` before.
+    
     ``effect`` is an ``EffectClass`` value; ``idem_key`` the 32-byte idempotency key.
     """
 
@@ -74,6 +75,8 @@ class JournalEntry:
     payload: bytes | None
     created_at_ms: int
     seq: int | None = None
+    hmac: bytes | None = None
+    """A control entry's MAC (``key_id ‖ mac``) when payloads are encrypted."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -511,3 +511,73 @@ def test_max_seq_is_zero_when_empty_and_grows_monotonically_fr_de_12(storage: St
         assert storage.max_seq() == last
         seen.append(last)
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+# -- integrity and keys -------------------------------------------------------------------
+
+
+def _signer(eid: str, count: int) -> bytes:
+    return f"{eid}:{count}".encode()
+
+
+def test_append_with_a_signer_bumps_the_high_water_mark_in_the_same_transaction(
+    storage: Storage,
+) -> None:
+    storage.create_execution("a", "wf", b"", 1)
+    storage.create_execution("b", "wf", b"", 1)
+    assert storage.read_integrity("a") is None
+    storage.append(
+        [entry("a", 0), entry("a", 1, EntryKind.INTENT, idem_key=key(9)), entry("b", 0)],
+        signer=_signer,
+    )
+    storage.append([entry("a", 1, EntryKind.ERROR, idem_key=key(9))], signer=_signer)
+    assert storage.read_integrity("a") == (2, b"a:2")  # intents do not count
+    assert storage.read_integrity("b") == (1, b"b:1")
+    assert storage.count_outcomes("a") == 2
+    # a refused batch changes neither the journal nor the mark
+    with pytest.raises(StorageError):
+        storage.append([entry("a", 2), entry("a", 0)], signer=_signer)
+    assert storage.read_integrity("a") == (2, b"a:2")
+    assert storage.count_outcomes("a") == 2
+
+
+def test_outcomes_are_counted_across_generations(storage: Storage) -> None:
+    storage.create_execution("a", "wf", b"", 1)
+    storage.append([entry("a", 0), entry("a", 0, generation=1)], signer=_signer)
+    assert storage.count_outcomes("a") == 2
+    assert storage.read_integrity("a") == (2, b"a:2")
+
+
+def test_control_entry_macs_round_trip(storage: Storage) -> None:
+    storage.create_execution("a", "wf", b"", 1)
+    mac = b"\x00" + b"m" * 32
+    storage.append([replace(entry("a", 0, EntryKind.INTENT, payload=None), hmac=mac)])
+    (row,) = storage.read_segment("a", 0, 0, 10)
+    assert row.hmac == mac
+    assert storage.find_by_key("a", row.idem_key)[0].hmac == mac
+
+
+def test_key_verifiers_are_recorded_once_per_key_id(storage: Storage) -> None:
+    assert storage.key_verifiers() == {}
+    storage.add_key_verifier(0, b"v0", 1)
+    storage.add_key_verifier(0, b"other", 2)  # the first one stays
+    storage.add_key_verifier(3, b"v3", 3)
+    assert storage.key_verifiers() == {0: b"v0", 3: b"v3"}
+
+
+def test_count_sealed_counts_blobs_by_their_key_id_byte(storage: Storage) -> None:
+    assert not storage.has_executions()
+    storage.create_execution("a", "wf", b"\x01inputs", 1)
+    assert storage.has_executions()
+    storage.append(
+        [
+            entry("a", 0, payload=b"\x01sealed"),
+            entry("a", 1, payload=b"\x02sealed"),
+            replace(entry("a", 2, EntryKind.INTENT, payload=None), hmac=b"\x01mac"),
+        ],
+        signer=lambda eid, n: b"\x01" + bytes(n),
+    )
+    storage.finalize_execution("a", ExecutionStatus.COMPLETED, 2, output=b"\x02out")
+    assert storage.count_sealed(1) == 4  # inputs, one payload, one hmac, the integrity mac
+    assert storage.count_sealed(2) == 2
+    assert storage.count_sealed(7) == 0

@@ -451,3 +451,32 @@ def test_a_memory_url_with_credentials_is_refused_without_the_password() -> None
     with pytest.raises(ConfigurationError) as caught:
         open_storage("memory://bob:hunter2@x")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with closing(sqlite3.connect(db)) as conn:
+        for sql in MIGRATIONS[0]:
+            conn.execute(sql)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO executions (execution_id, workflow, status, created_at, updated_at) "
+            "VALUES ('old', 'wf', 'running', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, "
+            "idem_key, payload, created_at) VALUES ('old', 0, 0, 'result', 's', 'idempotent', "
+            "x'00', x'31', 1)"
+        )
+        conn.commit()
+    storage = SqliteStorage(db)
+    storage.open()
+    try:
+        (row,) = storage.read_segment("old", 0, 0, 10)
+        assert row.payload == b"1" and row.hmac is None
+        assert storage.read_integrity("old") is None
+        assert storage.key_verifiers() == {}
+    finally:
+        storage.close()
+    assert raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]

@@ -16,15 +16,19 @@ Semantics every implementation keeps (the contract suite in ``tests/storage`` ch
   ``error`` row exists per (execution, generation, step).
 - ``read_segment`` returns the rows of one generation with ``step_id >= from_step``, ordered
   by ``(step_id, seq)``, at most ``limit`` rows.
+- ``append`` with a ``signer`` also updates, in the same transaction, each execution's
+  high-water mark: the count of its committed outcomes (``result`` and ``error`` rows of
+  every generation) and ``signer(execution_id, count)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from ..journal import (
+    EntryKind,
     ExecutionRecord,
     ExecutionStatus,
     ExecutionSummary,
@@ -32,10 +36,13 @@ from ..journal import (
     StepInfo,
 )
 
-__all__ = ["SCHEMA_VERSION", "Storage"]
+__all__ = ["SCHEMA_VERSION", "Signer", "Storage", "outcomes_by_execution"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this code writes; a database with a higher one is refused."""
+
+Signer = Callable[[str, int], bytes]
+"""``signer(execution_id, committed_outcomes)`` → the signed high-water mark (ref §4.7)."""
 
 
 class Storage(Protocol):
@@ -112,7 +119,7 @@ class Storage(Protocol):
 
     # -- journal ----------------------------------------------------------------------
 
-    def append(self, entries: Sequence[JournalEntry]) -> int:
+    def append(self, entries: Sequence[JournalEntry], signer: Signer | None = None) -> int:
         """Insert entries in one transaction; return the last ``seq`` (0 if none)."""
         ...
 
@@ -133,3 +140,41 @@ class Storage(Protocol):
     def max_seq(self) -> int:
         """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
         ...
+
+    # -- integrity and keys -----------------------------------------------------------
+
+    def read_integrity(self, execution_id: str) -> tuple[int, bytes] | None:
+        """The signed high-water mark ``(count, mac)`` of an execution, or ``None``."""
+        ...
+
+    def count_outcomes(self, execution_id: str) -> int:
+        """``result`` and ``error`` rows of the execution, every generation."""
+        ...
+
+    def key_verifiers(self) -> dict[int, bytes]:
+        """Key-check values of every key id that has sealed data here."""
+        ...
+
+    def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
+        """Record a key's check value unless one is recorded for that id."""
+        ...
+
+    def has_executions(self) -> bool:
+        """Whether any execution (hence any payload) is stored."""
+        ...
+
+    def count_sealed(self, key_id: int) -> int:
+        """Stored blobs and MACs whose first byte names ``key_id``."""
+        ...
+
+
+_OUTCOME_KINDS = (EntryKind.RESULT, EntryKind.ERROR)
+
+
+def outcomes_by_execution(entries: Sequence[JournalEntry]) -> dict[str, int]:
+    """How many outcome rows (``result``/``error``) a batch adds to each execution."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        if entry.kind in _OUTCOME_KINDS:
+            counts[entry.execution_id] = counts.get(entry.execution_id, 0) + 1
+    return counts

@@ -20,6 +20,7 @@ from ..journal import (
     JournalEntry,
     StepInfo,
 )
+from .base import Signer, outcomes_by_execution
 
 __all__ = ["MemoryStorage"]
 
@@ -37,6 +38,8 @@ class MemoryStorage:
         self._journal: dict[str, list[JournalEntry]] = {}
         self._outcomes: set[tuple[str, int, int]] = set()
         self._last_seq = 0
+        self._integrity: dict[str, tuple[int, bytes]] = {}
+        self._keys: dict[int, bytes] = {}
 
     @property
     def lock_dir(self) -> Path | None:
@@ -209,7 +212,7 @@ class MemoryStorage:
 
     # -- journal ----------------------------------------------------------------------
 
-    def append(self, entries: Sequence[JournalEntry]) -> int:
+    def append(self, entries: Sequence[JournalEntry], signer: Signer | None = None) -> int:
         """Insert entries in one step; return the last ``seq`` (0 if none).
 
         Raises:
@@ -226,6 +229,10 @@ class MemoryStorage:
                 stored = replace(entry, kind=EntryKind(entry.kind), seq=self._last_seq)
                 self._journal.setdefault(entry.execution_id, []).append(stored)
             self._outcomes.update(outcomes)
+            if signer is not None:
+                for eid, added in outcomes_by_execution(entries).items():
+                    count = self._integrity.get(eid, (0, b""))[0] + added
+                    self._integrity[eid] = (count, signer(eid, count))
             return self._last_seq
 
     def _validate(self, entries: Sequence[JournalEntry]) -> set[tuple[str, int, int]]:
@@ -292,3 +299,48 @@ class MemoryStorage:
         with self._lock:
             self._check_open("max_seq")
             return self._last_seq
+
+    # -- integrity and keys -----------------------------------------------------------
+
+    def read_integrity(self, execution_id: str) -> tuple[int, bytes] | None:
+        """The signed high-water mark ``(count, mac)`` of an execution, or ``None``."""
+        with self._lock:
+            self._check_open("read_integrity")
+            return self._integrity.get(execution_id)
+
+    def count_outcomes(self, execution_id: str) -> int:
+        """``result`` and ``error`` rows of the execution, every generation."""
+        with self._lock:
+            self._check_open("count_outcomes")
+            rows = self._journal.get(execution_id, ())
+            return sum(1 for e in rows if e.kind in _OUTCOMES)
+
+    def key_verifiers(self) -> dict[int, bytes]:
+        """Key-check values of every key id that has sealed data here."""
+        with self._lock:
+            self._check_open("key_verifiers")
+            return dict(self._keys)
+
+    def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
+        """Record a key's check value unless one is recorded for that id."""
+        with self._lock:
+            self._check_open("add_key_verifier")
+            self._keys.setdefault(key_id, verifier)
+
+    def has_executions(self) -> bool:
+        """Whether any execution (hence any payload) is stored."""
+        with self._lock:
+            self._check_open("has_executions")
+            return bool(self._executions)
+
+    def count_sealed(self, key_id: int) -> int:
+        """Stored blobs and MACs whose first byte names ``key_id``."""
+        with self._lock:
+            self._check_open("count_sealed")
+            blobs: list[bytes | None] = []
+            for rows in self._journal.values():
+                blobs.extend(blob for e in rows for blob in (e.payload, e.hmac))
+            for r in self._executions.values():
+                blobs.extend((r.inputs, r.output, r.error))
+            blobs.extend(mac for _, mac in self._integrity.values())
+        return sum(1 for blob in blobs if blob and blob[0] == key_id)

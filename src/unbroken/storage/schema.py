@@ -62,7 +62,30 @@ _V1: tuple[str, ...] = (
     "CREATE INDEX idx_journal_idem_key ON journal (execution_id, idem_key)",
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1]
+_V2: tuple[str, ...] = (
+    # A control entry's MAC (key id ‖ keyed BLAKE3) when payloads are encrypted.
+    "ALTER TABLE journal ADD COLUMN hmac BLOB",
+    # The signed high-water mark of each execution: deleted or duplicated outcome rows
+    # change the count the journal holds, and the count cannot be re-signed without the key.
+    """
+    CREATE TABLE integrity (
+        execution_id TEXT PRIMARY KEY REFERENCES executions(execution_id),
+        outcomes     INTEGER NOT NULL,
+        mac          BLOB NOT NULL,
+        updated_at   INTEGER NOT NULL
+    )
+    """,
+    # Key-check values: a key that does not match the database is refused at open.
+    """
+    CREATE TABLE keys (
+        key_id     INTEGER PRIMARY KEY,
+        verifier   BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2]
 """``MIGRATIONS[v - 1]`` migrates a database from version ``v - 1`` to ``v``."""
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs exactly one migration"

@@ -34,7 +34,7 @@ from ..journal import (
     JournalEntry,
     StepInfo,
 )
-from .base import SCHEMA_VERSION
+from .base import SCHEMA_VERSION, Signer, outcomes_by_execution
 from .schema import APPLICATION_ID, migration_statements
 
 __all__ = ["SqliteStorage"]
@@ -47,11 +47,25 @@ _EXECUTION_COLUMNS = (
 )
 _SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = ?"
 _ENTRY_COLUMNS = (
-    "execution_id, generation, step_id, kind, name, effect, idem_key, payload, created_at, seq"
+    "execution_id, generation, step_id, kind, name, effect, idem_key, payload, created_at, seq, "
+    "hmac"
 )
 _INSERT_ENTRY = (
     "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, idem_key, "
-    "payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "payload, created_at, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_BUMP_INTEGRITY = (
+    "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (execution_id) DO UPDATE SET outcomes = excluded.outcomes, "
+    "mac = excluded.mac, updated_at = excluded.updated_at"
+)
+_COUNT_SEALED = (
+    "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTR(payload, 1, 1) = :k) "
+    "+ (SELECT COUNT(*) FROM journal WHERE SUBSTR(hmac, 1, 1) = :k) "
+    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(inputs, 1, 1) = :k) "
+    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(output, 1, 1) = :k) "
+    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(error, 1, 1) = :k) "
+    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTR(mac, 1, 1) = :k)"
 )
 _INSPECT = (
     "SELECT (SELECT application_id FROM pragma_application_id), "
@@ -228,7 +242,9 @@ class SqliteStorage:
         with _transaction(conn, op):
             yield conn
 
-    def _query(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    def _query(
+        self, op: str, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[Any]:
         """Run one read statement and fetch every row."""
         conn = self._conn(op)
         try:
@@ -351,8 +367,11 @@ class SqliteStorage:
 
     # -- journal ----------------------------------------------------------------------
 
-    def append(self, entries: Sequence[JournalEntry]) -> int:
+    def append(self, entries: Sequence[JournalEntry], signer: Signer | None = None) -> int:
         """Insert entries in one transaction; return the last ``seq`` (0 if none).
+
+        With a ``signer`` the high-water mark of every execution that gains an outcome is
+        re-signed in the same transaction.
 
         Raises:
             StorageError: a second result or error for one (execution, generation, step),
@@ -363,6 +382,14 @@ class SqliteStorage:
         with self._write("append") as conn:
             conn.executemany(_INSERT_ENTRY, map(_insert_params, entries))
             seq = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            if signer is not None:
+                for eid, added in outcomes_by_execution(entries).items():
+                    row = conn.execute(
+                        "SELECT outcomes FROM integrity WHERE execution_id = ?", (eid,)
+                    ).fetchone()
+                    count = (row[0] if row else 0) + added
+                    now = entries[-1].created_at_ms
+                    conn.execute(_BUMP_INTEGRITY, (eid, count, signer(eid, count), now))
         return int(seq)
 
     def read_segment(
@@ -405,6 +432,49 @@ class SqliteStorage:
     def max_seq(self) -> int:
         """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
         rows = self._query("max_seq", "SELECT COALESCE(MAX(seq), 0) FROM journal")
+        return int(rows[0][0])
+
+    # -- integrity and keys -----------------------------------------------------------
+
+    def read_integrity(self, execution_id: str) -> tuple[int, bytes] | None:
+        """The signed high-water mark ``(count, mac)`` of an execution, or ``None``."""
+        rows = self._query(
+            "read_integrity",
+            "SELECT outcomes, mac FROM integrity WHERE execution_id = ?",
+            (execution_id,),
+        )
+        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def count_outcomes(self, execution_id: str) -> int:
+        """``result`` and ``error`` rows of the execution, every generation."""
+        rows = self._query(
+            "count_outcomes",
+            "SELECT COUNT(*) FROM journal WHERE execution_id = ? AND kind IN ('result', 'error')",
+            (execution_id,),
+        )
+        return int(rows[0][0])
+
+    def key_verifiers(self) -> dict[int, bytes]:
+        """Key-check values of every key id that has sealed data here."""
+        rows = self._query("key_verifiers", "SELECT key_id, verifier FROM keys")
+        return {int(k): bytes(v) for k, v in rows}
+
+    def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
+        """Record a key's check value unless one is recorded for that id."""
+        with self._write("add_key_verifier") as conn:
+            conn.execute(
+                "INSERT INTO keys (key_id, verifier, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key_id) DO NOTHING",
+                (key_id, verifier, now_ms),
+            )
+
+    def has_executions(self) -> bool:
+        """Whether any execution (hence any payload) is stored."""
+        return bool(self._query("has_executions", "SELECT 1 FROM executions LIMIT 1"))
+
+    def count_sealed(self, key_id: int) -> int:
+        """Stored blobs and MACs whose first byte names ``key_id``."""
+        rows = self._query("count_sealed", _COUNT_SEALED, {"k": bytes([key_id])})
         return int(rows[0][0])
 
 
@@ -497,12 +567,13 @@ def _insert_params(e: JournalEntry) -> tuple[Any, ...]:
     """The ``_INSERT_ENTRY`` parameters of an entry (its ``seq`` is the database's to give)."""
     kind = EntryKind(e.kind).value
     head = (e.execution_id, e.generation, e.step_id, kind, e.name, e.effect)
-    return (*head, e.idem_key, e.payload, e.created_at_ms)
+    return (*head, e.idem_key, e.payload, e.created_at_ms, e.hmac)
 
 
 def _entry(row: Sequence[Any]) -> JournalEntry:
     """A ``journal`` row (``_ENTRY_COLUMNS`` order) as an entry."""
-    eid, generation, step_id, kind, name, effect, idem_key, payload, created, seq = row
+    eid, generation, step_id, kind, name, effect, idem_key, payload, created, seq, mac = row
     return JournalEntry(
-        eid, generation, step_id, EntryKind(kind), name, effect, idem_key, payload, created, seq
+        eid, generation, step_id, EntryKind(kind), name, effect, idem_key, payload, created, seq,
+        mac,
     )
