@@ -61,7 +61,6 @@ class JournalEntry:
     """One journal row.
 
     ``seq`` is assigned by the database on append (global order); it is ``None`` before.
-    
     ``effect`` is an ``EffectClass`` value; ``idem_key`` the 32-byte idempotency key.
     """
 
