@@ -38,6 +38,10 @@ class Config:
     replay_segment_steps: int = 100
     promise_poll_interval_secs: float = 1.0
     stale_owner_secs: float = 10.0
+    encrypt_payloads: bool = True
+    """Seal every payload (XChaCha20-Poly1305); ``false`` only on local SQLite, with a WARN."""
+    key_file: str = ""
+    """A key file (``UNBROKEN_KEY_FILE``); default: ``UNBROKEN_KEY`` or ``<database>.key``."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -84,6 +88,13 @@ def _check_key(key: str, source: str) -> str:
 
 def _coerce(key: str, raw: object, source: str) -> object:
     kind = _KEYS[key]
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ConfigurationError(f"setting {key!r} in {source} must be true or false")
+        return text in ("true", "1", "yes", "on")
     try:
         if kind == "int":
             return int(str(raw))

@@ -15,15 +15,18 @@ import logging
 import random as _random
 import uuid as _uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from .effects import EffectClass, Intent, OnAmbiguous, Step, as_step
 from .errors import (
     AmbiguousEffect,
+    DecodeError,
+    IntegrityError,
     InvalidStep,
     JournalUnavailable,
+    PayloadTooLarge,
     ReplayDivergence,
     StepCapExceeded,
     StepFailed,
@@ -33,6 +36,7 @@ from .journal import EntryKind, JournalEntry
 from .replay import ReplayCursor, StepRows
 from .runtime import (
     Diverged,
+    IntegrityAbort,
     RunServices,
     SimulatedCrash,
     StepHandle,
@@ -171,6 +175,19 @@ class Context:
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
+        try:
+            found = await self._journaled(call)
+        except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
+            raise IntegrityAbort(exc) from exc  # fail closed: the journal cannot be trusted
+        if isinstance(found, JournalEntry):
+            return await self._ambiguous(call), False
+        if found is not None:
+            return found
+        return await self._fresh(call), False
+
+    async def _journaled(self, call: _Call) -> tuple[Any, bool] | JournalEntry | None:
+        """What the journal holds for this step: its replayed outcome, an authenticated
+        intent without outcome (the ambiguous window), or nothing."""
         if self._replaying:
             rows = await self._lookup(call.step_id)
             if rows is not None:
@@ -178,12 +195,11 @@ class Context:
                 if rows.outcome is not None:
                     return self._replay(call, rows.outcome), True
                 if rows.intent is not None and call.desc.is_guarded:
-                    return await self._ambiguous(call), False
+                    self._run.payloads.check_entry_mac(rows.intent)
+                    return rows.intent
         if call.desc.is_guarded and self._run.generation > 0:
-            found = await self._earlier_generation(call)
-            if found is not None:
-                return found
-        return await self._fresh(call), False
+            return await self._earlier_generation(call)
+        return None
 
     # -- replay -------------------------------------------------------------------------
 
@@ -211,6 +227,7 @@ class Context:
         entry = rows.any
         if entry.idem_key == call.key:
             return
+        self._authenticate(entry)  # a tampered row is an integrity failure, not a divergence
         note = ""
         if rows.result is not None and entry.effect == EffectClass.EXACTLY_ONCE_GUARDED.value:
             note = (
@@ -232,13 +249,19 @@ class Context:
         self._dead = True
         raise Diverged(error)
 
+    def _authenticate(self, entry: JournalEntry) -> None:
+        if entry.kind in (EntryKind.RESULT, EntryKind.ERROR):
+            self._run.payloads.open_entry(entry)
+        else:
+            self._run.payloads.check_entry_mac(entry)
+
     def _replay(self, call: _Call, entry: JournalEntry) -> Any:
-        value = self._run.decode(entry.payload, entry.kind.value)
+        value = self._run.payloads.open_entry(entry)
         if entry.kind is EntryKind.ERROR:
             raise _failure_from_record(call.desc.name, call.step_id, value)
         return value
 
-    async def _earlier_generation(self, call: _Call) -> tuple[Any, bool] | None:
+    async def _earlier_generation(self, call: _Call) -> tuple[Any, bool] | JournalEntry | None:
         """INV-13: a guarded effect committed in an earlier generation is never re-fired."""
         run = self._run
         found = StepRows()
@@ -247,7 +270,8 @@ class Context:
         if found.outcome is not None:
             return self._replay(call, found.outcome), True
         if found.intent is not None:
-            return await self._ambiguous(call), False
+            self._run.payloads.check_entry_mac(found.intent)
+            return found.intent
         return None
 
     async def _ambiguous(self, call: _Call) -> Any:
@@ -274,6 +298,7 @@ class Context:
     async def _fresh(self, call: _Call) -> Any:
         if call.desc.is_guarded:
             intent = self._entry(call, EntryKind.INTENT, None)
+            intent = replace(intent, hmac=self._run.payloads.entry_mac(intent))
             try:
                 await self._run.writer.append_acked(intent)
             except JournalUnavailable:
@@ -325,8 +350,16 @@ class Context:
 
     async def _journal(self, call: _Call, kind: EntryKind, value: Any) -> None:
         run = self._run
-        what = f"the {kind.value} of step {call.step_id} ({call.desc.name!r})"
-        entry = self._entry(call, kind, run.encode(value, what))
+        payload = run.payloads.seal(
+            value,
+            f"the {kind.value} of step {call.step_id} ({call.desc.name!r})",
+            execution_id=run.execution_id,
+            generation=run.generation,
+            step_id=call.step_id,
+            kind=kind.value,
+            idem_key=call.key,
+        )
+        entry = self._entry(call, kind, payload)
         if not call.desc.is_guarded:
             run.writer.append_buffered(entry)
             return

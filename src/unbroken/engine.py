@@ -25,6 +25,7 @@ from .config import Config, load_config
 from .errors import (
     EngineNotOpen,
     ExecutionCanceled,
+    IntegrityViolation,
     UnbrokenError,
     UnknownWorkflow,
     WorkflowMismatch,
@@ -33,7 +34,8 @@ from .execution import ExecutionHandle, Run, Workflow
 from .ids import new_execution_id, validate_execution_id
 from .journal import ExecutionInfo, ExecutionRecord, ExecutionStatus, ms_to_datetime
 from .ownership import OwnedLock, Ownership
-from .runtime import FaultPlan, Metrics, RunServices, decode_payload, encode_payload, now_ms
+from .payloads import Payloads, open_payloads
+from .runtime import FaultPlan, Metrics, RunServices, now_ms
 from .storage import Storage, open_storage
 from .writer import JournalWriter
 
@@ -71,6 +73,7 @@ class Engine:
         self._writer: JournalWriter | None = None
         self._ownership: Ownership | None = None
         self._faults: FaultPlan | None = None  # set by unbroken.testing only
+        self._payloads = Payloads(None, self.config.max_payload_bytes)  # replaced at open
 
     # -- registry -----------------------------------------------------------------------
 
@@ -125,7 +128,11 @@ class Engine:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-reader")
         try:
             await loop.run_in_executor(self._reader, self._storage.open)
+            self._payloads = await loop.run_in_executor(
+                self._reader, open_payloads, self._storage, self.config
+            )
         except BaseException:
+            await loop.run_in_executor(self._reader, self._storage.close)
             self._reader.shutdown(wait=False)
             raise
         self._ownership = Ownership(self._storage.lock_dir, scope=self._storage)
@@ -135,6 +142,7 @@ class Engine:
             flush_interval_ms=cfg.journal_flush_interval_ms,
             max_batch=cfg.journal_max_batch,
             ack_timeout_ms=cfg.journal_ack_timeout_ms,
+            signer=self._payloads.signer,
         )
         self._writer.start()
         self._stopping = False
@@ -275,7 +283,32 @@ class Engine:
             return None, False
         if row.status is not ExecutionStatus.RUNNING:
             row = await writer.call(lambda s: s.reopen_execution(eid, now_ms()))
+        await self._verify_integrity(eid)
         return row, True
+
+    async def _verify_integrity(self, eid: str) -> None:
+        """Before resuming: the signed high-water mark must match the journal (ref §4.7)."""
+        storage = self._storage
+        stored = await self._read(storage.read_integrity, eid)
+        outcomes = await self._read(storage.count_outcomes, eid)
+        try:
+            self._payloads.verify_high_water_mark(eid, stored, outcomes)
+        except IntegrityViolation as exc:
+            log.error("execution %r is aborted: %s", eid, exc)
+            writer, _ = self._require_open()
+            error = self._payloads.seal(
+                {"type": type(exc).__name__, "message": str(exc)},
+                "an execution error",
+                execution_id=eid,
+                kind="execution_error",
+            )
+            kind = type(exc).__name__
+            await writer.call(
+                lambda s: s.finalize_execution(
+                    eid, ExecutionStatus.ABORTED, now_ms(), error_type=kind, error=error
+                )
+            )
+            raise
 
     def _settled(self, wf: Workflow, row: ExecutionRecord, future: asyncio.Future[Any]) -> bool:
         """Settle ``future`` from a row that needs no run (completed); refuse canceled."""
@@ -284,7 +317,10 @@ class Engine:
         if row.status is ExecutionStatus.CANCELED:
             raise ExecutionCanceled(row.execution_id)
         if row.status is ExecutionStatus.COMPLETED:
-            future.set_result(self._decode(row.output, "execution output"))
+            output = self._payloads.open(
+                row.output, "execution output", execution_id=row.execution_id, kind="output"
+            )
+            future.set_result(output)
             return True
         return False
 
@@ -297,7 +333,9 @@ class Engine:
         future: asyncio.Future[Any],
     ) -> None:
         writer, _ = self._require_open()
-        inputs = self._decode(row.inputs, "execution inputs")
+        inputs = self._payloads.open(
+            row.inputs, "execution inputs", execution_id=row.execution_id, kind="inputs"
+        )
         if not isinstance(inputs, dict):
             inputs = {}
         services = RunServices(
@@ -309,6 +347,7 @@ class Engine:
             config=self.config,
             metrics=self.metrics,
             read=self._read,
+            payloads=self._payloads,
             stopping=lambda: self._stopping,
             faults=self._faults,
         )
@@ -336,11 +375,12 @@ class Engine:
                 del self._results[eid]
 
     def _encode_inputs(self, eid: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        limit = self.config.max_payload_bytes
-        return encode_payload({"args": args, "kwargs": kwargs}, f"the inputs of {eid!r}", limit)
-
-    def _decode(self, data: bytes | None, what: str) -> Any:
-        return decode_payload(data, what, self.config.max_payload_bytes)
+        return self._payloads.seal(
+            {"args": args, "kwargs": kwargs},
+            f"the inputs of {eid!r}",
+            execution_id=eid,
+            kind="inputs",
+        )
 
     # -- recovery -----------------------------------------------------------------------
 

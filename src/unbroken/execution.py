@@ -18,7 +18,7 @@ from .errors import (
 )
 from .journal import ExecutionStatus
 from .ownership import OwnedLock
-from .runtime import Diverged, RunServices, SimulatedCrash, Stopped, now_ms
+from .runtime import Diverged, IntegrityAbort, RunServices, SimulatedCrash, Stopped, now_ms
 from .storage import Storage
 
 __all__ = ["ExecutionHandle", "Run", "Workflow"]
@@ -108,6 +108,15 @@ class Run:
             except (Stopped, SimulatedCrash, asyncio.CancelledError):
                 await asyncio.shield(ctx.cancel_inflight())  # as a dying process would
                 raise
+            except IntegrityAbort as abort:
+                await ctx.cancel_inflight()
+                log.error(
+                    "execution %r failed an integrity check and is aborted: %s",
+                    services.execution_id,
+                    abort.error,
+                )
+                await self._finalize(ExecutionStatus.ABORTED, error=abort.error)
+                raise abort.error from None
             except Exception as exc:
                 status = (
                     ExecutionStatus.ABORTED
@@ -140,11 +149,21 @@ class Run:
         error: BaseException | None = None,
     ) -> None:
         services = self.services
-        what = f"the output of execution {services.execution_id!r}"
-        output_blob = services.encode(output, what) if status is ExecutionStatus.COMPLETED else None
+        eid = services.execution_id
+        seal = services.payloads.seal
+        output_blob = (
+            seal(output, f"the output of execution {eid!r}", execution_id=eid, kind="output")
+            if status is ExecutionStatus.COMPLETED
+            else None
+        )
         error_type = type(error).__name__ if error is not None else None
         error_blob = (
-            services.encode({"type": error_type, "message": str(error)}, "an execution error")
+            seal(
+                {"type": error_type, "message": str(error)},
+                "an execution error",
+                execution_id=eid,
+                kind="execution_error",
+            )
             if error is not None
             else None
         )

@@ -13,32 +13,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from . import codec
 from .config import Config
-from .errors import PayloadTooLarge, ReplayDivergence
+from .errors import DecodeError, IntegrityError, PayloadTooLarge, ReplayDivergence
+from .payloads import Payloads
 from .storage import Storage
 from .writer import JournalWriter
 
 __all__ = [
     "Diverged",
     "FaultPlan",
+    "IntegrityAbort",
     "Metrics",
     "RunServices",
     "SimulatedCrash",
     "StepHandle",
     "Stopped",
     "current_step",
-    "decode_payload",
-    "encode_payload",
     "now_ms",
     "set_current_step",
 ]
 
 T = TypeVar("T")
-
-READ_SLACK_BYTES = 128
-"""Read-side allowance over ``max_payload_bytes`` (seal overhead comes on top)."""
-
 
 def now_ms() -> int:
     """Unix time in milliseconds."""
@@ -49,6 +44,14 @@ class Diverged(BaseException):
     """Internal: the code diverged from the journal; unwinds the workflow (INV-3)."""
 
     def __init__(self, error: ReplayDivergence) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class IntegrityAbort(BaseException):
+    """Internal: the journal failed an integrity check; the execution is aborted."""
+
+    def __init__(self, error: IntegrityError | DecodeError | PayloadTooLarge) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -148,6 +151,7 @@ class RunServices:
     metrics: Metrics
     read: Callable[..., Any]
     """``await read(fn, *args)`` runs a storage read off the event loop."""
+    payloads: Payloads
     stopping: Callable[[], bool] = field(default=lambda: False)
     faults: FaultPlan | None = None
 
@@ -155,29 +159,3 @@ class RunServices:
         """Raise ``Stopped`` if the engine is closing."""
         if self.stopping():
             raise Stopped()
-
-    def encode(self, value: Any, what: str) -> bytes:
-        """Encode a value for the journal, enforcing ``max_payload_bytes`` (INV-11)."""
-        return encode_payload(value, what, self.config.max_payload_bytes)
-
-    def decode(self, data: bytes | None, what: str) -> Any:
-        """Decode a stored value; oversize blobs are refused before decoding (INV-11)."""
-        return decode_payload(data, what, self.config.max_payload_bytes)
-
-
-def encode_payload(value: Any, what: str, limit: int) -> bytes:
-    """Encode a value for storage; raise ``PayloadTooLarge`` past ``limit`` (INV-11)."""
-    data = codec.encode(value, what=what)
-    if len(data) > limit:
-        raise PayloadTooLarge(len(data), limit, what)
-    return data
-
-
-def decode_payload(data: bytes | None, what: str, limit: int) -> Any:
-    """Decode a stored value; a blob past ``limit`` + slack is refused unread (INV-11)."""
-    if data is None:
-        return None
-    ceiling = limit + READ_SLACK_BYTES
-    if len(data) > ceiling:
-        raise PayloadTooLarge(len(data), ceiling, f"stored {what}")
-    return codec.decode(data)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from .errors import JournalUnavailable
 from .journal import JournalEntry
-from .storage import Storage
+from .storage import Signer, Storage
 
 __all__ = ["JournalWriter"]
 
@@ -65,8 +65,10 @@ class JournalWriter:
         flush_interval_ms: int = 10,
         max_batch: int = 256,
         ack_timeout_ms: int = 5000,
+        signer: Signer | None = None,
     ) -> None:
         self._storage = storage
+        self._signer = signer
         self._interval = max(flush_interval_ms, 1) / 1000
         self._max_batch = max(max_batch, 1)
         self.ack_timeout_ms = ack_timeout_ms
@@ -213,7 +215,7 @@ class JournalWriter:
         assert request.entry is not None
         if pending:
             try:
-                seq = self._storage.append([*pending, request.entry])
+                seq = self._storage.append([*pending, request.entry], self._signer)
             except Exception:
                 self._commit_buffered(pending)
             else:
@@ -221,7 +223,7 @@ class JournalWriter:
                 _resolve(request, seq, None)
                 return
         try:
-            seq = self._storage.append([request.entry])
+            seq = self._storage.append([request.entry], self._signer)
         except Exception as exc:
             _resolve(request, None, exc)
         else:
@@ -232,7 +234,7 @@ class JournalWriter:
         if not pending:
             return
         try:
-            seq = self._storage.append(pending)
+            seq = self._storage.append(pending, self._signer)
         except Exception:
             self.stats.dropped += len(pending)
             log.warning(

@@ -25,6 +25,7 @@ from unbroken import (
 )
 from unbroken.errors import NotAnUnbrokenDatabase, SchemaTooNew, WorkflowMismatch
 from unbroken.journal import ExecutionStatus, JournalEntry
+from unbroken.storage import Signer
 from unbroken.storage.memory import MemoryStorage
 from unbroken.testing import SimulatedCrash, crash_after_step
 
@@ -216,9 +217,9 @@ class StallableStorage(MemoryStorage):
         self.gate = threading.Event()
         self.gate.set()
 
-    def append(self, entries: Sequence[JournalEntry]) -> int:
+    def append(self, entries: Sequence[JournalEntry], signer: Signer | None = None) -> int:
         self.gate.wait(10)
-        return super().append(entries)
+        return super().append(entries, signer)
 
 
 async def test_cost_bearing_steps_degrade_when_the_journal_is_unavailable_inv12() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from unbroken.errors import JournalUnavailable, StorageError
 from unbroken.journal import EntryKind, JournalEntry
+from unbroken.storage import Signer
 from unbroken.storage.memory import MemoryStorage
 from unbroken.storage.sqlite import SqliteStorage
 from unbroken.writer import JournalWriter
@@ -29,10 +30,10 @@ class RecordingStorage(MemoryStorage):
         self.gate = threading.Event()
         self.gate.set()
 
-    def append(self, entries: Sequence[JournalEntry]) -> int:
+    def append(self, entries: Sequence[JournalEntry], signer: Signer | None = None) -> int:
         self.gate.wait()
         self.calls.append([(e.step_id, e.kind.value) for e in entries])
-        return super().append(entries)
+        return super().append(entries, signer)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import SCHEMA_VERSION, Storage
+from .base import SCHEMA_VERSION, Signer, Storage
 from .url import open_storage
 
-__all__ = ["SCHEMA_VERSION", "Storage", "open_storage"]
+__all__ = ["SCHEMA_VERSION", "Signer", "Storage", "open_storage"]
