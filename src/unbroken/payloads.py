@@ -216,6 +216,11 @@ def open_payloads(
             storage.display_url,
         )
         return Payloads(None, config.max_payload_bytes)
+    if not verifiers and storage.has_executions():
+        raise ConfigurationError(
+            f"{storage.display_url} was written without encryption; open it with "
+            "encrypt_payloads = false"
+        )
     ring = _key_ring(storage, config, env)
     cipher = XChaChaCipher(ring.current, ring.previous)
     _check_keys(storage, cipher, ring, verifiers)
@@ -245,11 +250,6 @@ def _key_ring(storage: Storage, config: Config, env: Mapping[str, str]) -> KeyRi
 def _check_keys(
     storage: Storage, cipher: XChaChaCipher, ring: KeyRing, verifiers: dict[int, bytes]
 ) -> None:
-    if storage.has_executions() and not verifiers:
-        raise ConfigurationError(
-            f"{storage.display_url} was written without encryption; open it with "
-            "encrypt_payloads = false"
-        )
     for key in (ring.current, ring.previous):
         if key is None:
             continue
