@@ -14,16 +14,21 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from . import __version__
+from .cipher import XChaChaCipher
 from .config import load_config
 from .errors import NotAnUnbrokenDatabase, StorageError, UnbrokenError
 from .journal import EntryKind, ExecutionRecord, ExecutionStatus, StepInfo, ms_to_datetime
+from .keys import KeyRing, read_key_file, rotated, without_previous, write_key_file
+from .payloads import OUTSIDE_STEPS, key_file_path, open_payloads
 from .storage import Storage
 from .storage.url import open_storage, redact_url
 
@@ -199,20 +204,35 @@ def list_(ctx: click.Context, as_json: bool, status: str | None, limit: int) -> 
         click.echo(f"no executions{f' with status {status}' if status else ''}")
         return
     rows = [
-        (e.execution_id, e.workflow, e.status.value, str(e.steps),
-         _when(e.created_at_ms), _when(e.finalized_at_ms))
+        (
+            e.execution_id,
+            e.workflow,
+            e.status.value,
+            str(e.steps),
+            _when(e.created_at_ms),
+            _when(e.finalized_at_ms),
+        )
         for e in found
     ]
     headers = ("EXECUTION ID", "WORKFLOW", "STATUS", "STEPS", "CREATED (UTC)", "FINALIZED (UTC)")
     _table(headers, rows, right=(3,))
 
 
+REVEAL_WARNING = (
+    "warning: --reveal prints decrypted payloads (inputs, step results, outputs, errors); "
+    "they may hold personal data or secrets"
+)
+
+
 @main.command()
 @click.argument("execution_id")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (and nothing else).")
+@click.option(
+    "--reveal", is_flag=True, help="Also print decrypted payloads (after a warning on stderr)."
+)
 @click.pass_context
-def show(ctx: click.Context, execution_id: str, as_json: bool) -> None:
-    """Show an execution and the metadata of its journal rows (never their payloads).
+def show(ctx: click.Context, execution_id: str, as_json: bool, reveal: bool) -> None:
+    """Show an execution and the metadata of its journal rows (payloads only with --reveal).
 
     Each journal row shows its sequence number, step id, step name, effect class, kind
     (result, error, intent, control, checkpoint), generation, payload size in bytes and the
@@ -221,12 +241,65 @@ def show(ctx: click.Context, execution_id: str, as_json: bool) -> None:
     with _storage(ctx) as storage:
         record = storage.get_execution(execution_id)
         rows = storage.list_steps(execution_id) if record is not None else []
-    if record is None:
-        _fail(ctx, f"no execution with id {execution_id!r}", EXIT_NOT_FOUND)
+        if record is None:
+            _fail(ctx, f"no execution with id {execution_id!r}", EXIT_NOT_FOUND)
+        revealed = _reveal(storage, record) if reveal else None
     if as_json:
-        _echo_json(_execution_json(record, rows))
+        document = _execution_json(record, rows)
+        if revealed is not None:
+            document["payloads"] = {k: _as_json(v) for k, v in revealed.items()}
+        _echo_json(document)
         return
     _show_text(record, rows)
+    if revealed is not None:
+        click.echo()
+        for label, text in revealed.items():
+            click.echo(f"{label}: {text}")
+
+
+def _reveal(storage: Storage, record: ExecutionRecord) -> dict[str, str | None]:
+    """Every payload of an execution as its stored JSON text, under a label."""
+    click.echo(REVEAL_WARNING, err=True)
+    payloads = open_payloads(storage, load_config(None), read_only=True)
+    eid = record.execution_id
+    out: dict[str, str | None] = {}
+    for label, blob, kind in (
+        ("inputs", record.inputs, "inputs"),
+        ("output", record.output, "output"),
+        ("error", record.error, "execution_error"),
+    ):
+        if blob is not None:
+            out[label] = payloads.reveal(
+                blob,
+                execution_id=eid,
+                generation=0,
+                step_id=OUTSIDE_STEPS,
+                kind=kind,
+                idem_key=b"",
+            )
+    for generation in range(record.generation + 1):
+        for e in storage.read_segment(eid, generation, 0, 2**31):
+            if e.payload is not None:
+                out[f"gen {generation} step {e.step_id} {e.kind.value} ({e.name})"] = (
+                    payloads.reveal(
+                        e.payload,
+                        execution_id=eid,
+                        generation=generation,
+                        step_id=e.step_id,
+                        kind=e.kind.value,
+                        idem_key=e.idem_key,
+                    )
+                )
+    return out
+
+
+def _as_json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _steps_done(record: ExecutionRecord, rows: Sequence[StepInfo]) -> int:
@@ -286,8 +359,16 @@ def _show_text(record: ExecutionRecord, rows: Sequence[StepInfo]) -> None:
         return
     headers = ("SEQ", "STEP", "NAME", "EFFECT", "KIND", "GEN", "BYTES", "KEY")
     table = [
-        (str(r.seq), str(r.step_id), r.name, r.effect_class, r.kind.value,
-         str(r.generation), str(r.payload_bytes), r.idem_key_prefix)
+        (
+            str(r.seq),
+            str(r.step_id),
+            r.name,
+            r.effect_class,
+            r.kind.value,
+            str(r.generation),
+            str(r.payload_bytes),
+            r.idem_key_prefix,
+        )
         for r in rows
     ]
     _table(headers, table, right=(0, 1, 5, 6))
@@ -308,3 +389,69 @@ def demo(ctx: click.Context, keep: bool) -> None:
     from .demo import run_demo  # the demo's HTTP and subprocess machinery, only when asked
 
     ctx.exit(run_demo(keep=keep))
+
+
+@main.command("rotate-key")
+@click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
+@click.option(
+    "--drop-previous",
+    is_flag=True,
+    help="Close the rotation window: forget the previous key (refused while data needs it).",
+)
+@click.pass_context
+def rotate_key(ctx: click.Context, dry_run: bool, drop_previous: bool) -> None:
+    """Rotate the payload key of a local database's key file.
+
+    A new key becomes current (new writes use it); the old one stays as the previous key,
+    so everything stored so far stays readable. --drop-previous forgets the previous key
+    once no stored value needs it, and says how many still do otherwise. Keys given in
+    UNBROKEN_KEY are rotated where that variable is set.
+    """
+    with _storage(ctx) as storage:
+        config = load_config(None)
+        path = key_file_path(storage, config, os.environ)
+        if path is None:
+            _fail(
+                ctx,
+                "keys come from UNBROKEN_KEY: rotate them where it is set "
+                "(UNBROKEN_KEY = new key, UNBROKEN_KEY_PREVIOUS = old key)",
+            )
+        payloads = open_payloads(storage, config, read_only=True)  # the file matches the db
+        ring = read_key_file(path)
+        if drop_previous:
+            _drop_previous(ctx, storage, path, ring, dry_run)
+            return
+        new = rotated(ring)
+        cipher = payloads.cipher
+        assert cipher is not None
+        if not dry_run:
+            write_key_file(path, new)
+            verifier = XChaChaCipher(new.current, new.previous).verifier(new.current)
+            storage.add_key_verifier(new.current.key_id, verifier, time.time_ns() // 1_000_000)
+    verb = "would rotate" if dry_run else "rotated"
+    click.echo(
+        f"{verb} {path}: new key id {new.current.key_id} (fingerprint "
+        f"{new.current.fingerprint()}); key id {ring.current.key_id} stays readable as the "
+        "previous key"
+    )
+
+
+def _drop_previous(
+    ctx: click.Context, storage: Storage, path: Path, ring: KeyRing, dry_run: bool
+) -> None:
+    previous = ring.previous
+    if previous is None:
+        click.echo(f"{path} holds no previous key: nothing to drop")
+        return
+    needed = storage.count_sealed(previous.key_id)
+    if needed:
+        _fail(
+            ctx,
+            f"refused: {needed} stored values still need the previous key (id "
+            f"{previous.key_id}); it stays until they are pruned",
+            EXIT_NOT_FOUND,
+        )
+    if not dry_run:
+        write_key_file(path, without_previous(ring))
+    verb = "would drop" if dry_run else "dropped"
+    click.echo(f"{verb} the previous key (id {previous.key_id}) from {path}")

@@ -40,7 +40,7 @@ from .storage import Signer, Storage
 from .storage.memory import MemoryStorage
 from .storage.sqlite import SqliteStorage
 
-__all__ = ["OUTSIDE_STEPS", "READ_SLACK_BYTES", "Payloads", "open_payloads"]
+__all__ = ["OUTSIDE_STEPS", "READ_SLACK_BYTES", "Payloads", "key_file_path", "open_payloads"]
 
 log = logging.getLogger("unbroken")
 
@@ -105,6 +105,14 @@ class Payloads:
         if self._cipher is not None:
             blob = self._cipher.open(blob, aad(execution_id, generation, step_id, kind, idem_key))
         return codec.decode(blob)
+
+    def reveal(self, blob: bytes | None, **where: Any) -> str | None:
+        """The stored JSON text of a blob (operator ``--reveal`` only)."""
+        if blob is None:
+            return None
+        if self._cipher is not None:
+            blob = self._cipher.open(blob, aad(**where))
+        return blob.decode("utf-8", errors="replace")
 
     def open_entry(self, entry: JournalEntry) -> Any:
         """The value of a journal row, opened under the row's own coordinates."""
@@ -191,9 +199,15 @@ def _fields(entry: JournalEntry) -> bytes:
 
 
 def open_payloads(
-    storage: Storage, config: Config, environ: Mapping[str, str] | None = None
+    storage: Storage,
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    *,
+    read_only: bool = False,
 ) -> Payloads:
     """Decide the engine's keys and check them against the database. Blocking.
+
+    ``read_only`` (operator tools) never creates a key file or records a key.
 
     Raises:
         EncryptionRequired: no key where one is needed.
@@ -221,13 +235,30 @@ def open_payloads(
             f"{storage.display_url} was written without encryption; open it with "
             "encrypt_payloads = false"
         )
-    ring = _key_ring(storage, config, env)
+    ring = _key_ring(storage, config, env, may_create=not read_only)
     cipher = XChaChaCipher(ring.current, ring.previous)
     _check_keys(storage, cipher, ring, verifiers)
+    if not read_only and ring.current.key_id not in verifiers:
+        now_ms = time.time_ns() // 1_000_000
+        storage.add_key_verifier(ring.current.key_id, cipher.verifier(ring.current), now_ms)
     return Payloads(cipher, config.max_payload_bytes)
 
 
-def _key_ring(storage: Storage, config: Config, env: Mapping[str, str]) -> KeyRing:
+def key_file_path(storage: Storage, config: Config, environ: Mapping[str, str]) -> Path | None:
+    """The key file an engine on ``storage`` reads, when its keys come from a file."""
+    if environ.get("UNBROKEN_KEY"):
+        return None
+    named = config.key_file or environ.get("UNBROKEN_KEY_FILE")
+    if named:
+        return Path(named)
+    if isinstance(storage, SqliteStorage):
+        return Path(str(storage.path) + ".key")
+    return None
+
+
+def _key_ring(
+    storage: Storage, config: Config, env: Mapping[str, str], *, may_create: bool
+) -> KeyRing:
     if isinstance(storage, MemoryStorage):
         return process_key()
     key_file = config.key_file or env.get("UNBROKEN_KEY_FILE") or None
@@ -237,7 +268,7 @@ def _key_ring(storage: Storage, config: Config, env: Mapping[str, str]) -> KeyRi
         environ=env,
         key_file=Path(key_file) if key_file else None,
         local_db=local_db,
-        may_create=not has_data,
+        may_create=may_create and not has_data,
     )
     if ring is None:
         orphan = " (it holds encrypted data: a new key would orphan it)" if has_data else ""
@@ -265,6 +296,3 @@ def _check_keys(
                 f"{storage.display_url} holds data sealed under key id {key_id}, which "
                 f"{ring.source} does not provide"
             )
-    if ring.current.key_id not in verifiers:
-        now_ms = time.time_ns() // 1_000_000
-        storage.add_key_verifier(ring.current.key_id, cipher.verifier(ring.current), now_ms)
