@@ -6,7 +6,9 @@ Measures, on a fresh SQLite database in a temporary directory (synchronous=NORMA
 default), each as the median of several repetitions:
 - wall time per fresh idempotent step, with a sync and with an async step function;
 - wall time per fresh guarded (COST_BEARING) step, sync step function;
-- time to open an engine and resume an execution of 5,000 committed steps.
+- time to open an engine and resume an execution of 5,000 committed steps;
+- the async idempotent and the guarded step again with payload encryption off, to show
+  what sealing costs per step.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def _engine(db: Path, **settings: Any) -> Engine:
     return engine
 
 
-async def _per_step_us(db: Path, workflow: str, n: int) -> float:
-    async with _engine(db) as engine:
+async def _per_step_us(db: Path, workflow: str, n: int, **settings: Any) -> float:
+    async with _engine(db, **settings) as engine:
         await engine.run(workflow, 10)  # warm-up
         start = time.perf_counter()
         await engine.run(workflow, n)
@@ -106,13 +108,19 @@ def run(quick: bool) -> dict[str, Any]:
         def fresh_db() -> Path:
             return Path(tmp) / f"b{next(counter)}.db"
 
-        for label, workflow, n in (
-            ("idempotent_step_sync_us", "sync_steps", n_fast),
-            ("idempotent_step_async_us", "async_steps", n_fast),
-            ("guarded_step_us", "guarded_steps", n_guarded),
+        plain = {"encrypt_payloads": False}
+        for label, workflow, n, settings in (
+            ("idempotent_step_sync_us", "sync_steps", n_fast, {}),
+            ("idempotent_step_async_us", "async_steps", n_fast, {}),
+            ("guarded_step_us", "guarded_steps", n_guarded, {}),
+            ("idempotent_step_async_unencrypted_us", "async_steps", n_fast, plain),
+            ("guarded_step_unencrypted_us", "guarded_steps", n_guarded, plain),
         ):
             results[label] = _measure(
-                lambda w=workflow, k=n: asyncio.run(_per_step_us(fresh_db(), w, k)), repeats
+                lambda w=workflow, k=n, s=settings: asyncio.run(
+                    _per_step_us(fresh_db(), w, k, **s)
+                ),
+                repeats,
             )
 
         def resume_once() -> float:
@@ -137,9 +145,9 @@ def main() -> None:
         "sqlite_synchronous": "NORMAL",
         "results": results,
     }
-    print(f"{'workload':<28} {'median':>10} {'min':>10} {'max':>10}")
+    print(f"{'workload':<38} {'median':>10} {'min':>10} {'max':>10}")
     for name, r in results.items():
-        print(f"{name:<28} {r['median']:>10.1f} {r['min']:>10.1f} {r['max']:>10.1f}")
+        print(f"{name:<38} {r['median']:>10.1f} {r['min']:>10.1f} {r['max']:>10.1f}")
     out = args.out or Path(__file__).parent / "results" / f"{datetime.now(UTC):%Y-%m-%d}-steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
