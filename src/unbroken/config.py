@@ -38,6 +38,19 @@ class Config:
     replay_segment_steps: int = 100
     promise_poll_interval_secs: float = 1.0
     stale_owner_secs: float = 10.0
+    ttl_completed_secs: int = 7 * 86_400
+    """Completed executions are pruned this long after they finished."""
+    ttl_failed_secs: int = 30 * 86_400
+    """Failed, aborted and canceled executions are pruned this long after they ended."""
+    max_executions: int = 10_000
+    """Keep at most this many executions (oldest terminal ones go first; 0 = no cap)."""
+    max_journal_bytes: int = 1 << 30
+    """Keep stored payloads under this size (oldest terminal executions go; 0 = no cap)."""
+    prune_batch_size: int = 500
+    prune_interval_secs: float = 3600.0
+    stale_running_after_secs: int = 0
+    """Abort a ``running`` execution of an unregistered workflow with no live owner after
+    this long without progress (0 = never; registered ones are resumed, not swept)."""
     encrypt_payloads: bool = True
     """Seal every payload (XChaCha20-Poly1305); ``false`` only on local SQLite, with a WARN."""
     key_file: str = ""

@@ -13,6 +13,11 @@ from enum import Enum
 
 __all__ = [
     "EntryKind",
+    "PromiseRecord",
+    "PromiseState",
+    "PruneReport",
+    "RetentionPolicy",
+    "TimerRecord",
     "ExecutionInfo",
     "ExecutionRecord",
     "ExecutionStatus",
@@ -76,6 +81,8 @@ class JournalEntry:
     seq: int | None = None
     hmac: bytes | None = None
     """A control entry's MAC (``key_id ‖ mac``) when payloads are encrypted."""
+    folded: int = 0
+    """On a checkpoint row: how many outcome rows the fold replaced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,69 @@ class ExecutionInfo:
     finalized_at: datetime | None
     error_type: str | None
     steps: list[StepInfo]
+
+
+class PromiseState(str, Enum):
+    """Where a durable promise stands."""
+
+    PENDING = "pending"
+    RESOLVED = "resolved"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseRecord:
+    """A durable promise row. ``token_hash`` is the BLAKE3 hash of its resolver token
+    (INV-9); ``payload`` the sealed value (resolved) or error record (rejected)."""
+
+    promise_id: str
+    execution_id: str
+    generation: int
+    step_id: int
+    name: str
+    token_hash: bytes
+    state: PromiseState
+    payload: bytes | None
+    created_at_ms: int
+    settled_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerRecord:
+    """A durable timer row: the absolute time a sleeping step is due."""
+
+    timer_id: str
+    execution_id: str
+    generation: int
+    step_id: int
+    due_at_ms: int
+    fired: bool
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """What pruning removes; every limit applies to terminal executions only.
+
+    A zero ``max_executions`` or ``max_journal_bytes`` turns that cap off.
+    """
+
+    ttl_completed_ms: int = 7 * 86_400_000
+    ttl_failed_ms: int = 30 * 86_400_000
+    max_executions: int = 10_000
+    max_journal_bytes: int = 1 << 30
+    batch_size: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """What a prune removed (or, dry, would remove)."""
+
+    executions: int = 0
+    journal_rows: int = 0
+    by_ttl: int = 0
+    by_count_cap: int = 0
+    by_size_cap: int = 0
 
 
 def ms_to_datetime(ms: int) -> datetime:

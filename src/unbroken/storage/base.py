@@ -33,12 +33,17 @@ from ..journal import (
     ExecutionStatus,
     ExecutionSummary,
     JournalEntry,
+    PromiseRecord,
+    PromiseState,
+    PruneReport,
+    RetentionPolicy,
     StepInfo,
+    TimerRecord,
 )
 
 __all__ = ["SCHEMA_VERSION", "Signer", "Storage", "outcomes_by_execution"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this code writes; a database with a higher one is refused."""
 
 Signer = Callable[[str, int], bytes]
@@ -148,7 +153,8 @@ class Storage(Protocol):
         ...
 
     def count_outcomes(self, execution_id: str) -> int:
-        """``result`` and ``error`` rows of the execution, every generation."""
+        """``result`` and ``error`` rows of the execution, every generation, plus the
+        ``folded`` counts of its checkpoint rows."""
         ...
 
     def key_verifiers(self) -> dict[int, bytes]:
@@ -165,6 +171,69 @@ class Storage(Protocol):
 
     def count_sealed(self, key_id: int) -> int:
         """Stored blobs and MACs whose first byte names ``key_id``."""
+        ...
+
+
+    # -- promises and timers ----------------------------------------------------------
+
+    def create_promise(self, entry: JournalEntry, promise: PromiseRecord) -> None:
+        """Insert a promise's control row and its promise row in one transaction.
+
+        Raises:
+            StorageError: the promise id or the control row's slot already exists.
+        """
+        ...
+
+    def get_promise(self, promise_id: str) -> PromiseRecord | None:
+        """The promise row, or ``None``."""
+        ...
+
+    def settle_promise(
+        self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
+    ) -> bool:
+        """Resolve or reject a ``pending`` promise; ``False`` if it was not pending."""
+        ...
+
+    def promise_states(self, promise_ids: Sequence[str]) -> dict[str, PromiseState]:
+        """The state of each promise that exists (one query for many waiters)."""
+        ...
+
+    def arm_timer(self, entry: JournalEntry, timer: TimerRecord) -> None:
+        """Insert a timer's control row and its timer row in one transaction."""
+        ...
+
+    def fire_timer(self, timer_id: str, now_ms: int) -> bool:
+        """Mark a timer fired; ``False`` if it was already fired or is unknown."""
+        ...
+
+    def due_timers(self, now_ms: int, limit: int) -> list[TimerRecord]:
+        """Unfired timers due at or before ``now_ms``, earliest first."""
+        ...
+
+    # -- folding and retention --------------------------------------------------------
+
+    def fold(self, checkpoint: JournalEntry, replaced_seqs: Sequence[int]) -> None:
+        """Insert a checkpoint row and delete the rows it replaces, in one transaction.
+
+        ``checkpoint.folded`` must equal the number of outcome rows among
+        ``replaced_seqs`` so ``count_outcomes`` (and the high-water mark) is unchanged.
+        """
+        ...
+
+    def read_checkpoints(self, execution_id: str, generation: int) -> list[JournalEntry]:
+        """The checkpoint rows of one generation, by ``seq``."""
+        ...
+
+    def prune(self, policy: RetentionPolicy, now_ms: int, *, dry_run: bool = False) -> PruneReport:
+        """Delete terminal executions past their TTL, then the oldest terminal ones past
+        the count and size caps, ``batch_size`` per transaction; ``running`` ones never.
+
+        An execution is deleted with its journal rows, promises, timers and integrity row.
+        """
+        ...
+
+    def stale_running(self, updated_before_ms: int, limit: int) -> list[tuple[str, str]]:
+        """``(execution_id, workflow)`` of ``running`` executions not updated since then."""
         ...
 
 

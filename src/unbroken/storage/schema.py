@@ -85,7 +85,43 @@ _V2: tuple[str, ...] = (
     """,
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2]
+_V3: tuple[str, ...] = (
+    # On a checkpoint row: how many outcome rows the fold replaced, so the high-water
+    # mark's count of committed outcomes survives a legitimate fold.
+    "ALTER TABLE journal ADD COLUMN folded INTEGER NOT NULL DEFAULT 0",
+    # Durable promises: the resolver token is stored only as its BLAKE3 hash (INV-9).
+    """
+    CREATE TABLE promises (
+        promise_id   TEXT PRIMARY KEY,
+        execution_id TEXT NOT NULL REFERENCES executions(execution_id),
+        generation   INTEGER NOT NULL,
+        step_id      INTEGER NOT NULL,
+        name         TEXT NOT NULL,
+        token_hash   BLOB NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('pending','resolved','rejected')),
+        payload      BLOB,
+        created_at   INTEGER NOT NULL,
+        settled_at   INTEGER
+    )
+    """,
+    "CREATE INDEX idx_promises_execution ON promises (execution_id)",
+    # Durable timers: the absolute due time of a sleeping step.
+    """
+    CREATE TABLE timers (
+        timer_id     TEXT PRIMARY KEY,
+        execution_id TEXT NOT NULL REFERENCES executions(execution_id),
+        generation   INTEGER NOT NULL,
+        step_id      INTEGER NOT NULL,
+        due_at       INTEGER NOT NULL,
+        fired        INTEGER NOT NULL DEFAULT 0,
+        created_at   INTEGER NOT NULL
+    )
+    """,
+    "CREATE INDEX idx_timers_due ON timers (fired, due_at)",
+    "CREATE INDEX idx_timers_execution ON timers (execution_id)",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2, _V3]
 """``MIGRATIONS[v - 1]`` migrates a database from version ``v - 1`` to ``v``."""
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs exactly one migration"
