@@ -16,14 +16,17 @@ import random as _random
 import uuid as _uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from . import checkpoints, control
+from .control import PROMISE, TIMER, ControlCall, Promise, duration_seconds, instant_seconds
 from .effects import EffectClass, Intent, OnAmbiguous, Step, as_step
 from .errors import (
     AmbiguousEffect,
     DecodeError,
     IntegrityError,
+    InvalidArgument,
     InvalidStep,
     JournalUnavailable,
     PayloadTooLarge,
@@ -76,7 +79,19 @@ class StepOutcome:
 class Context:
     """The handle a workflow gets as its first argument."""
 
-    __slots__ = ("_cursor", "_cursor_lock", "_dead", "_next_step", "_replaying", "_run", "_tasks")
+    __slots__ = (
+        "_background",
+        "_cursor",
+        "_cursor_lock",
+        "_dead",
+        "_folding",
+        "_next_step",
+        "_preloaded",
+        "_promise_names",
+        "_replaying",
+        "_run",
+        "_tasks",
+    )
 
     def __init__(self, run: RunServices, *, replaying: bool) -> None:
         self._run = run
@@ -86,6 +101,10 @@ class Context:
         self._cursor_lock = asyncio.Lock()
         self._dead = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._promise_names: set[str] = set()
+        self._preloaded = False
+        self._folding = False
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def execution_id(self) -> str:
@@ -128,7 +147,12 @@ class Context:
 
     async def now(self) -> datetime:
         """The current UTC time, journaled: a replay returns the same instant."""
-        value: datetime = await self.step("unbroken.now", _utc_now)
+        clock = self._run.clock
+
+        async def read_clock() -> datetime:
+            return datetime.fromtimestamp(clock.now(), UTC)
+
+        value: datetime = await self.step("unbroken.now", read_clock)
         return value
 
     async def uuid(self) -> _uuid.UUID:
@@ -140,6 +164,109 @@ class Context:
         """A random float in [0, 1), journaled."""
         value: float = await self.step("unbroken.random", _random_float)
         return value
+
+    # -- timers and promises ------------------------------------------------------------
+
+    def sleep(self, duration: float | timedelta) -> Awaitable[None]:
+        """Sleep durably for ``duration`` (seconds or a ``timedelta``).
+
+        The absolute due time is journaled at this step's position: after a restart the
+        sleep only waits for what is left, and not at all if it came due meanwhile
+        (FR-DE-06). Waiting holds no thread.
+
+        Raises:
+            InvalidArgument: a negative, NaN or infinite duration (at once).
+        """
+        seconds = duration_seconds(duration)
+        call = self._take_control("unbroken.sleep", TIMER)
+        return control.sleep_until(self, call, None, seconds)
+
+    def sleep_until(self, when: datetime) -> Awaitable[None]:
+        """Sleep durably until ``when``, an aware datetime (a naive one is refused).
+
+        Raises:
+            InvalidArgument: not an aware datetime (at once).
+        """
+        deadline = instant_seconds(when)
+        call = self._take_control("unbroken.sleep_until", TIMER)
+        return control.sleep_until(self, call, deadline, 0.0)
+
+    def promise(self, name: str, *, timeout: float | timedelta | None = None) -> Awaitable[Promise]:
+        """Create (or, on replay, find) a durable promise; persisted when this returns.
+
+        ``await ctx.promise("approval")`` gives a ``Promise``: its ``id`` and ``token``
+        go to whoever resolves it (``engine.resolve_promise``); ``await promise`` gives
+        its value. ``timeout`` sets a durable deadline (``PromiseTimeout``).
+
+        Raises:
+            InvalidArgument: an empty name, a name already used in this execution, or a
+                bad timeout (at once).
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("a promise name must be a non-empty str")
+        if name in self._promise_names:
+            raise InvalidArgument(f"promise name {name!r} is already used in this execution")
+        limit = duration_seconds(timeout) if timeout is not None else None
+        self._promise_names.add(name)
+        call = self._take_control(name, PROMISE)
+        return control.create_promise(self, call, limit)
+
+    def _take_control(self, name: str, effect: str) -> ControlCall:
+        step_id = self._next_step
+        self._next_step = step_id + 1
+        return ControlCall.at(self._run.execution_id, step_id, name, effect)
+
+    async def _control_rows(self, call: ControlCall) -> StepRows | None:
+        """The journal's rows at a control call's position, checked and authenticated."""
+        if not self._replaying:
+            return None
+        try:
+            rows = await self._lookup(call.step_id)
+            if rows is not None:
+                self._check_divergence(call.step_id, call.name, call.effect, call.key, rows)
+                for entry in (rows.control, rows.outcome):
+                    if entry is not None:
+                        self._authenticate(entry)
+        except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
+            raise IntegrityAbort(exc) from exc
+        return rows
+
+    async def _control_row(self, call: ControlCall) -> JournalEntry | None:
+        rows = await self._control_rows(call)
+        return rows.control if rows is not None else None
+
+    def _control_entry(self, call: ControlCall, value: dict[str, Any]) -> JournalEntry:
+        payload = self._seal(call.step_id, call.name, call.key, EntryKind.CONTROL, value)
+        return self._row(call.step_id, call.name, call.effect, call.key, EntryKind.CONTROL, payload)
+
+    def _journal_control_outcome(
+        self, call: ControlCall, kind: EntryKind, value: Any
+    ) -> JournalEntry:
+        """Journal what a workflow observed of a promise (buffered: order is enough)."""
+        payload = self._seal(call.step_id, call.name, call.key, kind, value)
+        entry = self._row(call.step_id, call.name, call.effect, call.key, kind, payload)
+        self._run.writer.append_buffered(entry)
+        return entry
+
+    def _seal(self, step_id: int, name: str, key: bytes, kind: EntryKind, value: Any) -> bytes:
+        run = self._run
+        return run.payloads.seal(
+            value,
+            f"the {kind.value} of step {step_id} ({name!r})",
+            execution_id=run.execution_id,
+            generation=run.generation,
+            step_id=step_id,
+            kind=kind.value,
+            idem_key=key,
+        )
+
+    def _degraded_control(self, call: ControlCall) -> None:
+        self._run.metrics.degraded_appends += 1
+        log.warning(
+            "journal writer unavailable; timer at step %d of execution %r is not durable",
+            call.step_id,
+            self._run.execution_id,
+        )
 
     def _take_step(
         self,
@@ -175,6 +302,13 @@ class Context:
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
+        if cap and call.step_id >= cap * 9 // 10 and not self._folding:
+            self._folding = True  # one background fold per run, never on the hot path
+            task = asyncio.get_running_loop().create_task(
+                checkpoints.fold(self._run, cap * 9 // 10)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         try:
             found = await self._journaled(call)
         except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
@@ -191,7 +325,9 @@ class Context:
         if self._replaying:
             rows = await self._lookup(call.step_id)
             if rows is not None:
-                self._check_divergence(call, rows)
+                self._check_divergence(
+                    call.step_id, call.desc.name, call.desc.effect.value, call.key, rows
+                )
                 if rows.outcome is not None:
                     return self._replay(call, rows.outcome), True
                 if rows.intent is not None and call.desc.is_guarded:
@@ -205,9 +341,12 @@ class Context:
 
     async def _lookup(self, step_id: int) -> StepRows | None:
         cursor = self._cursor
-        if cursor.needs(step_id) is not None:
+        if cursor.needs(step_id) is not None or not self._preloaded:
             async with self._cursor_lock:
                 run = self._run
+                if not self._preloaded:
+                    self._preloaded = True
+                    cursor.preload(await checkpoints.read_folded(run))
                 while (from_step := cursor.needs(step_id)) is not None:
                     rows = await run.read(
                         run.storage.read_segment,
@@ -222,10 +361,12 @@ class Context:
             self._replaying = False  # past the journal's end: no more lookups
         return rows_for_step
 
-    def _check_divergence(self, call: _Call, rows: StepRows) -> None:
+    def _check_divergence(
+        self, step_id: int, name: str, effect: str, key: bytes, rows: StepRows
+    ) -> None:
         """INV-3: a journaled step is returned only if the code called the same step."""
         entry = rows.any
-        if entry.idem_key == call.key:
+        if entry.idem_key == key:
             return
         self._authenticate(entry)  # a tampered row is an integrity failure, not a divergence
         note = ""
@@ -236,10 +377,7 @@ class Context:
                 "it will run again there"
             )
         error = ReplayDivergence(
-            call.step_id,
-            journaled=(entry.name, entry.effect),
-            called=(call.desc.name, call.desc.effect.value),
-            note=note,
+            step_id, journaled=(entry.name, entry.effect), called=(name, effect), note=note
         )
         log.warning(
             "replay divergence in execution %r: %s; the journal generation is aborted",
@@ -250,10 +388,10 @@ class Context:
         raise Diverged(error)
 
     def _authenticate(self, entry: JournalEntry) -> None:
-        if entry.kind in (EntryKind.RESULT, EntryKind.ERROR):
-            self._run.payloads.open_entry(entry)
-        else:
+        if entry.kind is EntryKind.INTENT:
             self._run.payloads.check_entry_mac(entry)
+        else:
+            self._run.payloads.open_entry(entry)
 
     def _replay(self, call: _Call, entry: JournalEntry) -> Any:
         value = self._run.payloads.open_entry(entry)
@@ -350,15 +488,7 @@ class Context:
 
     async def _journal(self, call: _Call, kind: EntryKind, value: Any) -> None:
         run = self._run
-        payload = run.payloads.seal(
-            value,
-            f"the {kind.value} of step {call.step_id} ({call.desc.name!r})",
-            execution_id=run.execution_id,
-            generation=run.generation,
-            step_id=call.step_id,
-            kind=kind.value,
-            idem_key=call.key,
-        )
+        payload = self._seal(call.step_id, call.desc.name, call.key, kind, value)
         entry = self._entry(call, kind, payload)
         if not call.desc.is_guarded:
             run.writer.append_buffered(entry)
@@ -369,18 +499,21 @@ class Context:
             self._degraded(call)  # the operation ran: hand its value back
 
     def _entry(self, call: _Call, kind: EntryKind, payload: bytes | None) -> JournalEntry:
-        run = self._run
         desc = call.desc
+        return self._row(call.step_id, desc.name, desc.effect.value, call.key, kind, payload)
+
+    def _row(
+        self,
+        step_id: int,
+        name: str,
+        effect: str,
+        key: bytes,
+        kind: EntryKind,
+        payload: bytes | None,
+    ) -> JournalEntry:
+        run = self._run
         return JournalEntry(
-            run.execution_id,
-            run.generation,
-            call.step_id,
-            kind,
-            desc.name,
-            desc.effect.value,
-            call.key,
-            payload,
-            now_ms(),
+            run.execution_id, run.generation, step_id, kind, name, effect, key, payload, now_ms()
         )
 
     def _degraded(self, call: _Call) -> None:
@@ -430,10 +563,6 @@ def _failure_from_record(name: str, step_id: int, record: Any) -> StepFailed:
     if not isinstance(record, dict):
         return StepFailed(name, step_id, "unknown", "")
     return StepFailed(name, step_id, str(record.get("type")), str(record.get("message")))
-
-
-async def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 async def _uuid4() -> _uuid.UUID:

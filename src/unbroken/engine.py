@@ -21,22 +21,33 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from .clock import Clock, SystemClock
 from .config import Config, load_config
 from .errors import (
     EngineNotOpen,
     ExecutionCanceled,
     IntegrityViolation,
     UnbrokenError,
+    UnknownExecution,
     UnknownWorkflow,
     WorkflowMismatch,
 )
 from .execution import ExecutionHandle, Run, Workflow
 from .ids import new_execution_id, validate_execution_id
-from .journal import ExecutionInfo, ExecutionRecord, ExecutionStatus, ms_to_datetime
+from .journal import (
+    ExecutionInfo,
+    ExecutionRecord,
+    ExecutionStatus,
+    PromiseState,
+    PruneReport,
+    ms_to_datetime,
+)
 from .ownership import OwnedLock, Ownership
 from .payloads import Payloads, open_payloads
+from .retention import Retention
 from .runtime import FaultPlan, Metrics, RunServices, now_ms
 from .storage import Storage, open_storage
+from .waiting import PromiseWaiters, settle
 from .writer import JournalWriter
 
 __all__ = ["Engine"]
@@ -57,8 +68,16 @@ class Engine:
         **settings: any ``Config`` field, e.g. ``journal_flush_interval_ms=5``.
     """
 
-    def __init__(self, url: str | None = None, *, storage: Storage | None = None, **settings: Any):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        storage: Storage | None = None,
+        clock: Clock | None = None,
+        **settings: Any,
+    ):
         self.config: Config = load_config(url, settings)
+        self.clock: Clock = clock or SystemClock()
         self._storage = storage or open_storage(
             self.config.database_url, synchronous=self.config.sqlite_synchronous
         )
@@ -73,6 +92,9 @@ class Engine:
         self._writer: JournalWriter | None = None
         self._ownership: Ownership | None = None
         self._faults: FaultPlan | None = None  # set by unbroken.testing only
+        self._waiters: PromiseWaiters | None = None
+        self._retention: Retention | None = None
+        self._background: asyncio.Task[None] | None = None
         self._payloads = Payloads(None, self.config.max_payload_bytes)  # replaced at open
 
     # -- registry -----------------------------------------------------------------------
@@ -145,6 +167,18 @@ class Engine:
             signer=self._payloads.signer,
         )
         self._writer.start()
+        self._waiters = PromiseWaiters(
+            self._read, self._storage, self.clock, cfg.promise_poll_interval_secs
+        )
+        self._retention = Retention(
+            self._storage,
+            cfg,
+            self.clock,
+            self._ownership,
+            self._read,
+            lambda name: name in self._by_name,
+        )
+        self._background = loop.create_task(self._retention.run_forever())
         self._stopping = False
         self._open = True
         await self.recover()
@@ -163,6 +197,10 @@ class Engine:
         if not self._open:
             return
         self._stopping = True
+        if self._background is not None:
+            self._background.cancel()
+        if self._waiters is not None:
+            await self._waiters.close()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()
@@ -333,6 +371,7 @@ class Engine:
         future: asyncio.Future[Any],
     ) -> None:
         writer, _ = self._require_open()
+        assert self._waiters is not None
         inputs = self._payloads.open(
             row.inputs, "execution inputs", execution_id=row.execution_id, kind="inputs"
         )
@@ -348,6 +387,8 @@ class Engine:
             metrics=self.metrics,
             read=self._read,
             payloads=self._payloads,
+            clock=self.clock,
+            waiters=self._waiters,
             stopping=lambda: self._stopping,
             faults=self._faults,
         )
@@ -438,6 +479,81 @@ class Engine:
             steps=steps,
         )
 
+    # -- promises and cancel ------------------------------------------------------------
+
+    async def resolve_promise(self, promise_id: str, token: bytes | str, value: Any = None) -> bool:
+        """Resolve a durable promise with ``value``; ``False`` if it was already settled.
+
+        The token (32 bytes or 64 lowercase hex characters) is checked in constant time
+        before anything else is revealed (INV-9). A waiter in this engine wakes at once;
+        one in another process within ``promise_poll_interval_secs``.
+
+        Raises:
+            UnknownPromise: no such promise, or its execution was canceled or restarted.
+            PromiseRejected: the token does not authenticate.
+            PayloadTooLarge: ``value`` is over ``max_payload_bytes``.
+        """
+        return await self._settle(promise_id, token, value, PromiseState.RESOLVED)
+
+    async def reject_promise(
+        self, promise_id: str, token: bytes | str, error: BaseException | str
+    ) -> bool:
+        """Reject a durable promise: its waiter gets ``StepFailed`` naming the error."""
+        kind = type(error).__name__ if isinstance(error, BaseException) else "Rejected"
+        record = {"type": kind, "message": str(error)}
+        return await self._settle(promise_id, token, record, PromiseState.REJECTED)
+
+    async def _settle(
+        self, promise_id: str, token: bytes | str, value: Any, state: PromiseState
+    ) -> bool:
+        writer, _ = self._require_open()
+        payloads = self._payloads
+        settled = await writer.call(
+            lambda s: settle(s, payloads, promise_id, token, value, state=state, now_ms=now_ms())
+        )
+        if settled and self._waiters is not None:
+            self._waiters.wake(promise_id)
+        return settled
+
+    async def cancel(self, execution_id: str) -> bool:
+        """Cancel an execution; it never resumes (INV-16'). ``True`` if this call did it.
+
+        One this engine drives stops at its next step or wait. One owned by another live
+        process is refused with ``ExecutionLocked`` naming it; an already terminal one is
+        left as it is (``False``).
+
+        Raises:
+            UnknownExecution: no such execution.
+            ExecutionLocked: another live process owns it.
+        """
+        writer, ownership = self._require_open()
+        run = self._runs.get(execution_id)
+        if run is not None and run.task is not None and not run.task.done():
+            run.cancel_requested = True
+            run.task.cancel()
+            await asyncio.wait({run.task})
+            return run.canceled
+        row = await self._read(self._storage.get_execution, execution_id)
+        if row is None:
+            raise UnknownExecution(execution_id)
+        if row.status is not ExecutionStatus.RUNNING:
+            return False
+        lock = ownership.acquire(execution_id)
+        try:
+            won: bool = await writer.call(
+                lambda s: s.finalize_execution(execution_id, ExecutionStatus.CANCELED, now_ms())
+            )
+        finally:
+            lock.release()
+        return won
+
+    async def prune(self, *, dry_run: bool = False) -> PruneReport:
+        """Run retention now: sweep orphans (if configured) and prune; see ``retention``."""
+        self._require_open()
+        assert self._retention is not None
+        _, report = await self._retention.run_once(dry_run=dry_run)
+        return report
+
     async def flush(self) -> None:
         """Wait until every buffered journal entry is committed."""
         writer, _ = self._require_open()
@@ -467,4 +583,3 @@ def _default_name(fn: Callable[..., Any]) -> str:
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         module = Path(main_file).stem if main_file else "__main__"
     return f"{module}.{fn.__qualname__}"
-

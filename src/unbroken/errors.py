@@ -24,6 +24,8 @@ sizes, never payload bytes, resolver tokens or key material.
     ├── StepCapExceeded
     ├── StepFailed
     ├── InvalidStep (also TypeError)
+    ├── InvalidArgument (also ValueError)
+    ├── PromiseTimeout
     ├── UnknownPromise
     ├── PromiseRejected
     ├── ExecutionLocked
@@ -55,11 +57,13 @@ __all__ = [
     "ExecutionLocked",
     "IntegrityError",
     "IntegrityViolation",
+    "InvalidArgument",
     "InvalidStep",
     "JournalUnavailable",
     "NotAnUnbrokenDatabase",
     "PayloadTooLarge",
     "PromiseRejected",
+    "PromiseTimeout",
     "ReplayDivergence",
     "ReplayIntegrity",
     "SchemaTooNew",
@@ -255,6 +259,20 @@ class StepFailed(UnbrokenError):
 
 class InvalidStep(UnbrokenError, TypeError):
     """``ctx.step`` was called with something that is not a step name or descriptor."""
+
+
+class InvalidArgument(UnbrokenError, ValueError):
+    """An argument of a context or engine call is out of range (a negative sleep, a naive
+    datetime, a reused promise name, a malformed token)."""
+
+
+class PromiseTimeout(UnbrokenError):
+    """A durable promise was not settled before its deadline (journaled: replays agree)."""
+
+    def __init__(self, name: str, step_id: int) -> None:
+        super().__init__(f"promise {name!r} (step {step_id}) was not settled before its deadline")
+        self.name = name
+        self.step_id = step_id
 
 
 class UnknownPromise(UnbrokenError):

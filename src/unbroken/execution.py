@@ -69,13 +69,18 @@ class Run:
     future: asyncio.Future[Any]
     task: asyncio.Task[None] | None = None
     contexts: list[Context] = field(default_factory=list)
+    cancel_requested: bool = False
+    canceled: bool = False
 
     async def drive(self) -> None:
         """Run the workflow until it ends; settle ``future``; release ownership."""
         try:
             output = await self._generations()
         except (Stopped, asyncio.CancelledError):
-            self.future.cancel()  # the engine is closing: the execution stays running
+            if self.cancel_requested:
+                await self._canceled()
+            else:
+                self.future.cancel()  # the engine is closing: the execution stays running
         except SimulatedCrash as crash:
             self.future.set_exception(crash)  # as if the process died: no finalize
         except BaseException as exc:
@@ -131,6 +136,16 @@ class Run:
                 await self._finalize(ExecutionStatus.FAILED, error=exc)
                 raise
             return output
+
+    async def _canceled(self) -> None:
+        """A cooperative cancel stopped the workflow: finalize ``canceled`` (INV-16')."""
+        eid = self.services.execution_id
+        self.canceled = await self.services.writer.call(
+            lambda s: s.finalize_execution(eid, ExecutionStatus.CANCELED, now_ms())
+        )
+        if not self.future.done():
+            self.future.set_exception(ExecutionCanceled(eid))
+            self.future.exception()  # retrieved: a canceled run needs no one to await it
 
     async def _next_generation(self) -> int:
         """Mark the current generation aborted; the execution stays ``running`` (FR-DE-03)."""

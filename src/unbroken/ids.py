@@ -33,6 +33,9 @@ __all__ = [
     "idempotency_key",
     "lock_name",
     "new_execution_id",
+    "promise_id",
+    "resolver_token_hash",
+    "timer_id",
     "validate_execution_id",
 ]
 
@@ -102,3 +105,37 @@ def lock_name(execution_id: str) -> str:
         execution_id.encode("utf-8"), derive_key_context=CONTEXT_LOCK_NAME
     ).digest(length=16)
     return digest.hex()
+
+
+def _position(execution_id: str, generation: int, step_id: int) -> bytes:
+    e = execution_id.encode("utf-8")
+    return b"".join((_U32.pack(len(e)), e, _U32.pack(generation), _U32.pack(step_id)))
+
+
+def _uuid8(context: str, data: bytes) -> str:
+    b = bytearray(blake3.blake3(data, derive_key_context=context).digest(length=16))
+    b[6] = (b[6] & 0x0F) | 0x80  # version 8
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return str(uuid.UUID(bytes=bytes(b)))
+
+
+def promise_id(execution_id: str, generation: int, step_id: int) -> str:
+    """The id of the promise created at a step: a UUIDv8 derived from its position.
+
+    The generation is part of it: a promise of an aborted generation is never confused
+    with the one a restarted workflow creates at the same step.
+    """
+    return _uuid8(CONTEXT_PROMISE_ID, _position(execution_id, generation, step_id))
+
+
+def timer_id(execution_id: str, generation: int, step_id: int) -> str:
+    """The id of the timer armed at a step (UUIDv8, like ``promise_id``)."""
+    return _uuid8(CONTEXT_TIMER_ID, _position(execution_id, generation, step_id))
+
+
+def resolver_token_hash(promise: str, execution_id: str, token: bytes) -> bytes:
+    """What is stored of a resolver token: a BLAKE3 hash bound to promise and execution."""
+    p = promise.encode("utf-8")
+    e = execution_id.encode("utf-8")
+    data = b"".join((_U32.pack(len(p)), p, _U32.pack(len(e)), e, token))
+    return blake3.blake3(data, derive_key_context=CONTEXT_RESOLVER_TOKEN).digest()

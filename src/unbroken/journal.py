@@ -13,17 +13,17 @@ from enum import Enum
 
 __all__ = [
     "EntryKind",
-    "PromiseRecord",
-    "PromiseState",
-    "PruneReport",
-    "RetentionPolicy",
-    "TimerRecord",
     "ExecutionInfo",
     "ExecutionRecord",
     "ExecutionStatus",
     "ExecutionSummary",
     "JournalEntry",
+    "PromiseRecord",
+    "PromiseState",
+    "PruneReport",
+    "RetentionPolicy",
     "StepInfo",
+    "TimerRecord",
     "ms_to_datetime",
 ]
 

@@ -92,6 +92,10 @@ class ReplayCursor:
         self._insert([row for row in rows if row.step_id != last])
         self._next = last
 
+    def preload(self, rows: list[JournalEntry]) -> None:
+        """Add rows that live outside the segments: a checkpoint's folded steps."""
+        self._insert(rows)
+
     def take(self, step_id: int) -> StepRows | None:
         """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""
         return self._window.pop(step_id, None)

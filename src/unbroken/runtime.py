@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .clock import Clock
 from .config import Config
 from .errors import DecodeError, IntegrityError, PayloadTooLarge, ReplayDivergence
 from .payloads import Payloads
 from .storage import Storage
+from .waiting import PromiseWaiters
 from .writer import JournalWriter
 
 __all__ = [
@@ -152,6 +154,8 @@ class RunServices:
     read: Callable[..., Any]
     """``await read(fn, *args)`` runs a storage read off the event loop."""
     payloads: Payloads
+    clock: Clock
+    waiters: PromiseWaiters
     stopping: Callable[[], bool] = field(default=lambda: False)
     faults: FaultPlan | None = None
 

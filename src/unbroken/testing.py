@@ -5,6 +5,8 @@
 - ``crash_after_step(engine, n)`` / ``crash_in_ambiguous_window(engine, n)``: the next
   execution dies at that point as if its process had been killed; ``engine.run`` raises
   ``SimulatedCrash`` and the execution stays ``running`` for a resume.
+- ``VirtualClock``: pass ``Engine(clock=VirtualClock())`` and durable sleeps and promise
+  deadlines skip ahead: a workflow that sleeps for three days finishes in milliseconds.
 - ``check_resume_at_every_step(engine, workflow, *args)``: one execution killed after each
   of its steps in turn and resumed each time; fails if a resume diverges from the
   journal, which catches nondeterministic workflow code.
@@ -20,6 +22,9 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,11 +37,70 @@ from .storage.memory import MemoryStorage
 __all__ = [
     "MemoryStorage",
     "SimulatedCrash",
+    "VirtualClock",
     "check_resume_at_every_step",
     "crash_after_step",
     "crash_in_ambiguous_window",
     "memory_engine",
 ]
+
+
+class VirtualClock:
+    """A clock whose time moves only when told to, or when everything is asleep.
+
+    With ``autojump_after`` set (default 10 ms of real time), once the sleepers have
+    waited that long the clock jumps to the earliest deadline and wakes it; ``advance``
+    moves it by hand. Durable timers and promise deadlines of an engine built with
+    ``Engine(clock=VirtualClock())`` follow it.
+    """
+
+    def __init__(self, start: float | None = None, *, autojump_after: float | None = 0.01):
+        self._now = time.time() if start is None else float(start)
+        self._autojump = autojump_after
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._count = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def now(self) -> float:
+        """Virtual Unix time in seconds."""
+        return self._now
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Return once virtual time reaches ``deadline``."""
+        if deadline <= self._now:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._count += 1
+        heapq.heappush(self._sleepers, (deadline, self._count, future))
+        self._arm(loop)
+        await future
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward and wake every sleeper that is due."""
+        self._now += seconds
+        self._release()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._handle is None and self._autojump is not None:
+            self._handle = loop.call_later(self._autojump, self._jump, loop)
+
+    def _jump(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = None
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)  # a cancelled sleeper
+        if self._sleepers:
+            self._now = max(self._now, self._sleepers[0][0])
+            self._release()
+        if self._sleepers:
+            self._arm(loop)
+
+    def _release(self) -> None:
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            _, _, future = heapq.heappop(self._sleepers)
+            if not future.done():
+                future.set_result(None)
 
 
 def memory_engine(storage: MemoryStorage | None = None, **settings: Any) -> Engine:

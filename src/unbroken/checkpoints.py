@@ -1,0 +1,135 @@
+"""The checkpoint fold: an execution's idempotent prefix packed into one row (layer: engine).
+
+When an execution passes 90% of ``max_steps_per_execution`` a background task folds the
+committed outcome rows of its idempotent steps below that point into one sealed
+checkpoint row (ref §6.4). The rows keep their own sealed payloads inside the snapshot, so
+a replay preloads them into the cursor and opens them exactly as before; the checkpoint
+records how many outcome rows it replaced, so the signed high-water mark still matches.
+A fold never runs on the step hot path, and never folds a guarded step (INV-13 finds those
+by key).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .effects import EffectClass
+from .journal import EntryKind, JournalEntry
+from .runtime import RunServices, now_ms
+
+__all__ = ["fold", "read_folded"]
+
+log = logging.getLogger("unbroken")
+
+_READ_ROWS = 1000
+_ROW_OVERHEAD = 160
+"""A folded row's encoded size beyond its payload (name, key, numbers, JSON framing)."""
+
+
+def _where(run: RunServices, step_id: int) -> dict[str, Any]:
+    return {
+        "execution_id": run.execution_id,
+        "generation": run.generation,
+        "step_id": step_id,
+        "kind": EntryKind.CHECKPOINT.value,
+    }
+
+
+async def read_folded(run: RunServices) -> list[JournalEntry]:
+    """The rows every checkpoint of this generation replaced, ready for the cursor."""
+    rows: list[JournalEntry] = []
+    for checkpoint in await run.read(
+        run.storage.read_checkpoints, run.execution_id, run.generation
+    ):
+        snapshot = run.payloads.open_entry(checkpoint)
+        rows.extend(
+            JournalEntry(
+                run.execution_id,
+                run.generation,
+                item["s"],
+                EntryKind(item["k"]),
+                item["n"],
+                item["e"],
+                item["key"],
+                item["p"],
+                item["at"],
+            )
+            for item in snapshot
+        )
+    return rows
+
+
+async def fold(run: RunServices, up_to: int) -> None:
+    """Fold the idempotent outcomes below step ``up_to`` that fit in one payload."""
+    try:
+        picked = _fitting(await _prefix(run, up_to), run.config.max_payload_bytes)
+        if not picked:
+            return
+        end = picked[-1].step_id + 1
+        snapshot = [
+            {
+                "s": r.step_id,
+                "k": r.kind.value,
+                "n": r.name,
+                "e": r.effect,
+                "key": r.idem_key,
+                "p": r.payload,
+                "at": r.created_at_ms,
+            }
+            for r in picked
+        ]
+        payload = run.payloads.seal(snapshot, "a checkpoint", **_where(run, end))
+        checkpoint = JournalEntry(
+            run.execution_id,
+            run.generation,
+            end,
+            EntryKind.CHECKPOINT,
+            "unbroken.checkpoint",
+            "checkpoint",
+            bytes(32),
+            payload,
+            now_ms(),
+            folded=len(picked),
+        )
+        seqs = [r.seq for r in picked if r.seq is not None]
+        await run.writer.call(lambda s: s.fold(checkpoint, seqs))
+        log.info("execution %r: folded %d steps into a checkpoint", run.execution_id, len(seqs))
+    except Exception:
+        log.warning(
+            "checkpoint fold of execution %r failed; the journal is unchanged",
+            run.execution_id,
+            exc_info=True,
+        )
+
+
+async def _prefix(run: RunServices, up_to: int) -> list[JournalEntry]:
+    """Committed idempotent outcome rows of this generation below ``up_to``, by step."""
+    found: dict[int, JournalEntry] = {}
+    from_step = 0
+    while from_step < up_to:
+        rows = await run.read(
+            run.storage.read_segment, run.execution_id, run.generation, from_step, _READ_ROWS
+        )
+        for row in rows:
+            if (
+                row.step_id < up_to
+                and row.kind in (EntryKind.RESULT, EntryKind.ERROR)
+                and row.effect == EffectClass.IDEMPOTENT.value
+            ):
+                found[row.step_id] = row
+        if len(rows) < _READ_ROWS:
+            break
+        from_step = max(rows[-1].step_id, from_step + 1)
+    return [found[s] for s in sorted(found)]
+
+
+def _fitting(rows: list[JournalEntry], limit: int) -> list[JournalEntry]:
+    """The longest prefix whose snapshot stays within 90% of the payload limit."""
+    budget = limit * 9 // 10
+    total = 0
+    for i, row in enumerate(rows):
+        total += len(row.payload or b"") * 4 // 3 + len(row.name) + _ROW_OVERHEAD
+        if total > budget:
+            return rows[:i]
+    return rows

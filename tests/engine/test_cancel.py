@@ -1,0 +1,113 @@
+"""Cancel (INV-16'): cooperative in this engine, refused for another live owner, races
+with finalize and recovery have exactly one terminal winner."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from unbroken import Context, Engine, ExecutionCanceled, ExecutionLocked, UnknownExecution
+from unbroken.journal import ExecutionStatus
+from unbroken.testing import SimulatedCrash, VirtualClock, crash_after_step
+
+from ..conftest import EngineFactory
+
+
+async def test_a_running_execution_stops_at_its_next_wait_and_never_resumes(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+    ran: list[int] = []
+
+    async def wf(ctx: Context) -> str:
+        for i in range(100):
+            await ctx.step(f"s{i}", lambda i=i: ran.append(i))
+            await ctx.sleep(0.01)
+        return "finished"
+
+    engine.workflow(name="wf")(wf)
+    async with engine:
+        handle = await engine.start(wf, execution_id="x")
+        while len(ran) < 3:
+            await asyncio.sleep(0.005)
+        assert await engine.cancel("x") is True
+        with pytest.raises(ExecutionCanceled):
+            await handle.result()
+        stopped_at = len(ran)
+        with pytest.raises(ExecutionCanceled):
+            await engine.run(wf, execution_id="x")
+        info = await engine.get_execution("x")
+    assert info is not None and info.status == "canceled"
+    again = make_engine()
+    again.workflow(name="wf")(wf)
+    async with again:  # recovery never resumes a canceled execution
+        await asyncio.sleep(0.05)
+    assert len(ran) == stopped_at < 100
+
+
+async def test_cancel_of_an_orphan_and_of_terminal_and_unknown_ids(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+
+    @engine.workflow(name="wf")
+    async def wf(ctx: Context) -> int:
+        return int(await ctx.step("a", lambda: 1))
+
+    async with engine:
+        with crash_after_step(engine, 0), pytest.raises(SimulatedCrash):
+            await engine.run(wf, execution_id="orphan")
+        assert await engine.cancel("orphan") is True
+        assert await engine.cancel("orphan") is False  # idempotent
+        await engine.run(wf, execution_id="done")
+        assert await engine.cancel("done") is False  # completed stays completed
+        with pytest.raises(UnknownExecution):
+            await engine.cancel("nope")
+        info = await engine.get_execution("done")
+    assert info is not None and info.status == "completed"
+
+
+async def test_cancel_is_refused_for_an_execution_another_owner_holds(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    owner = Engine(url, clock=VirtualClock(autojump_after=None))
+
+    @owner.workflow(name="wf")
+    async def wf(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    async with owner:
+        await owner.start(wf, execution_id="held")
+        await asyncio.sleep(0.05)
+        async with Engine(url) as other:  # separate flocks: as another process
+            with pytest.raises(ExecutionLocked, match="'held'"):
+                await other.cancel("held")
+
+
+@pytest.mark.parametrize("trial", range(20))
+async def test_cancel_racing_finalize_has_exactly_one_terminal_winner(
+    make_engine: EngineFactory, trial: int
+) -> None:
+    engine = make_engine()
+
+    @engine.workflow(name="wf")
+    async def wf(ctx: Context) -> str:
+        await ctx.step("a", asyncio.sleep, 0.001 * (trial % 4))
+        return "done"
+
+    async with engine:
+        handle = await engine.start(wf, execution_id="race")
+        await asyncio.sleep(0.001 * (trial % 5))
+        canceled = await engine.cancel("race")
+        outcome: object
+        try:
+            outcome = await handle.result()
+        except ExecutionCanceled:
+            outcome = "canceled"
+        info = await engine.get_execution("race")
+    assert info is not None
+    if canceled:
+        assert outcome == "canceled" and info.status == ExecutionStatus.CANCELED
+    else:
+        assert outcome == "done" and info.status == ExecutionStatus.COMPLETED
