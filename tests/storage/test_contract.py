@@ -7,6 +7,7 @@ and ``sqlite``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -20,7 +21,12 @@ from unbroken.journal import (
     ExecutionRecord,
     ExecutionStatus,
     JournalEntry,
+    PromiseRecord,
+    PromiseState,
+    PruneReport,
+    RetentionPolicy,
     StepInfo,
+    TimerRecord,
 )
 from unbroken.storage.base import Storage
 
@@ -581,3 +587,491 @@ def test_count_sealed_counts_blobs_by_their_key_id_byte(storage: Storage) -> Non
     assert storage.count_sealed(1) == 4  # inputs, one payload, one hmac, the integrity mac
     assert storage.count_sealed(2) == 2
     assert storage.count_sealed(7) == 0
+
+
+def test_folded_counts_round_trip_through_append_and_count_as_outcomes(storage: Storage) -> None:
+    create(storage)
+    storage.append([entry("ex-1", 0), replace(entry("ex-1", 5, EntryKind.CHECKPOINT), folded=4)])
+    checkpoint = storage.read_segment("ex-1", 0, 5, 10)[0]
+    assert checkpoint.folded == 4
+    assert storage.read_segment("ex-1", 0, 0, 1)[0].folded == 0
+    assert storage.count_outcomes("ex-1") == 5
+
+
+# -- promises -------------------------------------------------------------------------
+
+
+def control(execution_id: str, step_id: int, *, generation: int = 0) -> JournalEntry:
+    """The control row of a promise or timer."""
+    return entry(execution_id, step_id, EntryKind.CONTROL, generation=generation, payload=None)
+
+
+def promise(
+    promise_id: str, execution_id: str = "ex-1", step_id: int = 0, *, created_at_ms: int = 1_000
+) -> PromiseRecord:
+    """A pending promise row."""
+    return PromiseRecord(
+        promise_id=promise_id,
+        execution_id=execution_id,
+        generation=0,
+        step_id=step_id,
+        name=f"approval-{step_id}",
+        token_hash=b"h" * 32,
+        state=PromiseState.PENDING,
+        payload=None,
+        created_at_ms=created_at_ms,
+    )
+
+
+def timer(
+    timer_id: str, due_at_ms: int, execution_id: str = "ex-1", step_id: int = 0
+) -> TimerRecord:
+    """An unfired timer row."""
+    return TimerRecord(timer_id, execution_id, 0, step_id, due_at_ms, False, 1_000)
+
+
+def test_create_promise_inserts_the_control_row_and_the_promise(storage: Storage) -> None:
+    create(storage)
+    record = promise("p-1", step_id=3)
+    storage.create_promise(control("ex-1", 3), record)
+    assert storage.get_promise("p-1") == record
+    (row,) = storage.read_segment("ex-1", 0, 0, 10)
+    assert (row.kind, row.step_id, row.seq) == (EntryKind.CONTROL, 3, storage.max_seq())
+    assert storage.get_promise("nope") is None
+
+
+def test_settle_promise_settles_once(storage: Storage) -> None:
+    create(storage)
+    storage.create_promise(control("ex-1", 0), promise("p-1"))
+    assert storage.settle_promise("p-1", PromiseState.RESOLVED, b"value", 2_000)
+    assert not storage.settle_promise("p-1", PromiseState.REJECTED, b"late", 3_000)
+    assert not storage.settle_promise("p-1", PromiseState.RESOLVED, b"again", 3_000)
+    settled = storage.get_promise("p-1")
+    assert settled is not None
+    assert (settled.state, settled.payload, settled.settled_at_ms) == (
+        PromiseState.RESOLVED,
+        b"value",
+        2_000,
+    )
+    assert not storage.settle_promise("nope", PromiseState.RESOLVED, b"x", 2_000)
+
+
+def test_settle_promise_rejects_and_refuses_pending_as_a_target(storage: Storage) -> None:
+    create(storage)
+    storage.create_promise(control("ex-1", 0), promise("p-1"))
+    with pytest.raises(ValueError):
+        storage.settle_promise("p-1", PromiseState.PENDING, None, 2_000)
+    assert storage.promise_states(["p-1"]) == {"p-1": PromiseState.PENDING}
+    assert storage.settle_promise("p-1", PromiseState.REJECTED, b"error", 2_000)
+    assert storage.promise_states(["p-1"]) == {"p-1": PromiseState.REJECTED}
+
+
+def test_settle_promise_race_has_exactly_one_winner(storage: Storage) -> None:
+    create(storage)
+    storage.create_promise(control("ex-1", 0), promise("p-1"))
+    states = [PromiseState.RESOLVED, PromiseState.REJECTED] * 3
+    wins = run_concurrently(
+        len(states), lambda i: storage.settle_promise("p-1", states[i], bytes([i]), 2_000 + i)
+    )
+    assert wins.count(True) == 1
+    settled = storage.get_promise("p-1")
+    assert settled is not None and settled.payload == bytes([wins.index(True)])
+
+
+def test_promise_states_reports_the_existing_ones_across_many_ids(storage: Storage) -> None:
+    create(storage)
+    for step in range(3):
+        storage.create_promise(control("ex-1", step), promise(f"p-{step}", step_id=step))
+    storage.settle_promise("p-1", PromiseState.RESOLVED, b"v", 2_000)
+    storage.settle_promise("p-2", PromiseState.REJECTED, b"e", 2_000)
+    wanted = [f"ghost-{i}" for i in range(1_100)]
+    wanted[7], wanted[600], wanted[1_099] = "p-0", "p-1", "p-2"  # one per chunk of 500
+    assert storage.promise_states(wanted) == {
+        "p-0": PromiseState.PENDING,
+        "p-1": PromiseState.RESOLVED,
+        "p-2": PromiseState.REJECTED,
+    }
+    assert storage.promise_states([]) == {}
+
+
+def test_a_duplicate_promise_id_is_refused_and_leaves_no_control_row(storage: Storage) -> None:
+    create(storage)
+    storage.create_promise(control("ex-1", 0), promise("p-1"))
+    before = storage.max_seq()
+    with pytest.raises(StorageError) as excinfo:
+        storage.create_promise(control("ex-1", 1), promise("p-1", step_id=1))
+    assert excinfo.value.op == "create_promise"
+    assert storage.max_seq() == before
+    assert [e.step_id for e in storage.read_segment("ex-1", 0, 0, 10)] == [0]
+    original = storage.get_promise("p-1")
+    assert original is not None and original.step_id == 0
+
+
+def test_a_control_slot_holds_one_promise_or_timer(storage: Storage) -> None:
+    create(storage)
+    storage.create_promise(control("ex-1", 0), promise("p-1"))
+    with pytest.raises(StorageError):
+        storage.create_promise(control("ex-1", 0), promise("p-2"))
+    with pytest.raises(StorageError):
+        storage.arm_timer(control("ex-1", 0), timer("t-1", 5_000))
+    assert storage.get_promise("p-2") is None
+    assert storage.due_timers(10_000, 10) == []
+    assert len(storage.read_segment("ex-1", 0, 0, 10)) == 1
+    # the same step of the next generation is a new slot
+    storage.create_promise(control("ex-1", 0, generation=1), replace(promise("p-2"), generation=1))
+    assert storage.promise_states(["p-2"]) == {"p-2": PromiseState.PENDING}
+
+
+def test_a_promise_of_an_unknown_execution_is_refused(storage: Storage) -> None:
+    with pytest.raises(StorageError) as excinfo:
+        storage.create_promise(control("ghost", 0), promise("p-1", "ghost"))
+    assert excinfo.value.op == "create_promise"
+    assert storage.get_promise("p-1") is None
+    assert storage.max_seq() == 0
+
+
+def test_promise_and_timer_rows_need_a_control_entry_of_their_execution(storage: Storage) -> None:
+    create(storage)
+    create(storage, "other")
+    with pytest.raises(ValueError):
+        storage.create_promise(entry("ex-1", 0), promise("p-1"))
+    with pytest.raises(ValueError):
+        storage.create_promise(control("other", 0), promise("p-1"))
+    with pytest.raises(ValueError):
+        storage.arm_timer(entry("ex-1", 0, EntryKind.INTENT), timer("t-1", 5))
+    assert storage.max_seq() == 0
+
+
+# -- timers ---------------------------------------------------------------------------
+
+
+def test_due_timers_are_unfired_ones_due_by_now_earliest_first(storage: Storage) -> None:
+    create(storage)
+    for step, (timer_id, due) in enumerate([("late", 3_000), ("early", 1_000), ("mid", 2_000)]):
+        storage.arm_timer(control("ex-1", step), timer(timer_id, due, step_id=step))
+    storage.arm_timer(control("ex-1", 9), replace(timer("done", 500, step_id=9), fired=True))
+    assert [t.timer_id for t in storage.due_timers(2_000, 10)] == ["early", "mid"]
+    assert [t.timer_id for t in storage.due_timers(5_000, 2)] == ["early", "mid"]
+    assert storage.due_timers(999, 10) == []
+    assert storage.due_timers(5_000, 0) == []
+    (first,) = storage.due_timers(1_000, 10)
+    assert first == timer("early", 1_000, step_id=1)
+    assert [e.kind for e in storage.read_segment("ex-1", 0, 0, 10)] == [EntryKind.CONTROL] * 4
+
+
+def test_fire_timer_fires_once(storage: Storage) -> None:
+    create(storage)
+    storage.arm_timer(control("ex-1", 0), timer("t-1", 1_000))
+    assert storage.fire_timer("t-1", 1_500)
+    assert not storage.fire_timer("t-1", 1_600)
+    assert not storage.fire_timer("nope", 1_600)
+    assert storage.due_timers(10_000, 10) == []
+    for step in range(1, 4):
+        storage.arm_timer(control("ex-1", step), timer(f"race-{step}", 1_000, step_id=step))
+    wins = run_concurrently(6, lambda i: storage.fire_timer(f"race-{1 + i % 3}", 2_000))
+    assert wins.count(True) == 3
+    assert storage.due_timers(10_000, 10) == []
+
+
+def test_a_duplicate_timer_id_is_refused_and_leaves_no_control_row(storage: Storage) -> None:
+    create(storage)
+    storage.arm_timer(control("ex-1", 0), timer("t-1", 1_000))
+    before = storage.max_seq()
+    with pytest.raises(StorageError) as excinfo:
+        storage.arm_timer(control("ex-1", 1), timer("t-1", 9_000, step_id=1))
+    assert excinfo.value.op == "arm_timer"
+    assert storage.max_seq() == before
+    assert [t.due_at_ms for t in storage.due_timers(10_000, 10)] == [1_000]
+
+
+# -- checkpoint folds -----------------------------------------------------------------
+
+
+def _fold_fixture(storage: Storage) -> list[JournalEntry]:
+    """``ex-1`` with results at steps 0..4, an intent at step 5, and ``other`` with one
+    result; the integrity mark of ``ex-1`` is signed. Returns the rows of ``ex-1``."""
+    create(storage)
+    create(storage, "other")
+    storage.append(
+        [entry("ex-1", step) for step in range(5)]
+        + [entry("ex-1", 5, EntryKind.INTENT, payload=None), entry("other", 0)],
+        signer=_signer,
+    )
+    return storage.read_segment("ex-1", 0, 0, 100)
+
+
+def checkpoint(step_id: int, folded: int, execution_id: str = "ex-1") -> JournalEntry:
+    """A checkpoint row folding ``folded`` outcomes."""
+    return replace(
+        entry(execution_id, step_id, EntryKind.CHECKPOINT, payload=b"snapshot"), folded=folded
+    )
+
+
+def test_fold_replaces_rows_and_keeps_the_outcome_count(storage: Storage) -> None:
+    rows = _fold_fixture(storage)
+    assert storage.count_outcomes("ex-1") == 5
+    storage.fold(checkpoint(3, 3), [e.seq or 0 for e in rows[:3]])
+    assert storage.count_outcomes("ex-1") == 5
+    assert storage.read_integrity("ex-1") == (5, b"ex-1:5")
+    remaining = storage.read_segment("ex-1", 0, 0, 100)
+    assert [(e.step_id, e.kind) for e in remaining] == [
+        (3, EntryKind.RESULT),
+        (3, EntryKind.CHECKPOINT),
+        (4, EntryKind.RESULT),
+        (5, EntryKind.INTENT),
+    ]
+    assert [e.step_id for e in storage.read_segment("other", 0, 0, 10)] == [0]
+    assert storage.count_outcomes("other") == 1
+    (stored,) = storage.read_checkpoints("ex-1", 0)
+    assert stored == replace(checkpoint(3, 3), seq=storage.max_seq())
+    assert storage.read_checkpoints("ex-1", 1) == []
+    assert storage.read_checkpoints("other", 0) == []
+
+
+def test_fold_can_fold_a_checkpoint_again(storage: Storage) -> None:
+    rows = _fold_fixture(storage)
+    storage.fold(checkpoint(2, 2), [e.seq or 0 for e in rows[:2]])
+    first = storage.read_checkpoints("ex-1", 0)[0]
+    storage.fold(checkpoint(4, 4), [first.seq or 0, rows[2].seq or 0, rows[3].seq or 0])
+    assert storage.count_outcomes("ex-1") == 5
+    assert [e.folded for e in storage.read_checkpoints("ex-1", 0)] == [4]
+
+
+def test_fold_refuses_a_wrong_folded_count_and_changes_nothing(storage: Storage) -> None:
+    rows = _fold_fixture(storage)
+    steps_before = storage.list_steps("ex-1")
+    seqs = [e.seq or 0 for e in rows[:3]] + [rows[5].seq or 0]  # three results, one intent
+    for wrong in (2, 4):
+        with pytest.raises(StorageError) as excinfo:
+            storage.fold(checkpoint(3, wrong), seqs)
+        assert excinfo.value.op == "fold"
+    assert storage.list_steps("ex-1") == steps_before
+    assert storage.read_checkpoints("ex-1", 0) == []
+    assert storage.count_outcomes("ex-1") == 5
+    storage.fold(checkpoint(3, 3), seqs)  # the right count goes through
+    assert storage.count_outcomes("ex-1") == 5
+
+
+def test_fold_never_deletes_the_rows_of_another_execution(storage: Storage) -> None:
+    rows = _fold_fixture(storage)
+    (theirs,) = storage.read_segment("other", 0, 0, 10)
+    with pytest.raises(StorageError):
+        storage.fold(checkpoint(1, 2), [rows[0].seq or 0, theirs.seq or 0])
+    with pytest.raises(StorageError):
+        storage.fold(checkpoint(1, 1), [rows[0].seq or 0, 10_000])  # no such row
+    assert storage.read_segment("other", 0, 0, 10) == [theirs]
+    assert len(storage.read_segment("ex-1", 0, 0, 100)) == len(rows)
+    with pytest.raises(ValueError):
+        storage.fold(entry("ex-1", 1), [rows[0].seq or 0])
+
+
+def test_a_checkpoint_is_not_an_outcome_of_its_step(storage: Storage) -> None:
+    rows = _fold_fixture(storage)
+    storage.fold(checkpoint(4, 1), [rows[0].seq or 0])
+    storage.append([entry("ex-1", 6)])  # the unique index ignores checkpoint rows
+    assert storage.count_outcomes("ex-1") == 6
+
+
+# -- retention ------------------------------------------------------------------------
+
+OFF = RetentionPolicy(
+    ttl_completed_ms=1 << 50, ttl_failed_ms=1 << 50, max_executions=0, max_journal_bytes=0
+)
+"""A policy that removes nothing: tests turn on the rule they exercise."""
+
+
+def finished(
+    storage: Storage,
+    execution_id: str,
+    status: ExecutionStatus = ExecutionStatus.COMPLETED,
+    *,
+    created_at_ms: int = 1_000,
+    finalized_at_ms: int = 2_000,
+    payload: bytes = b"payload",
+) -> None:
+    """A terminal execution with one result row and one promise."""
+    create(storage, execution_id, now_ms=created_at_ms)
+    storage.append([entry(execution_id, 0, payload=payload)], signer=_signer)
+    storage.create_promise(control(execution_id, 1), promise(f"p-{execution_id}", execution_id, 1))
+    storage.finalize_execution(execution_id, status, finalized_at_ms, output=b"out")
+
+
+def ids(storage: Storage) -> set[str]:
+    return {s.execution_id for s in storage.list_executions(limit=10_000)}
+
+
+@pytest.mark.parametrize("status", TERMINAL)
+def test_prune_by_ttl_uses_the_completed_or_the_failed_ttl(
+    storage: Storage, status: ExecutionStatus
+) -> None:
+    finished(storage, "ex-1", status, finalized_at_ms=10_000)
+    policy = replace(OFF, ttl_completed_ms=1_000, ttl_failed_ms=5_000)
+    ttl = 1_000 if status is ExecutionStatus.COMPLETED else 5_000
+    assert storage.prune(policy, 10_000 + ttl - 1) == PruneReport()
+    if status is not ExecutionStatus.COMPLETED:
+        assert storage.prune(policy, 11_000) == PruneReport()  # past the completed TTL only
+    assert storage.prune(policy, 10_000 + ttl) == PruneReport(
+        executions=1, journal_rows=2, by_ttl=1
+    )
+    assert storage.get_execution("ex-1") is None
+
+
+def test_prune_never_deletes_a_running_execution(storage: Storage) -> None:
+    create(storage, "run-1", now_ms=1)
+    create(storage, "run-2", now_ms=1)
+    storage.append([entry("run-1", 0)])
+    finished(storage, "done")
+    policy = RetentionPolicy(0, 0, max_executions=1, max_journal_bytes=1, batch_size=1)
+    report = storage.prune(policy, 1 << 40)
+    assert (report.executions, report.by_ttl) == (1, 1)
+    assert ids(storage) == {"run-1", "run-2"}
+    assert storage.prune(policy, 1 << 40) == PruneReport()
+
+
+def test_prune_by_count_cap_removes_the_oldest_terminal_ones(storage: Storage) -> None:
+    finished(storage, "f4", finalized_at_ms=4_000)
+    finished(storage, "f2-late", created_at_ms=1_500, finalized_at_ms=2_000)
+    finished(storage, "f2-early", created_at_ms=1_000, finalized_at_ms=2_000)
+    finished(storage, "f3", ExecutionStatus.FAILED, finalized_at_ms=3_000)
+    create(storage, "running", now_ms=1)
+    report = storage.prune(replace(OFF, max_executions=3), 10_000)
+    assert report == PruneReport(executions=2, journal_rows=4, by_count_cap=2)
+    assert ids(storage) == {"f3", "f4", "running"}
+    assert storage.prune(replace(OFF, max_executions=3), 10_000) == PruneReport()
+    # a cap below the number of running executions removes every terminal one and stops
+    assert storage.prune(replace(OFF, max_executions=0 + 1), 10_000).by_count_cap == 2
+    assert ids(storage) == {"running"}
+
+
+def test_prune_by_size_cap_removes_the_oldest_terminal_ones_until_under(storage: Storage) -> None:
+    # each finished execution stores 6 (inputs) + 100 (journal) + 3 (output) bytes and two
+    # journal rows; its promise resolves with 50 more: 159 bytes
+    for n in range(4):
+        finished(storage, f"f{n}", finalized_at_ms=2_000 + n, payload=b"x" * 100)
+        storage.settle_promise(f"p-f{n}", PromiseState.RESOLVED, b"v" * 50, 3_000)
+    create(storage, "running", now_ms=1)  # 6 bytes
+    storage.append([entry("running", 0, payload=b"r" * 100)])  # 106 in all
+    total = 4 * 159 + 106
+    assert storage.prune(replace(OFF, max_journal_bytes=total), 10_000) == PruneReport()
+    report = storage.prune(replace(OFF, max_journal_bytes=total - 159 - 1), 10_000)
+    assert report == PruneReport(executions=2, journal_rows=4, by_size_cap=2)
+    assert ids(storage) == {"f2", "f3", "running"}
+    report = storage.prune(replace(OFF, max_journal_bytes=1), 10_000)
+    assert report.by_size_cap == 2
+    assert ids(storage) == {"running"}
+
+
+def test_prune_respects_the_batch_size_and_prunes_everything_eligible(storage: Storage) -> None:
+    for n in range(7):
+        finished(storage, f"ex-{n}", finalized_at_ms=1_000 + n)
+    report = storage.prune(replace(OFF, ttl_completed_ms=0, batch_size=3), 10_000)
+    assert report == PruneReport(executions=7, journal_rows=14, by_ttl=7)
+    assert ids(storage) == set()
+    assert not storage.has_executions()
+
+
+def test_prune_dry_run_changes_nothing_and_reports_what_a_run_removes(storage: Storage) -> None:
+    finished(storage, "ttl", ExecutionStatus.FAILED, finalized_at_ms=1_000)
+    for n in range(5):
+        finished(storage, f"f{n}", finalized_at_ms=5_000 + n, payload=b"x" * 100)
+    create(storage, "running")
+    policy = RetentionPolicy(
+        ttl_completed_ms=1 << 40,
+        ttl_failed_ms=5_000,
+        max_executions=5,
+        max_journal_bytes=300,  # f1..f4 hold 109 bytes each, "running" 6
+        batch_size=2,
+    )
+    before = (storage.list_executions(limit=100), storage.max_seq(), storage.list_steps("f0"))
+    dry = storage.prune(policy, 7_000, dry_run=True)
+    assert dry == PruneReport(executions=4, journal_rows=8, by_ttl=1, by_count_cap=1, by_size_cap=2)
+    assert storage.prune(policy, 7_000, dry_run=True) == dry
+    assert (storage.list_executions(limit=100), storage.max_seq(), storage.list_steps("f0")) == (
+        before
+    )
+    assert storage.prune(policy, 7_000) == dry
+    assert ids(storage) == {"f3", "f4", "running"}
+
+
+def test_prune_removes_journal_rows_promises_timers_and_integrity(storage: Storage) -> None:
+    finished(storage, "gone")
+    storage.arm_timer(control("gone", 2), timer("t-gone", 5_000, "gone", 2))
+    finished(storage, "kept", finalized_at_ms=9_000)
+    storage.arm_timer(control("kept", 2), timer("t-kept", 5_000, "kept", 2))
+    report = storage.prune(replace(OFF, ttl_completed_ms=5_000), 8_000)
+    assert report == PruneReport(executions=1, journal_rows=3, by_ttl=1)
+    assert storage.get_execution("gone") is None
+    assert storage.list_steps("gone") == []
+    assert storage.get_promise("p-gone") is None
+    assert storage.read_integrity("gone") is None
+    assert [t.timer_id for t in storage.due_timers(10_000, 10)] == ["t-kept"]
+    assert len(storage.list_steps("kept")) == 3
+    assert storage.get_promise("p-kept") is not None
+    assert storage.read_integrity("kept") == (1, b"kept:1")
+    # the id can be used again from scratch
+    create(storage, "gone")
+    storage.append([entry("gone", 0)])
+    assert storage.count_outcomes("gone") == 1
+
+
+def test_prune_spares_a_reopened_execution(storage: Storage) -> None:
+    finished(storage, "ex-1", finalized_at_ms=1_000)
+    storage.reopen_execution("ex-1", 2_000)
+    policy = RetentionPolicy(0, 0, max_executions=1, max_journal_bytes=1, batch_size=10)
+    assert storage.prune(policy, 1 << 40, dry_run=True) == PruneReport()
+    assert storage.prune(policy, 1 << 40) == PruneReport()
+    assert ids(storage) == {"ex-1"}
+    assert len(storage.list_steps("ex-1")) == 2
+
+
+def test_prune_racing_reopen_never_leaves_a_half_deleted_execution(storage: Storage) -> None:
+    policy = replace(OFF, ttl_completed_ms=0, batch_size=1)
+    for trial in range(20):
+        eid = f"race-{trial}"
+        finished(storage, eid, finalized_at_ms=1_000)
+        storage.arm_timer(control(eid, 2), timer(f"t-{eid}", 5_000, eid, 2))
+
+        # vary who reaches the write lock first: either thread may wait up to 0.6 ms
+        skew = (trial % 5 - 2) * 0.0003
+
+        def act(i: int, eid: str = eid, skew: float = skew) -> str:
+            if i == 0:
+                time.sleep(max(-skew, 0))
+                return "pruned" if storage.prune(policy, 5_000).executions else "spared"
+            time.sleep(max(skew, 0))
+            try:
+                storage.reopen_execution(eid, 4_000)
+            except UnknownExecution:
+                return "gone"
+            return "reopened"
+
+        pruner, reopener = run_concurrently(2, act)
+        record = storage.get_execution(eid)
+        timers = {t.timer_id for t in storage.due_timers(1 << 40, 1_000)}
+        if record is None:
+            assert (pruner, reopener) == ("pruned", "gone")
+            assert storage.list_steps(eid) == []
+            assert storage.get_promise(f"p-{eid}") is None
+            assert storage.read_integrity(eid) is None
+            assert f"t-{eid}" not in timers
+        else:
+            assert (pruner, reopener) == ("spared", "reopened")
+            assert record.status is ExecutionStatus.RUNNING
+            assert len(storage.list_steps(eid)) == 3
+            assert storage.get_promise(f"p-{eid}") is not None
+            assert storage.read_integrity(eid) == (1, f"{eid}:1".encode())
+            assert f"t-{eid}" in timers
+
+
+def test_stale_running_lists_running_executions_not_updated_since(storage: Storage) -> None:
+    create(storage, "new", now_ms=3_000)
+    create(storage, "old", now_ms=1_000)
+    create(storage, "mid", now_ms=2_000)
+    create(storage, "done", now_ms=500)
+    storage.finalize_execution("done", ExecutionStatus.FAILED, 600)
+    create(storage, "touched", now_ms=100)
+    storage.abort_generation("touched", 0, 5_000)  # bumps updated_at
+    assert storage.stale_running(3_000, 10) == [("old", "wf"), ("mid", "wf")]
+    assert storage.stale_running(3_001, 1) == [("old", "wf")]
+    assert storage.stale_running(1_000, 10) == []
+    assert storage.stale_running(10_000, 0) == []

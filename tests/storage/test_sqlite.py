@@ -17,7 +17,16 @@ from unbroken.errors import (
     SchemaTooNew,
     StorageError,
 )
-from unbroken.journal import EntryKind, JournalEntry
+from unbroken.journal import (
+    EntryKind,
+    ExecutionStatus,
+    JournalEntry,
+    PromiseRecord,
+    PromiseState,
+    PruneReport,
+    RetentionPolicy,
+    TimerRecord,
+)
 from unbroken.storage.base import SCHEMA_VERSION
 from unbroken.storage.memory import MemoryStorage
 from unbroken.storage.schema import APPLICATION_ID, MIGRATIONS, migration_statements
@@ -480,3 +489,152 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> 
     finally:
         storage.close()
     assert raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_version_2_database_is_migrated_to_3_and_keeps_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "v2.db"
+    with closing(sqlite3.connect(db)) as conn:
+        for migration in MIGRATIONS[:2]:
+            for sql in migration:
+                conn.execute(sql)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute(
+            "INSERT INTO executions (execution_id, workflow, status, created_at, updated_at) "
+            "VALUES ('old', 'wf', 'running', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, "
+            "idem_key, payload, created_at, hmac) VALUES ('old', 0, 0, 'result', 's', "
+            "'idempotent', x'00', x'31', 1, NULL), ('old', 0, 1, 'intent', 's', "
+            "'exactly_once_guarded', x'01', NULL, 1, x'0a0b')"
+        )
+        conn.execute("INSERT INTO integrity VALUES ('old', 1, x'0102', 1)")
+        conn.execute("INSERT INTO keys VALUES (0, x'0303', 1)")
+        conn.commit()
+    storage = SqliteStorage(db)
+    storage.open()
+    try:
+        rows = storage.read_segment("old", 0, 0, 10)
+        assert [(r.kind, r.payload, r.hmac, r.folded) for r in rows] == [
+            (EntryKind.RESULT, b"1", None, 0),
+            (EntryKind.INTENT, None, b"\x0a\x0b", 0),
+        ]
+        assert storage.read_integrity("old") == (1, b"\x01\x02")
+        assert storage.key_verifiers() == {0: b"\x03\x03"}
+        assert storage.count_outcomes("old") == 1
+        # the v3 tables work on the migrated file
+        control = JournalEntry(
+            "old", 0, 2, EntryKind.CONTROL, "wait", "idempotent", b"k" * 32, None, 2
+        )
+        storage.create_promise(
+            control,
+            PromiseRecord("p", "old", 0, 2, "wait", b"h" * 32, PromiseState.PENDING, None, 2),
+        )
+        assert storage.promise_states(["p"]) == {"p": PromiseState.PENDING}
+    finally:
+        storage.close()
+    assert raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    tables = {name for (name,) in raw(db, "SELECT name FROM sqlite_master")}
+    assert {"promises", "timers", "idx_timers_due", "idx_promises_execution"} <= tables
+
+
+def _finished(store: SqliteStorage, execution_id: str, finalized_at_ms: int = 2_000) -> None:
+    """A completed execution with a result, a promise, a timer and an integrity row."""
+    store.create_execution(execution_id, "wf", b"in", 1)
+    store.append([result(execution_id, 0)], signer=lambda eid, n: b"mac")
+    for step, kind in ((1, "promise"), (2, "timer")):
+        control = JournalEntry(
+            execution_id, 0, step, EntryKind.CONTROL, kind, "idempotent", b"k" * 32, None, 1
+        )
+        if kind == "promise":
+            record = PromiseRecord(
+                f"p-{execution_id}",
+                execution_id,
+                0,
+                1,
+                "p",
+                b"h" * 32,
+                PromiseState.RESOLVED,
+                b"value",
+                1,
+                1,
+            )
+            store.create_promise(control, record)
+        else:
+            store.arm_timer(
+                control, TimerRecord(f"t-{execution_id}", execution_id, 0, 2, 9, False, 1)
+            )
+    store.finalize_execution(execution_id, ExecutionStatus.COMPLETED, finalized_at_ms)
+
+
+_EVERY_TABLE = ("executions", "journal", "promises", "timers", "integrity")
+
+
+def _table_counts(db: Path) -> dict[str, object]:
+    """The number of rows of each table that holds an execution's data."""
+    return {t: raw(db, f"SELECT COUNT(*) FROM {t}")[0][0] for t in _EVERY_TABLE}
+
+
+def test_prune_deletes_every_row_of_an_execution_and_nothing_else(
+    store: SqliteStorage, db_path: Path
+) -> None:
+    _finished(store, "gone", finalized_at_ms=1_000)
+    _finished(store, "kept", finalized_at_ms=9_000)
+    policy = RetentionPolicy(5_000, 5_000, max_executions=0, max_journal_bytes=0)
+    assert store.prune(policy, 6_000) == PruneReport(executions=1, journal_rows=3, by_ttl=1)
+    assert _table_counts(db_path) == {
+        "executions": 1,
+        "journal": 3,
+        "promises": 1,
+        "timers": 1,
+        "integrity": 1,
+    }
+    assert raw(db_path, "SELECT DISTINCT execution_id FROM journal") == [("kept",)]
+
+
+def test_prune_commits_one_transaction_per_batch(store: SqliteStorage, db_path: Path) -> None:
+    for n in range(7):
+        _finished(store, f"ex-{n}", finalized_at_ms=1_000 + n)
+    statements: list[str] = []
+    store._conn("t").set_trace_callback(statements.append)
+    policy = RetentionPolicy(0, 0, max_executions=0, max_journal_bytes=0, batch_size=3)
+    try:
+        assert store.prune(policy, 10_000).executions == 7
+    finally:
+        store._conn("t").set_trace_callback(None)
+    assert statements.count("BEGIN IMMEDIATE") == 3  # 3 + 3 + 1
+    assert statements.count("COMMIT") == 3
+    deletes = [s for s in statements if s.startswith("DELETE FROM executions")]
+    assert [d.count("'ex-") or d.count("?") for d in deletes] == [3, 3, 1]
+    assert _table_counts(db_path) == dict.fromkeys(_EVERY_TABLE, 0)
+
+
+def test_a_dry_run_does_not_wait_for_the_write_lock(store: SqliteStorage, db_path: Path) -> None:
+    _finished(store, "ex-1", finalized_at_ms=1_000)
+    policy = RetentionPolicy(0, 0, max_executions=0, max_journal_bytes=0)
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process is writing
+        try:
+            assert store.prune(policy, 5_000, dry_run=True).executions == 1
+        finally:
+            other.execute("ROLLBACK")
+    assert store.get_execution("ex-1") is not None
+
+
+def test_storage_errors_of_promises_and_folds_carry_metadata_only(store: SqliteStorage) -> None:
+    _finished(store, "ex-1")
+    secret = b"TOP-SECRET-VALUE"
+    control = JournalEntry("ex-1", 0, 7, EntryKind.CONTROL, "p", "idempotent", secret, secret, 1)
+    record = PromiseRecord("p-ex-1", "ex-1", 0, 7, "p", secret, PromiseState.PENDING, secret, 1)
+    with pytest.raises(StorageError) as excinfo:
+        store.create_promise(control, record)
+    assert "already exists" in str(excinfo.value)
+    checkpoint = JournalEntry(
+        "ex-1", 0, 9, EntryKind.CHECKPOINT, "c", "idempotent", secret, secret, 1, folded=5
+    )
+    with pytest.raises(StorageError) as fold_error:
+        store.fold(checkpoint, [1])
+    for error in (excinfo.value, fold_error.value):
+        assert secret.decode() not in str(error)
+    assert not store._conn("t").in_transaction

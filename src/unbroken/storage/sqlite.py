@@ -36,6 +36,7 @@ from ..journal import (
 )
 from .base import SCHEMA_VERSION, Signer, outcomes_by_execution
 from .schema import APPLICATION_ID, migration_statements
+from .sqlite_retention import SqliteV3Methods
 
 __all__ = ["SqliteStorage"]
 
@@ -48,11 +49,11 @@ _EXECUTION_COLUMNS = (
 _SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = ?"
 _ENTRY_COLUMNS = (
     "execution_id, generation, step_id, kind, name, effect, idem_key, payload, created_at, seq, "
-    "hmac"
+    "hmac, folded"
 )
 _INSERT_ENTRY = (
     "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, idem_key, "
-    "payload, created_at, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "payload, created_at, hmac, folded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _BUMP_INTEGRITY = (
     "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?) "
@@ -65,7 +66,8 @@ _COUNT_SEALED = (
     "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(inputs, 1, 1) = :k) "
     "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(output, 1, 1) = :k) "
     "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(error, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTR(mac, 1, 1) = :k)"
+    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTR(mac, 1, 1) = :k) "
+    "+ (SELECT COUNT(*) FROM promises WHERE SUBSTR(payload, 1, 1) = :k)"
 )
 _INSPECT = (
     "SELECT (SELECT application_id FROM pragma_application_id), "
@@ -86,8 +88,9 @@ class _Holder:
         self.conn = conn
 
 
-class SqliteStorage:
-    """The SQLite backend of the ``Storage`` protocol.
+class SqliteStorage(SqliteV3Methods):
+    """The SQLite backend of the ``Storage`` protocol (promises, timers, folds and
+    retention live in ``SqliteV3Methods``).
 
     Args:
         path: The database file; created on ``open`` unless ``create`` is false.
@@ -242,6 +245,13 @@ class SqliteStorage:
         with _transaction(conn, op):
             yield conn
 
+    @contextmanager
+    def _snapshot(self, op: str) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside a read transaction: one consistent snapshot."""
+        conn = self._conn(op)
+        with _transaction(conn, op, "BEGIN DEFERRED"):
+            yield conn
+
     def _query(
         self, op: str, sql: str, params: Sequence[Any] | dict[str, Any] = ()
     ) -> list[Any]:
@@ -251,6 +261,15 @@ class SqliteStorage:
             return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise _storage_error(op, exc) from exc
+
+    def _entries(self, op: str, where: str, params: Sequence[Any]) -> list[JournalEntry]:
+        """The journal rows ``WHERE <where>`` as entries."""
+        rows = self._query(op, f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE {where}", params)
+        return [_entry(row) for row in rows]
+
+    def _insert_entry(self, conn: sqlite3.Connection, entry: JournalEntry) -> None:
+        """Insert one journal row inside the caller's write transaction."""
+        conn.execute(_INSERT_ENTRY, _insert_params(entry))
 
     # -- executions -------------------------------------------------------------------
 
@@ -396,23 +415,16 @@ class SqliteStorage:
         self, execution_id: str, generation: int, from_step: int, limit: int
     ) -> list[JournalEntry]:
         """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
-        rows = self._query(
+        return self._entries(
             "read_segment",
-            f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE execution_id = ? AND generation = ? "
-            "AND step_id >= ? ORDER BY step_id, seq LIMIT ?",
+            "execution_id = ? AND generation = ? AND step_id >= ? ORDER BY step_id, seq LIMIT ?",
             (execution_id, generation, from_step, max(limit, 0)),
         )
-        return [_entry(row) for row in rows]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
         """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
-        rows = self._query(
-            "find_by_key",
-            f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE execution_id = ? AND idem_key = ? "
-            "ORDER BY seq",
-            (execution_id, idem_key),
-        )
-        return [_entry(row) for row in rows]
+        where = "execution_id = ? AND idem_key = ? ORDER BY seq"
+        return self._entries("find_by_key", where, (execution_id, idem_key))
 
     def list_steps(self, execution_id: str) -> list[StepInfo]:
         """Metadata of every journal row of the execution, by ``seq``; payloads stay in
@@ -446,10 +458,13 @@ class SqliteStorage:
         return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
 
     def count_outcomes(self, execution_id: str) -> int:
-        """``result`` and ``error`` rows of the execution, every generation."""
+        """``result`` and ``error`` rows of the execution, every generation, plus the
+        ``folded`` counts of its checkpoint rows."""
         rows = self._query(
             "count_outcomes",
-            "SELECT COUNT(*) FROM journal WHERE execution_id = ? AND kind IN ('result', 'error')",
+            "SELECT COALESCE(SUM(CASE WHEN kind IN ('result', 'error') THEN 1 "
+            "WHEN kind = 'checkpoint' THEN folded ELSE 0 END), 0) FROM journal "
+            "WHERE execution_id = ?",
             (execution_id,),
         )
         return int(rows[0][0])
@@ -482,13 +497,15 @@ class SqliteStorage:
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection, op: str) -> Iterator[None]:
+def _transaction(
+    conn: sqlite3.Connection, op: str, begin: str = "BEGIN IMMEDIATE"
+) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; ``ROLLBACK`` and re-raise on any error.
 
     ``sqlite3`` errors come out as ``StorageError(op)`` with the cause chained.
     """
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(begin)
     except sqlite3.Error as exc:
         raise _storage_error(op, exc) from exc
     try:
@@ -567,13 +584,13 @@ def _insert_params(e: JournalEntry) -> tuple[Any, ...]:
     """The ``_INSERT_ENTRY`` parameters of an entry (its ``seq`` is the database's to give)."""
     kind = EntryKind(e.kind).value
     head = (e.execution_id, e.generation, e.step_id, kind, e.name, e.effect)
-    return (*head, e.idem_key, e.payload, e.created_at_ms, e.hmac)
+    return (*head, e.idem_key, e.payload, e.created_at_ms, e.hmac, e.folded)
 
 
 def _entry(row: Sequence[Any]) -> JournalEntry:
     """A ``journal`` row (``_ENTRY_COLUMNS`` order) as an entry."""
-    eid, generation, step_id, kind, name, effect, idem_key, payload, created, seq, mac = row
+    eid, generation, step_id, kind, name, effect, idem_key, payload, created, seq, mac, n = row
     return JournalEntry(
         eid, generation, step_id, EntryKind(kind), name, effect, idem_key, payload, created, seq,
-        mac,
+        mac, n,
     )
