@@ -4,7 +4,7 @@ Every command works on the database directly, with no application running: it op
 storage synchronously, never creates a missing database file, and prints metadata only:
 payload bytes never leave the database (INV-5). ``--json`` puts only JSON on stdout.
 
-Exit codes: 0 ok, 1 not found, 2 usage or database error. Errors are one line on stderr
+Exit codes: 0 ok, 1 not found or refused, 2 usage or database error. Errors are one line on stderr
 (``error: ...``), never a traceback, and a database URL's password is never printed.
 """
 
@@ -455,3 +455,8 @@ def _drop_previous(
         write_key_file(path, without_previous(ring))
     verb = "would drop" if dry_run else "dropped"
     click.echo(f"{verb} the previous key (id {previous.key_id}) from {path}")
+
+
+# The operating commands (cancel, resolve, prune) live in their own module and register
+# themselves on ``main``; importing it here makes ``unbroken.cli.main`` complete.
+from . import cli_operate  # noqa: E402, F401
