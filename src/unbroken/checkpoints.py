@@ -27,12 +27,17 @@ _ROW_OVERHEAD = 160
 """A folded row's encoded size beyond its payload (name, key, numbers, JSON framing)."""
 
 
+_CHECKPOINT_KEY = bytes(32)
+"""A checkpoint row's key: it stands for no single step."""
+
+
 def _where(run: RunServices, step_id: int) -> dict[str, Any]:
     return {
         "execution_id": run.execution_id,
         "generation": run.generation,
         "step_id": step_id,
         "kind": EntryKind.CHECKPOINT.value,
+        "idem_key": _CHECKPOINT_KEY,
     }
 
 
@@ -63,6 +68,7 @@ async def read_folded(run: RunServices) -> list[JournalEntry]:
 async def fold(run: RunServices, up_to: int) -> None:
     """Fold the idempotent outcomes below step ``up_to`` that fit in one payload."""
     try:
+        await run.writer.flush()  # the prefix is mostly still buffered when the fold starts
         picked = _fitting(await _prefix(run, up_to), run.config.max_payload_bytes)
         if not picked:
             return
@@ -87,7 +93,7 @@ async def fold(run: RunServices, up_to: int) -> None:
             EntryKind.CHECKPOINT,
             "unbroken.checkpoint",
             "checkpoint",
-            bytes(32),
+            _CHECKPOINT_KEY,
             payload,
             now_ms(),
             folded=len(picked),

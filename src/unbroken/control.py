@@ -88,7 +88,7 @@ async def sleep_until(
     if row is not None:
         due_ms = int(run.payloads.open_entry(row)["due_at_ms"])
     else:
-        due_ms = int((deadline if deadline is not None else run.clock.now() + delay) * 1000)
+        due_ms = math.ceil((deadline if deadline is not None else run.clock.now() + delay) * 1000)
         entry = ctx._control_entry(call, {"due_at_ms": due_ms})
         eid, gen = run.execution_id, run.generation
         timer = TimerRecord(

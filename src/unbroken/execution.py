@@ -143,9 +143,24 @@ class Run:
         self.canceled = await self.services.writer.call(
             lambda s: s.finalize_execution(eid, ExecutionStatus.CANCELED, now_ms())
         )
-        if not self.future.done():
+        if self.future.done():
+            return
+        if self.canceled:
             self.future.set_exception(ExecutionCanceled(eid))
             self.future.exception()  # retrieved: a canceled run needs no one to await it
+            return
+        # The workflow's own finalize won the race: report what it wrote.
+        services = self.services
+        row = await services.read(services.storage.get_execution, eid)
+        if row is not None and row.status is ExecutionStatus.COMPLETED:
+            output = services.payloads.open(
+                row.output, "execution output", execution_id=eid, kind="output"
+            )
+            self.future.set_result(output)
+        else:
+            status = row.status.value if row is not None else "pruned"
+            error_type = (row.error_type if row is not None else None) or "unknown"
+            self.future.set_exception(ExecutionFailed(eid, error_type, status))
 
     async def _next_generation(self) -> int:
         """Mark the current generation aborted; the execution stays ``running`` (FR-DE-03)."""

@@ -14,6 +14,7 @@ progressed for ``stale_running_after_secs``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -74,9 +75,8 @@ class Retention:
         """One sweep and one prune; returns (executions swept, prune report)."""
         swept = 0 if dry_run else await self.sweep()
         now_ms = int(self._clock.now() * 1000)
-        report: PruneReport = await self._io(
-            self._storage.prune, policy_from(self._config), now_ms, dry_run=dry_run
-        )
+        prune = functools.partial(self._storage.prune, dry_run=dry_run)
+        report: PruneReport = await self._io(prune, policy_from(self._config), now_ms)
         if swept or report.executions:
             log.info(
                 "retention: swept %d orphans, pruned %d executions (%d journal rows)",

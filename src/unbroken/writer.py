@@ -148,7 +148,10 @@ class JournalWriter:
             self._requests += 1
             self._cond.notify()
         try:
-            return await asyncio.wait_for(request.future, self.ack_timeout_ms / 1000)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives just as the reply does.
+            async with asyncio.timeout(self.ack_timeout_ms / 1000):
+                return await request.future
         except TimeoutError:
             raise JournalUnavailable(self.ack_timeout_ms) from None
 
