@@ -111,3 +111,46 @@ async def test_cancel_racing_finalize_has_exactly_one_terminal_winner(
         assert outcome == "canceled" and info.status == ExecutionStatus.CANCELED
     else:
         assert outcome == "done" and info.status == ExecutionStatus.COMPLETED
+
+
+@pytest.mark.parametrize("trial", range(20))
+async def test_cancel_racing_recovery_has_exactly_one_terminal_winner(
+    tmp_path: Path, trial: int
+) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    first = Engine(url)
+
+    async def wf(ctx: Context) -> str:
+        await ctx.step("a", lambda: None)
+        await ctx.step("b", asyncio.sleep, 0.002 * (trial % 3))
+        return "done"
+
+    first.workflow(name="wf")(wf)
+    async with first:
+        with crash_after_step(first, 0), pytest.raises(SimulatedCrash):
+            await first.run(wf, execution_id="orphan")
+    recoverer = Engine(url)
+    recoverer.workflow(name="wf")(wf)
+    canceler = Engine(url)  # its own flocks: as another process
+
+    async def cancel() -> str:
+        await asyncio.sleep(0.001 * (trial % 4))
+        try:
+            return "canceled" if await canceler.cancel("orphan") else "not-canceled"
+        except ExecutionLocked:
+            return "refused"
+
+    async with canceler:
+        verdict, _ = await asyncio.gather(cancel(), recoverer.__aenter__())  # a real race
+        try:
+            outcome = await recoverer.run(wf, execution_id="orphan")
+        except ExecutionCanceled:
+            outcome = "canceled"
+        finally:
+            await recoverer.close()
+        info = await canceler.get_execution("orphan")
+    assert info is not None
+    if verdict == "canceled":
+        assert info.status == ExecutionStatus.CANCELED and outcome == "canceled"
+    else:
+        assert info.status == ExecutionStatus.COMPLETED and outcome == "done"

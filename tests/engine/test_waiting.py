@@ -339,3 +339,34 @@ async def test_a_memory_engine_shares_promises_across_engines_on_one_storage() -
         await first.start(wf, execution_id="m")
         pid, token = await _promise_of(first, "m")
         assert await first.resolve_promise(pid, token, "v")
+
+
+async def test_a_value_that_is_not_json_able_is_refused_and_nothing_is_lost(
+    make_engine: EngineFactory,
+) -> None:
+    from unbroken import EncodeError
+
+    engine = make_engine()
+    wf = _approval_workflow(engine)
+    async with engine:
+        handle = await engine.start(wf, execution_id="j")
+        pid, token = await _promise_of(engine, "j")
+        with pytest.raises(EncodeError):
+            await engine.resolve_promise(pid, token, object())
+        assert await engine.resolve_promise(pid, token, "fine")  # still pending, still works
+        assert await handle.result() == "fine"
+
+
+async def test_a_promise_of_a_pruned_execution_is_unknown(make_engine: EngineFactory) -> None:
+    clock = VirtualClock(autojump_after=None)
+    engine = make_engine(clock=clock, ttl_failed_secs=1)
+    wf = _approval_workflow(engine)
+    async with engine:
+        await engine.start(wf, execution_id="gone")
+        pid, token = await _promise_of(engine, "gone")
+        await engine.cancel("gone")
+        clock.advance(10)
+        await engine.prune()
+        assert await engine.get_execution("gone") is None
+        with pytest.raises(UnknownPromise):
+            await engine.resolve_promise(pid, token, 1)
