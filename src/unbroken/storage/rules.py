@@ -1,0 +1,106 @@
+"""Rules every backend applies the same way: retention, control rows, outcomes (layer: storage).
+
+The backends differ in how they find and delete rows (SQL on SQLite, dict scans in memory),
+not in what they decide: which rules pruning runs and in what order, when a terminal
+execution is past its TTL, how far over a cap the store is, which candidates a size cap
+takes, what a promise or timer's journal row must be, and what a settled promise is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from ..journal import (
+    EntryKind,
+    ExecutionRecord,
+    ExecutionStatus,
+    JournalEntry,
+    PromiseState,
+    RetentionPolicy,
+)
+
+__all__ = [
+    "PHASES",
+    "Phase",
+    "active_phases",
+    "check_control",
+    "count_excess",
+    "expired",
+    "outcomes_of",
+    "settled_state",
+    "take_to_fit",
+    "ttl_cutoffs",
+]
+
+Phase = Literal["ttl", "count", "size"]
+PHASES: tuple[Phase, ...] = ("ttl", "count", "size")
+"""The order pruning applies its rules in: TTL first, then the count cap, then the size."""
+
+_OUTCOMES = (EntryKind.RESULT, EntryKind.ERROR)
+
+
+def active_phases(policy: RetentionPolicy) -> list[Phase]:
+    """The rules a policy turns on: the TTL always, each cap unless it is zero."""
+    caps = {"count": policy.max_executions, "size": policy.max_journal_bytes}
+    return [phase for phase in PHASES if caps.get(phase, 1) > 0]
+
+
+def ttl_cutoffs(policy: RetentionPolicy, now_ms: int) -> tuple[int, int]:
+    """``(completed, failed)``: a terminal execution finalized at or before its cutoff is
+    past its TTL; the second cutoff is for ``failed``, ``aborted`` and ``canceled``."""
+    return now_ms - policy.ttl_completed_ms, now_ms - policy.ttl_failed_ms
+
+
+def expired(record: ExecutionRecord, policy: RetentionPolicy, now_ms: int) -> bool:
+    """Whether a terminal execution is past its TTL."""
+    completed, failed = ttl_cutoffs(policy, now_ms)
+    cutoff = completed if record.status is ExecutionStatus.COMPLETED else failed
+    return record.finalized_at_ms is not None and record.finalized_at_ms <= cutoff
+
+
+def count_excess(policy: RetentionPolicy, executions: int) -> int:
+    """How many executions the count cap removes from ``executions`` (0 when it is off)."""
+    if policy.max_executions <= 0:
+        return 0
+    return max(executions - policy.max_executions, 0)
+
+
+def take_to_fit(
+    candidates: Iterable[str],
+    total_bytes: int,
+    policy: RetentionPolicy,
+    limit: int,
+    bytes_of: Callable[[str], int],
+) -> list[str]:
+    """The first candidates (at most ``limit``) whose removal brings ``total_bytes`` down
+    to the size cap; ``bytes_of`` gives what removing one frees."""
+    chosen: list[str] = []
+    for execution_id in candidates:
+        if total_bytes <= policy.max_journal_bytes or len(chosen) >= limit:
+            break
+        chosen.append(execution_id)
+        total_bytes -= bytes_of(execution_id)
+    return chosen
+
+
+def outcomes_of(entry: JournalEntry) -> int:
+    """How many committed outcomes a row stands for: 1 for a result or error, ``folded``
+    for a checkpoint, 0 otherwise."""
+    if entry.kind in _OUTCOMES:
+        return 1
+    return entry.folded if entry.kind is EntryKind.CHECKPOINT else 0
+
+
+def check_control(entry: JournalEntry, execution_id: str) -> None:
+    """Refuse a promise's or timer's journal row that is not its control row."""
+    if EntryKind(entry.kind) is not EntryKind.CONTROL or entry.execution_id != execution_id:
+        raise ValueError("the journal entry must be a control row of the same execution")
+
+
+def settled_state(state: PromiseState) -> PromiseState:
+    """``state`` as a member; ``ValueError`` unless it is resolved or rejected."""
+    settled = PromiseState(state)
+    if settled is PromiseState.PENDING:
+        raise ValueError("a promise is settled as resolved or rejected, not pending")
+    return settled

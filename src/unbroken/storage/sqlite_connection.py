@@ -1,0 +1,298 @@
+"""SQLite connections: the database file, one connection per thread, transactions (layer: storage).
+
+Every write runs in an explicit ``BEGIN IMMEDIATE ... COMMIT`` (``ROLLBACK`` on error), so a
+batch is all-or-nothing and two processes never interleave half-written batches. Reads are
+single statements in autocommit mode. ``open`` inspects a database before it writes
+anything: a file that is not SQLite, holds someone else's tables or carries a newer schema
+is refused and left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigurationError, NotAnUnbrokenDatabase, SchemaTooNew, StorageError
+from ..journal import JournalEntry
+from .base import SCHEMA_VERSION
+from .schema import APPLICATION_ID, migration_statements
+from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
+
+__all__ = ["SqliteConnections"]
+
+_BUSY_TIMEOUT_MS = 5000
+
+_INSPECT = (
+    "SELECT (SELECT application_id FROM pragma_application_id), "
+    "(SELECT user_version FROM pragma_user_version), (SELECT COUNT(*) FROM sqlite_master)"
+)
+
+
+class _Holder:
+    """Lives in the thread-local slot; when its thread ends, its connection is closed."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+class SqliteConnections:
+    """The database file and one connection per thread to it: open, migrate, close, and
+    the transactions and reads every part of ``SqliteStorage`` runs on (whose docstring
+    describes the arguments)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        create: bool = True,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ConfigurationError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self._path = Path(path)
+        self._synchronous = synchronous
+        self._create = create
+        # Re-entrant: a thread's connection may be released (see _release) while it holds it.
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._connections: set[sqlite3.Connection] = set()
+        self._is_open = False
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def lock_dir(self) -> Path | None:
+        """``<db>.locks``: the directory of per-execution lock files (INV-15)."""
+        return Path(str(self._path) + ".locks")
+
+    @property
+    def display_url(self) -> str:
+        """``sqlite:///`` followed by the path (four slashes for an absolute path)."""
+        return "sqlite:///" + str(self._path)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, create or migrate the schema; refuse foreign or newer databases.
+
+        Raises:
+            StorageError: the file is missing and ``create`` is false, or SQLite failed.
+            NotAnUnbrokenDatabase: the file is not SQLite or holds someone else's data.
+            SchemaTooNew: the database was written by a newer unbroken.
+        """
+        with self._lock:
+            if self._is_open:
+                return
+            if not self._create and not self._path.exists():
+                raise StorageError("open", f"database file {self._path} does not exist")
+            self._track(self._connect("open", prepare=True))
+            self._is_open = True
+
+    def close(self) -> None:
+        """Close every connection of every thread. Idempotent."""
+        with self._lock:
+            connections, self._connections = self._connections, set()
+            old_local, self._local = self._local, threading.local()
+            self._is_open = False
+        del old_local  # its holders' finalizers run now, outside the lock
+        for conn in connections:
+            _close_quietly(conn)
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Inspect the database (reads only), then switch to WAL and migrate."""
+        version = self._inspect(conn)
+        if version == 0 and not self._create:
+            # Operator tools open with create=False: never turn an empty file into a journal.
+            raise NotAnUnbrokenDatabase(str(self._path))
+        _enable_wal(conn)
+        if version == SCHEMA_VERSION:
+            return
+        with _transaction(conn, "open"):
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            for sql in migration_statements(self._inspect(conn)):
+                conn.execute(sql)
+
+    def _inspect(self, conn: sqlite3.Connection) -> int:
+        """The schema version of an acceptable database; raise for any other."""
+        # One statement, so one snapshot: another process may be migrating right now.
+        app_id, version, objects = conn.execute(_INSPECT).fetchone()
+        if app_id == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(version, SCHEMA_VERSION)
+            return int(version)
+        if app_id == 0 and version == 0 and objects == 0:
+            return 0
+        raise NotAnUnbrokenDatabase(str(self._path))
+
+    def _connect(self, op: str, *, prepare: bool = False) -> sqlite3.Connection:
+        """A new connection with the per-connection PRAGMAs.
+
+        With ``prepare`` (on ``open``) the database is inspected before anything is
+        written to it, then switched to WAL and migrated.
+        """
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._failure(op, exc) from exc
+        try:
+            # Wait for another connection's write lock instead of failing with SQLITE_BUSY.
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # SQLite leaves foreign keys off by default; journal rows must name an execution.
+            conn.execute("PRAGMA foreign_keys = ON")
+            # NORMAL survives a process crash in WAL mode; FULL also survives power loss.
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            if prepare:
+                self._prepare(conn)
+            else:
+                _enable_wal(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._failure(op, exc) from exc
+            raise
+        return conn
+
+    def _failure(self, op: str, exc: sqlite3.Error) -> StorageError:
+        """``NotAnUnbrokenDatabase`` if the file is not SQLite, else ``StorageError(op)``."""
+        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB":
+            return NotAnUnbrokenDatabase(str(self._path))
+        return _storage_error(op, exc)
+
+    def _track(self, conn: sqlite3.Connection) -> None:
+        """Register ``conn`` as this thread's connection (caller holds ``self._lock``)."""
+        holder = _Holder(conn)
+        self._local.holder = holder
+        self._connections.add(conn)
+        weakref.finalize(holder, _release, self._lock, self._connections, conn)
+
+    def _conn(self, op: str) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        holder: _Holder | None = getattr(self._local, "holder", None)
+        if holder is not None:
+            return holder.conn
+        with self._lock:
+            if not self._is_open:
+                raise StorageError(op, "the storage is not open")
+            conn = self._connect(op)
+            self._track(conn)
+        return conn
+
+    @contextmanager
+    def _write(self, op: str) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside a ``BEGIN IMMEDIATE`` transaction."""
+        conn = self._conn(op)
+        with _transaction(conn, op):
+            yield conn
+
+    @contextmanager
+    def _snapshot(self, op: str) -> Iterator[sqlite3.Connection]:
+        """This thread's connection inside a read transaction: one consistent snapshot."""
+        conn = self._conn(op)
+        with _transaction(conn, op, "BEGIN DEFERRED"):
+            yield conn
+
+    def _query(self, op: str, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """Run one read statement and fetch every row."""
+        conn = self._conn(op)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(op, exc) from exc
+
+    def _entries(self, op: str, where: str, params: Sequence[Any]) -> list[JournalEntry]:
+        """The journal rows ``WHERE <where>`` as entries."""
+        rows = self._query(op, f"SELECT {ENTRY_COLUMNS} FROM journal WHERE {where}", params)
+        return [entry_from_row(row) for row in rows]
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+@contextmanager
+def _transaction(
+    conn: sqlite3.Connection, op: str, begin: str = "BEGIN IMMEDIATE"
+) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; ``ROLLBACK`` and re-raise on any error.
+
+    ``sqlite3`` errors come out as ``StorageError(op)`` with the cause chained.
+    """
+    try:
+        conn.execute(begin)
+    except sqlite3.Error as exc:
+        raise _storage_error(op, exc) from exc
+    try:
+        yield
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        _rollback(conn)
+        raise _storage_error(op, exc) from exc
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the database to WAL (persistent; a no-op once set).
+
+    Changing the journal mode can fail with ``SQLITE_BUSY`` without consulting the busy
+    handler (two processes creating one file at once), so it is retried here.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            # WAL: readers never block the writer, and a commit appends to the log only.
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorname", None) in ("SQLITE_BUSY", "SQLITE_LOCKED")
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"could not enable WAL (journal_mode is {mode})")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already done so."""
+    if conn.in_transaction:
+        # The transaction is gone either way; the original error is the one to report.
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _release(
+    lock: threading.RLock, connections: set[sqlite3.Connection], conn: sqlite3.Connection
+) -> None:
+    """Forget and close the connection of a thread that ended."""
+    with lock:
+        connections.discard(conn)
+    _close_quietly(conn)
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    """Close ``conn``; a failure leaves it unusable anyway, so it is not reported."""
+    with suppress(sqlite3.Error):
+        conn.close()
+
+
+def _storage_error(op: str, exc: sqlite3.Error) -> StorageError:
+    """A metadata-only ``StorageError`` for a sqlite3 failure (SQLite never echoes values)."""
+    text = str(exc)
+    if "UNIQUE constraint failed: journal." in text:
+        detail = "a result or error already exists for this (execution, generation, step)"
+    elif "FOREIGN KEY constraint failed" in text:
+        detail = "the journal entry names an execution that does not exist"
+    else:
+        detail = f"{getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}: {text}"
+    return StorageError(op, detail)

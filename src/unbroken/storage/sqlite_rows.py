@@ -1,0 +1,78 @@
+"""SQLite journal rows and SQL fragments the SQLite modules share (layer: storage).
+
+How a ``JournalEntry`` becomes a ``journal`` row and back, and how a list of ids becomes
+``IN (...)`` lists short enough for SQLite's limit on bound parameters.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..journal import EntryKind, JournalEntry
+
+__all__ = [
+    "CHUNK",
+    "ENTRY_COLUMNS",
+    "INSERT_ENTRY",
+    "chunks",
+    "entry_from_row",
+    "insert_entry",
+    "insert_params",
+    "marks",
+]
+
+CHUNK = 500
+"""Ids per ``IN (...)`` list: far below SQLite's limit on bound parameters."""
+
+ENTRY_COLUMNS = (
+    "execution_id, generation, step_id, kind, name, effect, idem_key, payload, created_at, seq, "
+    "hmac, folded"
+)
+INSERT_ENTRY = (
+    "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, idem_key, "
+    "payload, created_at, hmac, folded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def marks(n: int) -> str:
+    """``n`` comma-separated ``?`` placeholders."""
+    return ", ".join("?" * n)
+
+
+def insert_params(e: JournalEntry) -> tuple[Any, ...]:
+    """The ``INSERT_ENTRY`` parameters of an entry (its ``seq`` is the database's to give)."""
+    kind = EntryKind(e.kind).value
+    head = (e.execution_id, e.generation, e.step_id, kind, e.name, e.effect)
+    return (*head, e.idem_key, e.payload, e.created_at_ms, e.hmac, e.folded)
+
+
+def insert_entry(conn: sqlite3.Connection, entry: JournalEntry) -> None:
+    """Insert one journal row inside the caller's write transaction."""
+    conn.execute(INSERT_ENTRY, insert_params(entry))
+
+
+def entry_from_row(row: Sequence[Any]) -> JournalEntry:
+    """A ``journal`` row (``ENTRY_COLUMNS`` order) as an entry."""
+    eid, generation, step_id, kind, name, effect, idem_key, payload, created, seq, mac, n = row
+    return JournalEntry(
+        eid,
+        generation,
+        step_id,
+        EntryKind(kind),
+        name,
+        effect,
+        idem_key,
+        payload,
+        created,
+        seq,
+        mac,
+        n,
+    )

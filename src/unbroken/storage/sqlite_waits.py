@@ -1,0 +1,156 @@
+"""SQLite promises and timers: what a waiting execution waits on (layer: storage).
+
+Each promise and timer is a row of its own table plus a ``control`` row in the journal,
+inserted together in one ``BEGIN IMMEDIATE``; settling a promise or firing a timer is a
+guarded ``UPDATE``, so the first caller wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from ..errors import StorageError
+from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
+from .rules import check_control, settled_state
+from .sqlite_connection import SqliteConnections
+from .sqlite_rows import chunks, insert_entry, marks
+
+__all__ = ["SqliteWaits"]
+
+_PROMISE_COLUMNS = (
+    "promise_id, execution_id, generation, step_id, name, token_hash, state, payload, "
+    "created_at, settled_at"
+)
+_TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
+
+
+class SqliteWaits(SqliteConnections):
+    """Promises and timers of ``SqliteStorage``."""
+
+    def _insert_control(
+        self, op: str, entry: JournalEntry, table: Literal["promises", "timers"], row: Sequence[Any]
+    ) -> None:
+        """A control row and its promise or timer row (``row[0]`` is its id), in one
+        transaction.
+
+        Raises:
+            StorageError: the promise or timer id exists, or a control row already holds
+                the step; nothing was inserted.
+        """
+        noun, columns = (
+            ("promise", _PROMISE_COLUMNS) if table == "promises" else ("timer", _TIMER_COLUMNS)
+        )
+        with self._write(op) as conn:
+            if conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = ?", (row[0],)).fetchone():
+                raise StorageError(op, f"a {noun} with this id already exists")
+            if conn.execute(
+                "SELECT 1 FROM journal WHERE execution_id = ? AND generation = ? AND step_id = ? "
+                "AND kind = 'control' LIMIT 1",
+                (entry.execution_id, entry.generation, entry.step_id),
+            ).fetchone():
+                raise StorageError(op, "a control row already holds this step")
+            insert_entry(conn, entry)
+            conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks(len(row))})", row)
+
+    # -- promises ---------------------------------------------------------------------
+
+    def create_promise(self, entry: JournalEntry, promise: PromiseRecord) -> None:
+        """Insert a promise's control row and its promise row in one transaction.
+
+        Raises:
+            ValueError: ``entry`` is not a control row of the promise's execution.
+            StorageError: the promise id or the control row's slot already exists, or the
+                execution does not; nothing was inserted.
+        """
+        check_control(entry, promise.execution_id)
+        p = promise
+        head = (p.promise_id, p.execution_id, p.generation, p.step_id, p.name, p.token_hash)
+        row = (*head, PromiseState(p.state).value, p.payload, p.created_at_ms, p.settled_at_ms)
+        self._insert_control("create_promise", entry, "promises", row)
+
+    def get_promise(self, promise_id: str) -> PromiseRecord | None:
+        """The promise row, or ``None``."""
+        rows = self._query(
+            "get_promise",
+            f"SELECT {_PROMISE_COLUMNS} FROM promises WHERE promise_id = ?",
+            (promise_id,),
+        )
+        if not rows:
+            return None
+        pid, eid, generation, step_id, name, token_hash, state, payload, created, settled = rows[0]
+        return PromiseRecord(
+            pid,
+            eid,
+            generation,
+            step_id,
+            name,
+            token_hash,
+            PromiseState(state),
+            payload,
+            created,
+            settled,
+        )
+
+    def settle_promise(
+        self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
+    ) -> bool:
+        """Resolve or reject a ``pending`` promise; ``False`` if it was not pending.
+
+        Raises:
+            ValueError: ``state`` is ``pending``.
+        """
+        settled = settled_state(state)
+        with self._write("settle_promise") as conn:
+            cursor = conn.execute(
+                "UPDATE promises SET state = ?, payload = ?, settled_at = ? "
+                "WHERE promise_id = ? AND state = 'pending'",
+                (settled.value, payload, now_ms, promise_id),
+            )
+        return cursor.rowcount == 1
+
+    def promise_states(self, promise_ids: Sequence[str]) -> dict[str, PromiseState]:
+        """The state of each promise that exists (one query per 500 ids)."""
+        states: dict[str, PromiseState] = {}
+        for chunk in chunks(list(dict.fromkeys(promise_ids))):
+            in_list = marks(len(chunk))
+            sql = f"SELECT promise_id, state FROM promises WHERE promise_id IN ({in_list})"
+            for promise_id, state in self._query("promise_states", sql, chunk):
+                states[promise_id] = PromiseState(state)
+        return states
+
+    # -- timers -----------------------------------------------------------------------
+
+    def arm_timer(self, entry: JournalEntry, timer: TimerRecord) -> None:
+        """Insert a timer's control row and its timer row in one transaction.
+
+        Raises:
+            ValueError: ``entry`` is not a control row of the timer's execution.
+            StorageError: the timer id or the control row's slot already exists, or the
+                execution does not; nothing was inserted.
+        """
+        check_control(entry, timer.execution_id)
+        t = timer
+        head = (t.timer_id, t.execution_id, t.generation, t.step_id, t.due_at_ms)
+        self._insert_control("arm_timer", entry, "timers", (*head, int(t.fired), t.created_at_ms))
+
+    def fire_timer(self, timer_id: str, now_ms: int) -> bool:
+        """Mark a timer fired; ``False`` if it was already fired or is unknown."""
+        with self._write("fire_timer") as conn:
+            cursor = conn.execute(
+                "UPDATE timers SET fired = 1 WHERE timer_id = ? AND fired = 0", (timer_id,)
+            )
+        return cursor.rowcount == 1
+
+    def due_timers(self, now_ms: int, limit: int) -> list[TimerRecord]:
+        """Unfired timers due at or before ``now_ms``, earliest first."""
+        rows = self._query(
+            "due_timers",
+            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE fired = 0 AND due_at <= ? "
+            "ORDER BY due_at, timer_id LIMIT ?",
+            (now_ms, max(limit, 0)),
+        )
+        return [
+            TimerRecord(tid, eid, generation, step_id, due_at, bool(fired), created)
+            for tid, eid, generation, step_id, due_at, fired, created in rows
+        ]
