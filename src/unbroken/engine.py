@@ -25,27 +25,24 @@ from .clock import Clock, SystemClock
 from .config import Config, load_config
 from .errors import (
     EngineNotOpen,
-    ExecutionCanceled,
-    IntegrityViolation,
     UnbrokenError,
     UnknownExecution,
     UnknownWorkflow,
-    WorkflowMismatch,
 )
 from .execution import ExecutionHandle, Run, Workflow
 from .ids import new_execution_id, validate_execution_id
 from .journal import (
     ExecutionInfo,
-    ExecutionRecord,
     ExecutionStatus,
     PromiseState,
     PruneReport,
     ms_to_datetime,
 )
-from .ownership import OwnedLock, Ownership
+from .launcher import Launcher
+from .ownership import Ownership, SessionLocks
 from .payloads import Payloads, open_payloads
 from .retention import Retention
-from .runtime import FaultPlan, Metrics, RunServices, now_ms
+from .runtime import FaultPlan, Metrics, now_ms
 from .storage import Storage, open_storage
 from .waiting import PromiseWaiters, settle
 from .writer import JournalWriter
@@ -93,8 +90,10 @@ class Engine:
         self._ownership: Ownership | None = None
         self._faults: FaultPlan | None = None  # set by unbroken.testing only
         self._waiters: PromiseWaiters | None = None
+        self._launcher: Launcher | None = None
+        self._warned: set[str] = set()  # unregistered orphans already reported
         self._retention: Retention | None = None
-        self._background: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._payloads = Payloads(None, self.config.max_payload_bytes)  # replaced at open
 
     # -- registry -----------------------------------------------------------------------
@@ -157,7 +156,8 @@ class Engine:
             await loop.run_in_executor(self._reader, self._storage.close)
             self._reader.shutdown(wait=False)
             raise
-        self._ownership = Ownership(self._storage.lock_dir, scope=self._storage)
+        session = self._storage if isinstance(self._storage, SessionLocks) else None
+        self._ownership = Ownership(self._storage.lock_dir, scope=self._storage, session=session)
         cfg = self.config
         self._writer = JournalWriter(
             self._storage,
@@ -178,7 +178,25 @@ class Engine:
             self._read,
             lambda name: name in self._by_name,
         )
-        self._background = loop.create_task(self._retention.run_forever())
+        self._launcher = Launcher(
+            self._storage,
+            self._writer,
+            self._ownership,
+            self._payloads,
+            self.config,
+            self.metrics,
+            self.clock,
+            self._waiters,
+            self._read,
+            lambda: self._stopping,
+            lambda: self._faults,
+            self._results,
+            self._runs,
+        )
+        self._background = [
+            loop.create_task(self._retention.run_forever()),
+            loop.create_task(self._recover_forever()),
+        ]
         self._stopping = False
         self._open = True
         await self.recover()
@@ -197,8 +215,8 @@ class Engine:
         if not self._open:
             return
         self._stopping = True
-        if self._background is not None:
-            self._background.cancel()
+        for task in self._background:
+            task.cancel()
         if self._waiters is not None:
             await self._waiters.close()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
@@ -212,6 +230,11 @@ class Engine:
         await loop.run_in_executor(None, self._storage.close)
         self._reader.shutdown(wait=True)
         self._open = False
+
+    def _require_launcher(self) -> Launcher:
+        if not self._open or self._launcher is None:
+            raise EngineNotOpen()
+        return self._launcher
 
     def _require_open(self) -> tuple[JournalWriter, Ownership]:
         if not self._open or self._writer is None or self._ownership is None:
@@ -256,181 +279,20 @@ class Engine:
         **kwargs: Any,
     ) -> ExecutionHandle:
         """Start (or attach to) an execution and return its handle at once."""
-        self._require_open()
+        launcher = self._require_launcher()
         wf = self._resolve(workflow)
         eid = new_execution_id() if execution_id is None else validate_execution_id(execution_id)
-        existing = self._results.get(eid)
-        if existing is not None:
-            return ExecutionHandle(eid, existing)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._results[eid] = future
-        try:
-            await self._begin(wf, eid, future, args, kwargs)
-        except BaseException as exc:
-            self._results.pop(eid, None)
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved: the caller gets it raised below
-            raise
-        return ExecutionHandle(eid, future)
-
-    async def _begin(
-        self,
-        wf: Workflow,
-        eid: str,
-        future: asyncio.Future[Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        _, ownership = self._require_open()
-        row = await self._read(self._storage.get_execution, eid)
-        if row is not None and self._settled(wf, row, future):
-            self._results.pop(eid, None)
-            return
-        inputs = b""
-        if row is None:
-            inputs = self._encode_inputs(eid, args, kwargs)
-        lock = ownership.acquire(eid)
-        try:
-            row, replaying = await self._claim(wf, eid, inputs, row)
-            if row is None:
-                lock.release()
-                self._results.pop(eid, None)
-                return
-            self._launch(wf, row, replaying, lock, future)
-        except BaseException:
-            lock.release()
-            raise
-
-    async def _claim(
-        self, wf: Workflow, eid: str, inputs: bytes, row: ExecutionRecord | None
-    ) -> tuple[ExecutionRecord | None, bool]:
-        """Under the lock: create, reopen or resume the row. ``None``: it settled meanwhile."""
-        writer, _ = self._require_open()
-        if row is None:
-            row, created = await writer.call(
-                lambda s: s.create_execution(eid, wf.name, inputs, now_ms())
-            )
-            if created:
-                self.metrics.executions_started += 1
-                return row, False
-        row = await self._read(self._storage.get_execution, eid)
-        assert row is not None
-        future = self._results[eid]
-        if self._settled(wf, row, future):
-            return None, False
-        if row.status is not ExecutionStatus.RUNNING:
-            row = await writer.call(lambda s: s.reopen_execution(eid, now_ms()))
-        await self._verify_integrity(eid)
-        return row, True
-
-    async def _verify_integrity(self, eid: str) -> None:
-        """Before resuming: the signed high-water mark must match the journal (ref §4.7)."""
-        storage = self._storage
-        stored = await self._read(storage.read_integrity, eid)
-        outcomes = await self._read(storage.count_outcomes, eid)
-        try:
-            self._payloads.verify_high_water_mark(eid, stored, outcomes)
-        except IntegrityViolation as exc:
-            log.error("execution %r is aborted: %s", eid, exc)
-            writer, _ = self._require_open()
-            error = self._payloads.seal(
-                {"type": type(exc).__name__, "message": str(exc)},
-                "an execution error",
-                execution_id=eid,
-                kind="execution_error",
-            )
-            kind = type(exc).__name__
-            await writer.call(
-                lambda s: s.finalize_execution(
-                    eid, ExecutionStatus.ABORTED, now_ms(), error_type=kind, error=error
-                )
-            )
-            raise
-
-    def _settled(self, wf: Workflow, row: ExecutionRecord, future: asyncio.Future[Any]) -> bool:
-        """Settle ``future`` from a row that needs no run (completed); refuse canceled."""
-        if row.workflow != wf.name:
-            raise WorkflowMismatch(row.execution_id, row.workflow, wf.name)
-        if row.status is ExecutionStatus.CANCELED:
-            raise ExecutionCanceled(row.execution_id)
-        if row.status is ExecutionStatus.COMPLETED:
-            output = self._payloads.open(
-                row.output, "execution output", execution_id=row.execution_id, kind="output"
-            )
-            future.set_result(output)
-            return True
-        return False
-
-    def _launch(
-        self,
-        wf: Workflow,
-        row: ExecutionRecord,
-        replaying: bool,
-        lock: OwnedLock,
-        future: asyncio.Future[Any],
-    ) -> None:
-        writer, _ = self._require_open()
-        assert self._waiters is not None
-        inputs = self._payloads.open(
-            row.inputs, "execution inputs", execution_id=row.execution_id, kind="inputs"
-        )
-        if not isinstance(inputs, dict):
-            inputs = {}
-        services = RunServices(
-            execution_id=row.execution_id,
-            workflow=wf.name,
-            generation=row.generation,
-            storage=self._storage,
-            writer=writer,
-            config=self.config,
-            metrics=self.metrics,
-            read=self._read,
-            payloads=self._payloads,
-            clock=self.clock,
-            waiters=self._waiters,
-            stopping=lambda: self._stopping,
-            faults=self._faults,
-        )
-        run = Run(
-            services,
-            wf,
-            tuple(inputs.get("args", ())),
-            dict(inputs.get("kwargs", {})),
-            replaying,
-            lock,
-            future,
-        )
-        self._runs[row.execution_id] = run
-        run.task = asyncio.get_running_loop().create_task(
-            self._drive(run), name=f"unbroken:{row.execution_id}"
-        )
-
-    async def _drive(self, run: Run) -> None:
-        eid = run.services.execution_id
-        try:
-            await run.drive()
-        finally:
-            self._runs.pop(eid, None)
-            if self._results.get(eid) is run.future:
-                del self._results[eid]
-
-    def _encode_inputs(self, eid: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        return self._payloads.seal(
-            {"args": args, "kwargs": kwargs},
-            f"the inputs of {eid!r}",
-            execution_id=eid,
-            kind="inputs",
-        )
+        return await launcher.start(wf, eid, args, kwargs)
 
     # -- recovery -----------------------------------------------------------------------
 
     async def recover(self) -> list[str]:
         """Resume every orphaned execution of a registered workflow; return their ids.
 
-        Runs on entering ``async with engine``; the executions run as background tasks
-        (their failures are logged). One whose workflow is not registered stays
-        ``running`` with a WARN; one owned by a live process is left to it.
+        Runs on entering ``async with engine`` and every ``stale_owner_secs`` after; the
+        executions run as background tasks (their failures are logged). One whose workflow
+        is not registered stays ``running`` with a WARN (once per engine); one owned by a
+        live process is left to it.
         """
         self._require_open()
         recovered: list[str] = []
@@ -439,6 +301,9 @@ class Engine:
                 continue
             wf = self._by_name.get(name)
             if wf is None:
+                if eid in self._warned:
+                    continue
+                self._warned.add(eid)
                 log.warning(
                     "execution %r of unregistered workflow %r stays running; register the "
                     "workflow to resume it",
@@ -455,6 +320,16 @@ class Engine:
             self.metrics.executions_recovered += 1
             handle._future.add_done_callback(functools.partial(_log_outcome, eid))
         return recovered
+
+    async def _recover_forever(self) -> None:
+        """Pick up executions whose owner died while this engine runs, every
+        ``stale_owner_secs`` (a sibling worker's crash leaves its executions to us)."""
+        while True:
+            await asyncio.sleep(max(self.config.stale_owner_secs, 0.1))
+            try:
+                await self.recover()
+            except Exception:
+                log.warning("periodic recovery failed; retrying", exc_info=True)
 
     # -- inspection ---------------------------------------------------------------------
 

@@ -22,11 +22,12 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol, runtime_checkable
 
 from unbroken.errors import ExecutionLocked, StorageError
 from unbroken.ids import lock_name
 
-__all__ = ["OwnedLock", "Ownership"]
+__all__ = ["OwnedLock", "Ownership", "SessionLocks"]
 
 _PID_BYTES = 32
 
@@ -66,19 +67,41 @@ class OwnedLock:
         self.release()
 
 
+@runtime_checkable
+class SessionLocks(Protocol):
+    """Locks a shared database holds for its client's session (PostgreSQL advisory locks):
+    the server releases them when the owning process dies."""
+
+    def try_lock(self, name: str) -> int | None:
+        """Take the lock ``name``; ``None`` on success, else the holder's pid (0 if unknown)."""
+        ...
+
+    def unlock(self, name: str) -> None:
+        """Give the lock ``name`` back."""
+        ...
+
+
 class Ownership:
     """Grants process-exclusive ownership of executions.
 
     Args:
         lock_dir: the directory of lock files (created with mode 0700 if missing), or
-            ``None`` for in-process ownership.
+            ``None`` for session locks or in-process ownership.
         scope: with no ``lock_dir``, the object within which ids conflict (held weakly);
             defaults to this ``Ownership`` itself.
+        session: a shared database's session locks, used when there is no ``lock_dir``.
     """
 
-    def __init__(self, lock_dir: Path | None, *, scope: object | None = None) -> None:
+    def __init__(
+        self,
+        lock_dir: Path | None,
+        *,
+        scope: object | None = None,
+        session: SessionLocks | None = None,
+    ) -> None:
         self._lock_dir = lock_dir
         self._scope: object = self if scope is None else scope
+        self._session = session
 
     def acquire(self, execution_id: str) -> OwnedLock:
         """Take ownership of an execution without waiting.
@@ -93,9 +116,11 @@ class Ownership:
             ExecutionLocked: another owner holds it (``holder_pid`` 0 when unknown).
             StorageError: the lock directory or file cannot be created or opened.
         """
-        if self._lock_dir is None:
-            return self._acquire_in_process(execution_id)
-        return _acquire_file(self._lock_dir, execution_id)
+        if self._lock_dir is not None:
+            return _acquire_file(self._lock_dir, execution_id)
+        if self._session is not None:
+            return _acquire_session(self._session, execution_id)
+        return self._acquire_in_process(execution_id)
 
     def _acquire_in_process(self, execution_id: str) -> OwnedLock:
         with _registry_guard:
@@ -109,6 +134,14 @@ class Ownership:
                 held.discard(execution_id)
 
         return OwnedLock(execution_id, release)
+
+
+def _acquire_session(session: SessionLocks, execution_id: str) -> OwnedLock:
+    name = lock_name(execution_id)
+    holder = session.try_lock(name)
+    if holder is not None:
+        raise ExecutionLocked(execution_id, holder)
+    return OwnedLock(execution_id, lambda: session.unlock(name))
 
 
 def _acquire_file(lock_dir: Path, execution_id: str) -> OwnedLock:
