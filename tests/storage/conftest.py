@@ -1,9 +1,17 @@
-"""Fixtures for the storage tests: one ``storage`` per backend, opened and closed."""
+"""Fixtures for the storage tests: one ``storage`` per backend, opened and closed.
+
+The ``postgres`` backend runs when ``UNBROKEN_TEST_POSTGRES_URL`` names a database the
+tests may create schemas in; each test gets a fresh schema, dropped afterwards.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,20 +19,67 @@ from unbroken.storage.base import Storage
 from unbroken.storage.memory import MemoryStorage
 from unbroken.storage.sqlite import SqliteStorage
 
+POSTGRES_URL = os.environ.get("UNBROKEN_TEST_POSTGRES_URL", "")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="UNBROKEN_TEST_POSTGRES_URL is not set"
+)
 
-def make_storage(backend: str, tmp_path: Path) -> Storage:
-    """An unopened storage of the named backend (SQLite in ``tmp_path``)."""
+
+def admin_execute(query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on the test database outside any storage; return its rows."""
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '10s'")
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def schema_url(schema: str) -> str:
+    """The test database's URL with ``schema`` as the connection's current schema."""
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+
+
+@contextmanager
+def fresh_schema() -> Iterator[str]:
+    """A new, empty schema (its name), dropped with everything in it afterwards."""
+    name = f"t_{secrets.token_hex(6)}"
+    admin_execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        admin_execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    """The name of a fresh schema in the test database (skips without one)."""
+    if not POSTGRES_URL:
+        pytest.skip("UNBROKEN_TEST_POSTGRES_URL is not set")
+    with fresh_schema() as name:
+        yield name
+
+
+def make_storage(backend: str, tmp_path: Path, schema: str = "") -> Storage:
+    """An unopened storage of the named backend (SQLite in ``tmp_path``, PostgreSQL in
+    ``schema``)."""
     if backend == "memory":
         return MemoryStorage()
     if backend == "sqlite":
         return SqliteStorage(tmp_path / "journal.db")
+    if backend == "postgres":
+        from unbroken.storage.postgres import PostgresStorage
+
+        return PostgresStorage(schema_url(schema))
     raise ValueError(backend)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     """An open storage of each backend; closed after the test."""
-    store = make_storage(request.param, tmp_path)
+    schema = request.getfixturevalue("postgres_schema") if request.param == "postgres" else ""
+    store = make_storage(request.param, tmp_path, schema)
     store.open()
     try:
         yield store

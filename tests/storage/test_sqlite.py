@@ -401,13 +401,21 @@ def test_memory_url_gives_a_memory_storage() -> None:
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres", "PostgreSQL"])
-def test_postgres_urls_are_refused_without_leaking_the_password(scheme: str) -> None:
-    with pytest.raises(ConfigurationError) as excinfo:
-        open_storage(f"{scheme}://app:hunter2@db.example:5432/unbroken?password=hunter3")
-    message = str(excinfo.value)
-    assert "PostgreSQL backend is not available" in message
-    assert "hunter2" not in message and "hunter3" not in message
-    assert "app:***@db.example:5432" in message
+def test_postgres_urls_give_an_unopened_postgres_storage_without_leaking_the_password(
+    scheme: str,
+) -> None:
+    pytest.importorskip("psycopg")
+    from unbroken.storage.postgres import PostgresStorage
+
+    storage = open_storage(f"{scheme}://app:hunter2@db.example:5432/unbroken?password=hunter3")
+    assert isinstance(storage, PostgresStorage)  # built, not connected: no server needed
+    assert storage.lock_dir is None
+    url = storage.display_url
+    assert "hunter2" not in url and "hunter3" not in url
+    assert "app:***@db.example:5432" in url
+    with pytest.raises(StorageError) as excinfo:
+        storage.get_execution("x")
+    assert "not open" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("url", ["mysql://u:pw@host/db", "file:///tmp/x.db", "sqlite3:///x"])

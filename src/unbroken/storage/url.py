@@ -4,10 +4,10 @@ Supported:
 
 - ``sqlite:///relative/path.db`` (three slashes: relative to the current directory, which
   is resolved when the URL is parsed) and ``sqlite:////abs/path.db`` (four: absolute);
+- ``postgresql://user:password@host:5432/dbname`` (or ``postgres://``): any libpq URL; the
+  tables go in the connection's current schema, which ``options=-csearch_path%3Dname``
+  in the query chooses. Needs the ``postgres`` extra (psycopg), imported only here;
 - ``memory://`` (in-process, for tests).
-
-``postgresql://`` and ``postgres://`` are recognised but refused: the PostgreSQL backend is
-not part of this version.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from .sqlite import SqliteStorage
 
 __all__ = ["open_storage", "redact_url"]
 
-_SUPPORTED = "sqlite:///relative/path.db, sqlite:////absolute/path.db, memory://"
+_SUPPORTED = (
+    "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+    "postgresql://user@host/dbname, memory://"
+)
 _AUTHORITY = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/?#]*)")
 _QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
 
@@ -54,16 +57,19 @@ def open_storage(url: str, *, synchronous: str = "NORMAL", create: bool = True) 
     """The storage a URL names, not yet opened.
 
     Args:
-        url: ``sqlite:///relative.db``, ``sqlite:////absolute.db`` or ``memory://``.
+        url: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
+            ``postgresql://user:password@host/dbname`` or ``memory://``.
         synchronous: SQLite durability: ``NORMAL`` (survives a process crash) or ``FULL``
             (survives power loss); case-insensitive.
-        create: Whether opening may create a missing SQLite file.
+        create: Whether opening may create a missing SQLite file or the tables in an
+            empty PostgreSQL schema.
 
     Returns:
         An unopened ``Storage``; call ``open()`` before use.
 
     Raises:
-        ConfigurationError: an unsupported or malformed URL, or a bad ``synchronous``.
+        ConfigurationError: an unsupported or malformed URL, a bad ``synchronous``, or a
+            PostgreSQL URL without psycopg installed.
     """
     level = _synchronous(synchronous)
     scheme, sep, rest = url.partition("://")
@@ -81,11 +87,20 @@ def open_storage(url: str, *, synchronous: str = "NORMAL", create: bool = True) 
             )
         return MemoryStorage()
     if scheme in ("postgresql", "postgres"):
-        raise ConfigurationError(
-            f"the PostgreSQL backend is not available in this version of unbroken "
-            f"({redact_url(url)}); supported: {_SUPPORTED}"
-        )
+        return _postgres(f"{scheme}://{rest}", create=create)
     raise ConfigurationError(f"unsupported storage URL scheme {scheme!r}; supported: {_SUPPORTED}")
+
+
+def _postgres(url: str, *, create: bool) -> Storage:
+    """A ``PostgresStorage``; psycopg is imported here, never by ``import unbroken``."""
+    try:
+        from .postgres import PostgresStorage
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the PostgreSQL backend needs psycopg ({exc.name} is missing): "
+            "pip install 'unbroken[postgres]'"
+        ) from None
+    return PostgresStorage(url, create=create)
 
 
 def _synchronous(value: str) -> Literal["NORMAL", "FULL"]:

@@ -1,0 +1,165 @@
+"""PostgreSQL promises and timers: what a waiting execution waits on (layer: storage).
+
+Each promise and timer is a row of its own table plus a ``control`` row in the journal,
+inserted together in one transaction that first locks the execution's row, so two
+engines cannot both claim one step's control slot. Settling a promise or firing a timer is
+a guarded ``UPDATE``: PostgreSQL re-checks the guard after waiting for a concurrent
+writer, so the first caller wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from ..errors import StorageError
+from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
+from .postgres_locks import PostgresLocks
+from .postgres_rows import insert_entries
+from .rules import check_control, settled_state
+
+__all__ = ["PostgresWaits"]
+
+_PROMISE_COLUMNS = (
+    "promise_id, execution_id, generation, step_id, name, token_hash, state, payload, "
+    "created_at, settled_at"
+)
+_TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
+_LOCK_EXECUTION = "SELECT 1 FROM executions WHERE execution_id = %s FOR NO KEY UPDATE"
+_CONTROL_EXISTS = (
+    "SELECT 1 FROM journal WHERE execution_id = %s AND generation = %s AND step_id = %s "
+    "AND kind = 'control' LIMIT 1"
+)
+
+
+class PostgresWaits(PostgresLocks):
+    """Promises and timers of ``PostgresStorage``."""
+
+    def _insert_control(
+        self, op: str, entry: JournalEntry, table: Literal["promises", "timers"], row: Sequence[Any]
+    ) -> None:
+        """A control row and its promise or timer row (``row[0]`` is its id), in one
+        transaction.
+
+        Raises:
+            StorageError: the execution does not exist, the promise or timer id exists, or
+                a control row already holds the step; nothing was inserted.
+        """
+        noun, columns = (
+            ("promise", _PROMISE_COLUMNS) if table == "promises" else ("timer", _TIMER_COLUMNS)
+        )
+        with self._write(op) as conn:
+            # Serialises control inserts per execution: the slot check below stays true.
+            if conn.execute(_LOCK_EXECUTION, (entry.execution_id,)).fetchone() is None:
+                raise StorageError(op, "the journal entry names an execution that does not exist")
+            if conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = %s", (row[0],)).fetchone():
+                raise StorageError(op, f"a {noun} with this id already exists")
+            slot = (entry.execution_id, entry.generation, entry.step_id)
+            if conn.execute(_CONTROL_EXISTS, slot).fetchone():
+                raise StorageError(op, "a control row already holds this step")
+            insert_entries(conn, [entry])
+            marks = ", ".join(["%s"] * len(row))
+            conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", row)
+
+    # -- promises ---------------------------------------------------------------------
+
+    def create_promise(self, entry: JournalEntry, promise: PromiseRecord) -> None:
+        """Insert a promise's control row and its promise row in one transaction.
+
+        Raises:
+            ValueError: ``entry`` is not a control row of the promise's execution.
+            StorageError: the promise id or the control row's slot already exists, or the
+                execution does not; nothing was inserted.
+        """
+        check_control(entry, promise.execution_id)
+        p = promise
+        head = (p.promise_id, p.execution_id, p.generation, p.step_id, p.name, p.token_hash)
+        row = (*head, PromiseState(p.state).value, p.payload, p.created_at_ms, p.settled_at_ms)
+        self._insert_control("create_promise", entry, "promises", row)
+
+    def get_promise(self, promise_id: str) -> PromiseRecord | None:
+        """The promise row, or ``None``."""
+        rows = self._query(
+            "get_promise",
+            f"SELECT {_PROMISE_COLUMNS} FROM promises WHERE promise_id = %s",
+            (promise_id,),
+        )
+        if not rows:
+            return None
+        pid, eid, generation, step_id, name, token_hash, state, payload, created, settled = rows[0]
+        return PromiseRecord(
+            pid,
+            eid,
+            generation,
+            step_id,
+            name,
+            token_hash,
+            PromiseState(state),
+            payload,
+            created,
+            settled,
+        )
+
+    def settle_promise(
+        self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
+    ) -> bool:
+        """Resolve or reject a ``pending`` promise; ``False`` if it was not pending.
+
+        Raises:
+            ValueError: ``state`` is ``pending``.
+        """
+        settled = settled_state(state)
+        with self._write("settle_promise") as conn:
+            cursor = conn.execute(
+                "UPDATE promises SET state = %s, payload = %s, settled_at = %s "
+                "WHERE promise_id = %s AND state = 'pending'",
+                (settled.value, payload, now_ms, promise_id),
+            )
+            return cursor.rowcount == 1
+
+    def promise_states(self, promise_ids: Sequence[str]) -> dict[str, PromiseState]:
+        """The state of each promise that exists (one query for any number of ids)."""
+        if not promise_ids:
+            return {}
+        rows = self._query(
+            "promise_states",
+            "SELECT promise_id, state FROM promises WHERE promise_id = ANY(%s::text[])",
+            (list(dict.fromkeys(promise_ids)),),
+        )
+        return {promise_id: PromiseState(state) for promise_id, state in rows}
+
+    # -- timers -----------------------------------------------------------------------
+
+    def arm_timer(self, entry: JournalEntry, timer: TimerRecord) -> None:
+        """Insert a timer's control row and its timer row in one transaction.
+
+        Raises:
+            ValueError: ``entry`` is not a control row of the timer's execution.
+            StorageError: the timer id or the control row's slot already exists, or the
+                execution does not; nothing was inserted.
+        """
+        check_control(entry, timer.execution_id)
+        t = timer
+        head = (t.timer_id, t.execution_id, t.generation, t.step_id, t.due_at_ms)
+        self._insert_control("arm_timer", entry, "timers", (*head, int(t.fired), t.created_at_ms))
+
+    def fire_timer(self, timer_id: str, now_ms: int) -> bool:
+        """Mark a timer fired; ``False`` if it was already fired or is unknown."""
+        with self._write("fire_timer") as conn:
+            cursor = conn.execute(
+                "UPDATE timers SET fired = 1 WHERE timer_id = %s AND fired = 0", (timer_id,)
+            )
+            return cursor.rowcount == 1
+
+    def due_timers(self, now_ms: int, limit: int) -> list[TimerRecord]:
+        """Unfired timers due at or before ``now_ms``, earliest first."""
+        rows = self._query(
+            "due_timers",
+            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE fired = 0 AND due_at <= %s "
+            "ORDER BY due_at, timer_id LIMIT %s",
+            (now_ms, max(limit, 0)),
+        )
+        return [
+            TimerRecord(tid, eid, generation, step_id, due_at, bool(fired), created)
+            for tid, eid, generation, step_id, due_at, fired, created in rows
+        ]
