@@ -13,6 +13,7 @@ connection.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from contextlib import suppress
@@ -60,11 +61,14 @@ class PostgresLocks(PostgresConnections):
     def try_lock(self, name: str) -> int | None:
         """Take the session advisory lock of ``name`` (hex; its first 8 bytes are the key).
 
-        Taking a lock this storage already holds succeeds again; one ``unlock`` releases it.
+        A lock is held once: taking one this storage already holds fails like taking one
+        held elsewhere (as a second ``flock`` of a lock file does), so one ``unlock`` never
+        releases a lock two callers think they own.
 
         Returns:
             ``None`` when the lock is now held here; otherwise the pid its holder put in
-            its ``application_name`` (``unbroken pid <pid>``), or 0 when that is unknown.
+            its ``application_name`` (``unbroken pid <pid>``; this process's pid when this
+            storage holds it), or 0 when that is unknown.
 
         Raises:
             ValueError: ``name`` is not a lock name.
@@ -74,7 +78,7 @@ class PostgresLocks(PostgresConnections):
         key = lock_key(name)
         with self._lock_mutex:
             if key in self._held:
-                return None
+                return os.getpid()
             conn = self._lock_connection("try_lock")
             try:
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
