@@ -1,7 +1,13 @@
-"""Shared fixtures: engines on every backend."""
+"""Shared fixtures: engines on every backend.
+
+The ``postgres`` backend runs when ``UNBROKEN_TEST_POSTGRES_URL`` is set; each test gets
+its own schema (dropped afterwards) and a payload key, as PostgreSQL requires one (INV-8).
+"""
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +19,36 @@ from unbroken.storage.memory import MemoryStorage
 
 EngineFactory = Callable[..., Engine]
 
+POSTGRES_URL = os.environ.get("UNBROKEN_TEST_POSTGRES_URL", "")
 
-@pytest.fixture(params=["memory", "sqlite"])
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param(
+            "postgres",
+            marks=pytest.mark.skipif(not POSTGRES_URL, reason="UNBROKEN_TEST_POSTGRES_URL unset"),
+        ),
+    ]
+)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def make_engine(backend: str, tmp_path: Path) -> Iterator[EngineFactory]:
+def make_engine(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EngineFactory]:
     """Build engines that share one database for the test (a restart = a new engine)."""
+    if backend == "postgres":
+        from .storage.conftest import fresh_schema, schema_url
+
+        monkeypatch.setenv("UNBROKEN_KEY", base64.b64encode(os.urandom(32)).decode())
+        with fresh_schema() as schema:
+            url = schema_url(schema)
+            yield lambda **settings: Engine(url, **settings)
+        return
     shared = MemoryStorage()
 
     def factory(**settings: Any) -> Engine:

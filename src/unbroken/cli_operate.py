@@ -26,7 +26,7 @@ from .errors import (
     UnknownPromise,
 )
 from .journal import ExecutionStatus, PromiseState
-from .ownership import Ownership
+from .ownership import ownership_for
 from .payloads import open_payloads
 from .retention import policy_from
 from .waiting import settle
@@ -68,7 +68,7 @@ def cancel(ctx: click.Context, execution_id: str) -> None:
             click.echo(f"{shown} is already {record.status.value}")
             return
         try:
-            lock = Ownership(storage.lock_dir, scope=storage).acquire(execution_id)
+            lock = ownership_for(storage).acquire(execution_id)
         except ExecutionLocked as exc:
             holder = f"pid {exc.holder_pid}" if exc.holder_pid else "an unknown pid"
             _fail(

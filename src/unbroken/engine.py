@@ -39,7 +39,7 @@ from .journal import (
     ms_to_datetime,
 )
 from .launcher import Launcher
-from .ownership import Ownership, SessionLocks
+from .ownership import Ownership, ownership_for
 from .payloads import Payloads, open_payloads
 from .retention import Retention
 from .runtime import FaultPlan, Metrics, now_ms
@@ -156,8 +156,7 @@ class Engine:
             await loop.run_in_executor(self._reader, self._storage.close)
             self._reader.shutdown(wait=False)
             raise
-        session = self._storage if isinstance(self._storage, SessionLocks) else None
-        self._ownership = Ownership(self._storage.lock_dir, scope=self._storage, session=session)
+        self._ownership = ownership_for(self._storage)
         cfg = self.config
         self._writer = JournalWriter(
             self._storage,

@@ -132,7 +132,8 @@ class NotAnUnbrokenDatabase(StorageError):
 
     def __init__(self, where: str) -> None:
         UnbrokenError.__init__(
-            self, f"{where} is not an unbroken database (it holds other tables or is not SQLite)"
+            self,
+            f"{where} is not an unbroken database (it holds other tables, or is no database)",
         )
         self.op = "open"
 

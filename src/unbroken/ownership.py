@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 from unbroken.errors import ExecutionLocked, StorageError
 from unbroken.ids import lock_name
 
-__all__ = ["OwnedLock", "Ownership", "SessionLocks"]
+__all__ = ["OwnedLock", "Ownership", "SessionLocks", "ownership_for"]
 
 _PID_BYTES = 32
 
@@ -180,3 +180,10 @@ def _write_pid(fd: int) -> None:
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     except OSError:
         pass
+
+
+def ownership_for(storage: object) -> Ownership:
+    """The ownership a storage supports: lock files, session locks, or in-process."""
+    lock_dir = getattr(storage, "lock_dir", None)
+    session = storage if isinstance(storage, SessionLocks) else None
+    return Ownership(lock_dir, scope=storage, session=session)

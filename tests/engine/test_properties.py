@@ -121,4 +121,11 @@ async def test_a_crash_in_any_ambiguous_window_reissues_once_with_the_same_key(
     assert result == expected
     reissued = f"i{i}s{j}"
     assert calls[reissued] == 2 and len(keys[reissued]) == 1  # SKIP: same key, boundary dedups
-    assert all(n == 1 for name, n in calls.items() if name != reissued)
+    # A guarded sibling in the same parallel group may have been in its own window when
+    # the process died: it is re-issued too, with its same key. Nothing else runs twice.
+    siblings = {f"i{i}s{k}" for k, kind in enumerate(shape[i]) if kind == "guarded"}
+    for name, n in calls.items():
+        if name in siblings:
+            assert n in (1, 2) and len(keys[name]) == 1
+        elif name != reissued:
+            assert n == 1, name

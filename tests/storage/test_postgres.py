@@ -31,6 +31,7 @@ from .test_contract import create, entry, key, run_concurrently
 pytest.importorskip("psycopg")
 
 from unbroken.storage.postgres import PostgresStorage
+from unbroken.storage.postgres_locks import lock_key
 from unbroken.storage.postgres_schema import MIGRATIONS
 
 PASSWORD = "s3cr3t-pw"
@@ -366,15 +367,20 @@ def test_a_held_lock_names_its_holder_until_unlocked_or_closed(url: str) -> None
 
 
 @needs_postgres
-def test_locks_are_keyed_by_the_first_eight_bytes_of_the_name(opened: PostgresStorage) -> None:
-    assert opened.try_lock("80" + "00" * 7 + "aa" * 8) is None  # negative 64-bit key
+def test_locks_are_keyed_by_name_within_the_schema(opened: PostgresStorage) -> None:
+    name = "80" + "00" * 7 + "aa" * 8
+    assert opened.try_lock(name) is None
+    schema = opened._namespace  # the schema the storage's tables live in
+    key = lock_key(name, schema) & 0xFFFF_FFFF_FFFF_FFFF
     rows = admin_execute(
         "SELECT classid::bigint, objid::bigint FROM pg_locks WHERE locktype = 'advisory' "
         "AND objsubid = 1 AND pid IN "
         "(SELECT pid FROM pg_stat_activity WHERE application_name = %s)",
         (f"unbroken pid {os.getpid()}",),
     )
-    assert (0x8000_0000, 0) in rows
+    assert (key >> 32, key & 0xFFFF_FFFF) in rows
+    assert lock_key(name) == -(2**63)  # without a namespace: the name's first 8 bytes
+    assert lock_key(name, "a") != lock_key(name, "b")  # two schemas never contend
     with pytest.raises(ValueError):
         opened.try_lock("0011")
     with pytest.raises(ValueError):

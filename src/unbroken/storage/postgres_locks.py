@@ -18,6 +18,7 @@ import re
 import threading
 from contextlib import suppress
 
+import blake3
 import psycopg
 
 from ..errors import StorageError
@@ -35,8 +36,13 @@ _HOLDER = (
 _APPLICATION_PID = re.compile(r"unbroken pid (\d+)")
 
 
-def lock_key(name: str) -> int:
-    """The advisory lock key of a lock name: its first 8 bytes as a signed 64-bit integer.
+def lock_key(name: str, namespace: str = "") -> int:
+    """The advisory lock key of a lock name, as a signed 64-bit integer.
+
+    Advisory locks are per database, not per schema: with a ``namespace`` (the schema the
+    tables live in) the key is the first 8 bytes of a BLAKE3 hash of namespace and name,
+    so two deployments in two schemas of one database never contend; without one it is
+    the name's first 8 bytes.
 
     Raises:
         ValueError: ``name`` is not hex or names fewer than 8 bytes.
@@ -44,6 +50,8 @@ def lock_key(name: str) -> int:
     raw = bytes.fromhex(name)
     if len(raw) < 8:
         raise ValueError(f"a lock name needs at least 8 bytes of hex, not {len(raw)}")
+    if namespace:
+        raw = blake3.blake3(namespace.encode("utf-8") + b"\0" + raw).digest(length=8)
     return int.from_bytes(raw[:8], "big", signed=True)
 
 
@@ -57,6 +65,7 @@ class PostgresLocks(PostgresConnections):
         self._lock_mutex = threading.Lock()
         self._lock_conn: Connection | None = None
         self._held: set[int] = set()
+        self._namespace = ""
 
     def try_lock(self, name: str) -> int | None:
         """Take the session advisory lock of ``name`` (hex; its first 8 bytes are the key).
@@ -75,11 +84,12 @@ class PostgresLocks(PostgresConnections):
             StorageError: the storage is closed, or the lock connection failed (every lock
                 this storage held is then released).
         """
-        key = lock_key(name)
+        lock_key(name)  # validate before any I/O
         with self._lock_mutex:
+            conn = self._lock_connection("try_lock")
+            key = lock_key(name, self._namespace)
             if key in self._held:
                 return os.getpid()
-            conn = self._lock_connection("try_lock")
             try:
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
                 if row is not None and row[0]:
@@ -97,8 +107,9 @@ class PostgresLocks(PostgresConnections):
             StorageError: the lock connection failed (every lock this storage held, this
                 one included, is released).
         """
-        key = lock_key(name)
+        lock_key(name)
         with self._lock_mutex:
+            key = lock_key(name, self._namespace)
             if key not in self._held or self._lock_conn is None:
                 return
             try:
@@ -124,6 +135,11 @@ class PostgresLocks(PostgresConnections):
             conn = None
         if conn is None:
             conn = self._lock_conn = self._connect(op)
+            try:
+                row = conn.execute("SELECT current_schema()").fetchone()
+            except psycopg.Error as exc:
+                raise self._locks_lost(op, exc) from None
+            self._namespace = str(row[0]) if row and row[0] else ""
         return conn
 
     def _holder(self, conn: Connection, key: int) -> int:
