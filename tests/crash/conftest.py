@@ -7,8 +7,10 @@ tests resume them on the same database and compare against a crash-free run.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import pytest
 from unbroken import Engine, ExecutionInfo
 from unbroken.journal import EntryKind
 
+from ..storage.conftest import admin_execute, schema_url
 from .service import CountingService
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -59,26 +62,58 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+POSTGRES_URL = os.environ.get("UNBROKEN_TEST_POSTGRES_URL", "")
+KEYS: dict[str, str] = {}
+"""The payload key of each PostgreSQL database URL a test made (encryption is required)."""
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgres",
+            marks=pytest.mark.skipif(not POSTGRES_URL, reason="UNBROKEN_TEST_POSTGRES_URL unset"),
+        ),
+    ]
+)
+def crash_backend(request: pytest.FixtureRequest) -> str:
+    """The database the worker processes share: a SQLite file, or a PostgreSQL schema."""
+    return str(request.param)
+
+
 class Workers:
     """Starts worker processes against one counting service; kills leftovers at teardown."""
 
-    def __init__(self, tmp_path: Path, service: CountingService) -> None:
+    def __init__(self, tmp_path: Path, service: CountingService, backend: str = "sqlite") -> None:
         self.tmp_path = tmp_path
         self.service = service
+        self.backend = backend
         self._procs: list[subprocess.Popen[str]] = []
+        self._schemas: dict[str, str] = {}
 
-    def db(self, name: str = "journal.db") -> Path:
-        return self.tmp_path / name
+    def db(self, name: str = "journal.db") -> Any:
+        """The database called ``name``: a file path, or a PostgreSQL URL (str)."""
+        if self.backend == "sqlite":
+            return self.tmp_path / name
+        if name not in self._schemas:
+            schema = f"c_{secrets.token_hex(6)}"
+            admin_execute(f"CREATE SCHEMA {schema}")
+            self._schemas[name] = schema
+            KEYS[schema_url(schema)] = base64.b64encode(os.urandom(32)).decode()
+        return schema_url(self._schemas[name])
 
     def marker(self, name: str = "crashed.marker") -> Path:
         return self.tmp_path / name
 
     def start(self, db: Path, *extra: str) -> subprocess.Popen[str]:
         """Start ``worker.py DB SERVICE_URL *extra`` (cwd: the test's tmp dir)."""
+        env = _clean_env()
+        if str(db) in KEYS:
+            env["UNBROKEN_KEY"] = KEYS[str(db)]
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(db), self.service.url, *extra],
             cwd=self.tmp_path,
-            env=_clean_env(),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -122,6 +157,9 @@ class Workers:
                 if stream is not None:
                     stream.close()
         self._procs.clear()
+        for schema in self._schemas.values():
+            admin_execute(f"DROP SCHEMA {schema} CASCADE")
+        self._schemas.clear()
 
 
 @pytest.fixture
@@ -132,9 +170,11 @@ def service() -> Iterator[CountingService]:
 
 
 @pytest.fixture
-def workers(tmp_path: Path, service: CountingService) -> Iterator[Workers]:
+def workers(
+    tmp_path: Path, service: CountingService, crash_backend: str
+) -> Iterator[Workers]:
     """Worker processes calling ``service``; every one is killed and reaped at teardown."""
-    pool = Workers(tmp_path, service)
+    pool = Workers(tmp_path, service, crash_backend)
     try:
         yield pool
     finally:
@@ -174,7 +214,9 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
 def inspect_execution(db: Path, execution_id: str = EXECUTION_ID) -> ExecutionInfo:
     """``engine.get_execution`` from the test process, on the worker's database."""
 
-    url = "sqlite:///" + str(db.resolve())
+    url = str(db) if str(db) in KEYS else "sqlite:///" + str(Path(db).resolve())
+    if url in KEYS:
+        os.environ["UNBROKEN_KEY"] = KEYS[url]
 
     async def go() -> ExecutionInfo:
         async with Engine(url) as engine:
@@ -182,7 +224,10 @@ def inspect_execution(db: Path, execution_id: str = EXECUTION_ID) -> ExecutionIn
         assert info is not None, f"no execution {execution_id!r} in {db}"
         return info
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    finally:
+        os.environ.pop("UNBROKEN_KEY", None)
 
 
 def rows_by_kind(info: ExecutionInfo, kind: EntryKind) -> Counter[int]:

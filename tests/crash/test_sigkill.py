@@ -372,7 +372,7 @@ intent and result, and after the last step before the execution is finalized."""
 
 
 def test_crash_matrix_every_write_boundary(
-    tmp_path: Path, service: CountingService, baseline: Baseline
+    tmp_path: Path, service: CountingService, baseline: Baseline, crash_backend: str
 ) -> None:
     """SPEC §9 crash matrix: for each boundary, SIGKILL there, resume, and check that the
     result is the crash-free one, that no committed step re-ran (FR-DE-04, INV-10) and
@@ -382,7 +382,7 @@ def test_crash_matrix_every_write_boundary(
         service.reset()
         case = tmp_path / point.replace(":", "-")
         case.mkdir()
-        pool = Workers(case, service)
+        pool = Workers(case, service, crash_backend)
         try:
             state = crash_state(point)
             _, report, resumed = crash_then_resume(pool, point)

@@ -102,7 +102,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.crash is not None and args.marker is None:
         parser.error("--crash needs --marker")
-    args.db = os.path.abspath(args.db)
+    if "://" not in args.db:
+        args.db = os.path.abspath(args.db)
     return args
 
 
@@ -262,7 +263,8 @@ async def main() -> int:
     audit = logging.getLogger("unbroken.audit")
     audit.addHandler(_AuditCollector())
     audit.setLevel(logging.INFO)
-    ENGINE = Engine("sqlite:///" + ARGS.db, journal_flush_interval_ms=ARGS.flush_ms)
+    url = ARGS.db if "://" in ARGS.db else "sqlite:///" + ARGS.db
+    ENGINE = Engine(url, journal_flush_interval_ms=ARGS.flush_ms)
     workflow = register(ENGINE, OnAmbiguous(ARGS.policy))
     began = time.monotonic()
     report: dict[str, Any] = {"pid": os.getpid()}
