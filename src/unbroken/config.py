@@ -4,6 +4,10 @@ Precedence, lowest first: the defaults below, ``unbroken.toml`` (or ``[tool.unbr
 ``pyproject.toml``) in the working directory, ``UNBROKEN_*`` environment variables (the
 key in upper case, e.g. ``UNBROKEN_JOURNAL_FLUSH_INTERVAL_MS``; the URL is
 ``UNBROKEN_DATABASE_URL``), then keyword arguments of ``Engine(...)``.
+
+``queue_concurrency`` maps queue names to the most executions of that queue owned at once
+across all workers: a table in the file (``[tool.unbroken.queue_concurrency]``), a mapping
+in Python, or ``UNBROKEN_QUEUE_CONCURRENCY="default=8,emails=2"``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +59,19 @@ class Config:
     """Seal every payload (XChaCha20-Poly1305); ``false`` only on local SQLite, with a WARN."""
     key_file: str = ""
     """A key file (``UNBROKEN_KEY_FILE``); default: ``UNBROKEN_KEY`` or ``<database>.key``."""
+    queue_concurrency: dict[str, int] = field(default_factory=dict)
+    """Queue name → the most executions of that queue running at once across all workers
+    (a queue not named here has no limit)."""
+    worker_poll_interval_secs: float = 1.0
+    """How often an idle worker looks for queued work (with jitter) when no notification
+    wakes it; one cheap query per interval."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", "float") and (isinstance(value, bool) or value < 0):
                 raise ConfigurationError(f"setting {f.name!r} must be a non-negative number")
+        object.__setattr__(self, "queue_concurrency", _limits(self.queue_concurrency, "setting"))
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
             raise ConfigurationError("setting 'sqlite_synchronous' must be NORMAL or FULL")
 
@@ -99,8 +110,36 @@ def _check_key(key: str, source: str) -> str:
     return key
 
 
+def _limits(raw: object, source: str) -> dict[str, int]:
+    """Queue limits from a mapping or ``"queue=limit,queue=limit"``; each a positive int."""
+    what = "setting 'queue_concurrency'" + ("" if source == "setting" else f" in {source}")
+    if isinstance(raw, str):
+        pairs: list[tuple[object, object]] = []
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            text, sep, amount = item.partition("=")
+            if not sep or not text.strip():
+                raise ConfigurationError(f"{what} must look like 'default=8,emails=2'")
+            pairs.append((text.strip(), amount.strip()))
+    elif isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    else:
+        raise ConfigurationError(f"{what} must map queue names to limits")
+    limits: dict[str, int] = {}
+    for name, limit in pairs:
+        try:
+            value = -1 if isinstance(limit, bool) else int(str(limit))
+        except ValueError:
+            value = -1
+        if not isinstance(name, str) or not name or value < 1:
+            raise ConfigurationError(f"{what}: the limit of {name!r} must be a positive integer")
+        limits[name] = value
+    return limits
+
+
 def _coerce(key: str, raw: object, source: str) -> object:
     kind = _KEYS[key]
+    if key == "queue_concurrency":
+        return _limits(raw, source)
     if kind == "bool":
         if isinstance(raw, bool):
             return raw

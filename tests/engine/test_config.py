@@ -57,3 +57,22 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
         load_config(cwd=tmp_path, environ={})
     with pytest.raises(ConfigurationError, match="unknown setting 'nope'"):
         load_config(None, {"nope": 1}, cwd=tmp_path / "missing", environ={})
+
+
+def test_queue_concurrency_from_env_file_and_arguments(tmp_path: Path) -> None:
+    env = {"UNBROKEN_QUEUE_CONCURRENCY": "default=8, emails=2"}
+    assert load_config(cwd=tmp_path, environ=env).queue_concurrency == {"default": 8, "emails": 2}
+    assert load_config(cwd=tmp_path, environ={}).queue_concurrency == {}
+    (tmp_path / "unbroken.toml").write_text("[queue_concurrency]\nreports = 3\n")
+    assert load_config(cwd=tmp_path, environ={}).queue_concurrency == {"reports": 3}
+    config = load_config(None, {"queue_concurrency": {"a": 1}}, cwd=tmp_path, environ=env)
+    assert config.queue_concurrency == {"a": 1}
+    assert load_config(cwd=tmp_path, environ={}).worker_poll_interval_secs == 1.0
+
+
+@pytest.mark.parametrize("raw", ["default", "default=0", "default=x", "=3", "a=-1"])
+def test_bad_queue_concurrency_is_named(tmp_path: Path, raw: str) -> None:
+    with pytest.raises(ConfigurationError, match="queue_concurrency"):
+        load_config(cwd=tmp_path, environ={"UNBROKEN_QUEUE_CONCURRENCY": raw})
+    with pytest.raises(ConfigurationError, match="queue_concurrency"):
+        load_config(None, {"queue_concurrency": {"q": 0}}, cwd=tmp_path, environ={})
