@@ -100,6 +100,8 @@ class ExecutionRecord:
     created_at_ms: int
     updated_at_ms: int
     finalized_at_ms: int | None
+    queue: str | None = None
+    """The queue an enqueued execution waits in for a worker; ``None`` for one started."""
 
 
 @dataclass(frozen=True, slots=True)

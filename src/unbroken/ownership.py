@@ -122,6 +122,26 @@ class Ownership:
             return _acquire_session(self._session, execution_id)
         return self._acquire_in_process(execution_id)
 
+    def is_held(self, execution_id: str) -> bool:
+        """Whether any owner (this process included) holds the execution now.
+
+        A probe: on lock files it takes and drops a shared lock, so an ``acquire`` racing
+        it in another process can fail as if the execution were owned.
+
+        Raises:
+            StorageError: the lock file exists but cannot be opened.
+        """
+        if self._lock_dir is not None:
+            return _file_held(self._lock_dir, execution_id)
+        if self._session is not None:
+            name = lock_name(execution_id)
+            if self._session.try_lock(name) is not None:
+                return True
+            self._session.unlock(name)
+            return False
+        with _registry_guard:
+            return execution_id in _registry.get(self._scope, ())
+
     def _acquire_in_process(self, execution_id: str) -> OwnedLock:
         with _registry_guard:
             held = _registry.setdefault(self._scope, set())
@@ -162,6 +182,24 @@ def _acquire_file(lock_dir: Path, execution_id: str) -> OwnedLock:
         raise
     _write_pid(fd)
     return OwnedLock(execution_id, lambda: os.close(fd))
+
+
+def _file_held(lock_dir: Path, execution_id: str) -> bool:
+    """Whether another open file description holds the lock file (a missing file: no)."""
+    path = lock_dir / f"{lock_name(execution_id)}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+    return False
 
 
 def _read_pid(fd: int) -> int:

@@ -28,6 +28,8 @@ from unbroken.journal import (
     StepInfo,
     TimerRecord,
 )
+from unbroken.ownership import ownership_for
+from unbroken.queueing import Claims
 from unbroken.storage.base import Storage
 
 T = TypeVar("T")
@@ -1075,3 +1077,116 @@ def test_stale_running_lists_running_executions_not_updated_since(storage: Stora
     assert storage.stale_running(3_001, 1) == [("old", "wf")]
     assert storage.stale_running(1_000, 10) == []
     assert storage.stale_running(10_000, 0) == []
+
+
+# -- queued work ----------------------------------------------------------------------
+
+
+def enqueue(
+    storage: Storage, execution_id: str, now_ms: int, queue: str = "q", wf: str = "wf"
+) -> None:
+    _, created = storage.enqueue_execution(execution_id, wf, b"inputs", queue, now_ms)
+    assert created
+
+
+def claims(storage: Storage) -> Claims:
+    """A claimant taking real ownership locks of the storage (files, sessions, in-process)."""
+    return Claims(ownership_for(storage))
+
+
+def test_enqueue_inserts_a_running_row_in_its_queue_and_is_idempotent(storage: Storage) -> None:
+    record, created = storage.enqueue_execution("ex-1", "wf", b"inputs", "emails", 1_000)
+    assert created
+    assert (record.status, record.queue, record.inputs) == (
+        ExecutionStatus.RUNNING,
+        "emails",
+        b"inputs",
+    )
+    again, created = storage.enqueue_execution("ex-1", "other", b"changed", "reports", 2_000)
+    assert not created
+    assert again == record == storage.get_execution("ex-1")
+    started = create(storage, "ex-2")
+    assert started.queue is None
+    _, created = storage.enqueue_execution("ex-2", "wf", b"x", "emails", 3_000)
+    assert not created and storage.get_execution("ex-2") == started
+
+
+def test_running_executions_leave_queued_ones_to_workers(storage: Storage) -> None:
+    create(storage, "started", 1_000)
+    enqueue(storage, "queued", 500)
+    assert storage.running_executions() == [("started", "wf")]
+
+
+def test_claim_takes_the_oldest_of_its_queue_and_registered_workflows(storage: Storage) -> None:
+    for i, eid in enumerate(["c", "a", "b", "d"]):
+        enqueue(storage, eid, 1_000 + i)
+    enqueue(storage, "elsewhere", 1, queue="other")
+    enqueue(storage, "unknown-wf", 2, wf="nobody-runs-this")
+    create(storage, "started", 3)
+    claimant = claims(storage)
+    try:
+        assert storage.claim_queued("q", 2, claimant, ["wf"]) == [("c", "wf"), ("a", "wf")]
+        assert claimant.is_owned("c") and claimant.is_owned("a") and not claimant.is_owned("b")
+        # Owned executions are not claimed again, by anyone.
+        other = claims(storage)
+        assert storage.claim_queued("q", 10, other, ["wf"]) == [("b", "wf"), ("d", "wf")]
+        other.release_all()
+        assert storage.claim_queued("q", 0, claims(storage), ["wf"]) == []
+        assert storage.claim_queued("q", 5, claims(storage), []) == []
+    finally:
+        claimant.release_all()
+
+
+def test_a_released_claim_is_claimable_again_and_an_ended_one_never(storage: Storage) -> None:
+    enqueue(storage, "a", 1)
+    enqueue(storage, "b", 2)
+    first = claims(storage)
+    assert storage.claim_queued("q", 2, first, ["wf"]) == [("a", "wf"), ("b", "wf")]
+    assert storage.finalize_execution("a", ExecutionStatus.COMPLETED, 10)
+    first.release_all()  # as a worker that dies: its locks lapse
+    second = claims(storage)
+    try:
+        assert storage.claim_queued("q", 5, second, ["wf"]) == [("b", "wf")]
+    finally:
+        second.release_all()
+
+
+def test_claim_keeps_the_queue_within_its_cap(storage: Storage) -> None:
+    for i in range(6):
+        enqueue(storage, f"e{i}", i)
+    holder = claims(storage)
+    try:
+        assert len(storage.claim_queued("q", 2, holder, ["wf"], cap=3)) == 2
+        other = claims(storage)
+        assert storage.claim_queued("q", 5, other, ["wf"], cap=3) == [("e2", "wf")]
+        assert storage.claim_queued("q", 5, claims(storage), ["wf"], cap=3) == []
+        other.release_all()
+        assert len(storage.claim_queued("q", 5, other, ["wf"], cap=3)) == 1
+        assert storage.claim_queued("q", 5, claims(storage), ["wf"], cap=0) == [
+            ("e3", "wf"),
+            ("e4", "wf"),
+            ("e5", "wf"),
+        ]  # no cap: everything left
+    finally:
+        holder.release_all()
+
+
+def test_concurrent_claimers_never_share_an_execution_nor_pass_the_cap(storage: Storage) -> None:
+    for i in range(20):
+        enqueue(storage, f"e{i:02d}", i)
+    claimants = [claims(storage) for _ in range(4)]
+    try:
+        got = run_concurrently(
+            4, lambda i: storage.claim_queued("q", 3, claimants[i], ["wf"], cap=5)
+        )
+        ids = [eid for batch in got for eid, _ in batch]
+        assert len(ids) == len(set(ids)) == 5
+        got = run_concurrently(4, lambda i: storage.claim_queued("q", 3, claimants[i], ["wf"]))
+        more = [eid for batch in got for eid, _ in batch]
+        assert 0 < len(more) == len(set(more)) <= 12 and not set(more) & set(ids)
+        # Skipped rows (locked by a concurrent claimer) wait for the next claim.
+        rest = [eid for eid, _ in storage.claim_queued("q", 20, claimants[0], ["wf"])]
+        assert sorted(ids + more + rest) == [f"e{i:02d}" for i in range(20)]
+    finally:
+        for claimant in claimants:
+            claimant.release_all()

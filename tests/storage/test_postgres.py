@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 
 from unbroken.errors import ConfigurationError, NotAnUnbrokenDatabase, SchemaTooNew, StorageError
-from unbroken.journal import EntryKind, ExecutionStatus, RetentionPolicy
+from unbroken.ids import lock_name
+from unbroken.journal import EntryKind, ExecutionStatus, PromiseState, RetentionPolicy
 from unbroken.storage.base import SCHEMA_VERSION
 from unbroken.storage.sqlite import SqliteStorage
 
 from .conftest import admin_execute, fresh_schema, needs_postgres, schema_url
-from .test_contract import create, entry, key, run_concurrently
+from .test_contract import control, create, entry, key, promise, run_concurrently
 
 pytest.importorskip("psycopg")
 
@@ -443,3 +444,71 @@ def test_try_lock_is_safe_from_many_threads(opened: PostgresStorage, url: str) -
         assert {other.try_lock(n) for n in names} == {None}
     finally:
         other.close()
+
+
+# -- queued work and notifications ----------------------------------------------------
+
+
+class Recording:
+    """A claimant that owns whatever it is offered and records the offers."""
+
+    def __init__(self) -> None:
+        self.offered: list[str] = []
+
+    def try_own(self, execution_id: str) -> bool:
+        self.offered.append(execution_id)
+        return True
+
+    def is_owned(self, execution_id: str) -> bool:
+        return False
+
+
+@needs_postgres
+def test_executions_owned_by_any_session_are_skipped_and_counted_in_sql(
+    opened: PostgresStorage, url: str
+) -> None:
+    for i in range(4):
+        opened.enqueue_execution(f"e{i}", "wf", b"in", "q", i)
+    other = PostgresStorage(url)  # another worker: its own lock session
+    other.open()
+    try:
+        assert other.try_lock(lock_name("e0")) is None
+        assert other.try_lock(lock_name("e2")) is None
+        recording = Recording()
+        assert opened.claim_queued("q", 5, recording, ["wf"]) == [("e1", "wf"), ("e3", "wf")]
+        assert recording.offered == ["e1", "e3"]  # owned rows are never even offered
+        other.unlock(lock_name("e2"))
+        # The recording claimant took no real locks: only e0 is owned.
+        assert opened.claim_queued("q", 5, Recording(), ["wf"], cap=2) == [("e1", "wf")]
+        assert opened.claim_queued("q", 5, Recording(), ["wf"], cap=1) == []
+    finally:
+        other.close()
+
+
+@needs_postgres
+def test_enqueue_finalize_and_settle_notify_listeners(opened: PostgresStorage) -> None:
+    listener = opened.listen(["work", "promises"])
+    try:
+        assert listener.wait(0.01) == []
+        opened.enqueue_execution("e1", "wf", b"in", "emails", 1)
+        opened.enqueue_execution("e1", "wf", b"in", "emails", 2)  # exists: no notification
+        create(opened, "plain")
+        opened.finalize_execution("plain", ExecutionStatus.COMPLETED, 3)  # not queued: silent
+        opened.finalize_execution("e1", ExecutionStatus.COMPLETED, 4)
+        create(opened, "waiting")
+        opened.create_promise(control("waiting", 0), promise("p-1", "waiting"))
+        assert opened.settle_promise("p-1", PromiseState.RESOLVED, None, 5)
+        assert not opened.settle_promise("p-1", PromiseState.RESOLVED, None, 6)  # silent
+        notes: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 5
+        while len(notes) < 3 and time.monotonic() < deadline:
+            notes += listener.wait(0.5)
+        assert notes == [("work", "emails"), ("work", "emails"), ("promises", "p-1")]
+        start = time.monotonic()
+        listener.interrupt()
+        assert listener.wait(5) == [] and time.monotonic() - start < 1
+    finally:
+        listener.close()
+        listener.close()
+    with pytest.raises(StorageError):
+        listener.wait(0.01)

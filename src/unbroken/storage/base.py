@@ -16,6 +16,12 @@ Semantics every implementation keeps (the contract suite in ``tests/storage`` ch
   ``error`` row exists per (execution, generation, step).
 - ``read_segment`` returns the rows of one generation with ``step_id >= from_step``, ordered
   by ``(step_id, seq)``, at most ``limit`` rows.
+- ``enqueue_execution`` is ``create_execution`` for a row that waits in a queue for a
+  worker; it is idempotent on the id too. ``running_executions`` leaves queued executions
+  out (workers claim them; recovery must not start them beside the queue's limits).
+- ``claim_queued`` offers running executions of one queue, oldest first, to the caller's
+  ``Claimant`` until it owns ``limit`` of them, never letting the queue's owned executions
+  exceed ``cap`` (when ``cap > 0``); claimers of one queue are serialised while they count.
 - ``append`` with a ``signer`` also updates, in the same transaction, each execution's
   high-water mark: the count of its committed outcomes (``result`` and ``error`` rows of
   every generation) and ``signer(execution_id, count)``.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..journal import (
     EntryKind,
@@ -41,13 +47,72 @@ from ..journal import (
     TimerRecord,
 )
 
-__all__ = ["SCHEMA_VERSION", "Signer", "Storage", "outcomes_by_execution"]
+__all__ = [
+    "PROMISES_TOPIC",
+    "SCHEMA_VERSION",
+    "WORK_TOPIC",
+    "Claimant",
+    "Listener",
+    "Notifying",
+    "Signer",
+    "Storage",
+    "outcomes_by_execution",
+]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this code writes; a database with a higher one is refused."""
 
 Signer = Callable[[str, int], bytes]
 """``signer(execution_id, committed_outcomes)`` → the signed high-water mark (ref §4.7)."""
+
+
+WORK_TOPIC = "work"
+"""Notified with a queue's name when work is enqueued there or one of its executions ends."""
+PROMISES_TOPIC = "promises"
+"""Notified with a promise's id when it is resolved or rejected."""
+
+
+class Listener(Protocol):
+    """Notifications of a shared database, received on a connection of their own."""
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """Block up to ``timeout`` seconds; return the ``(topic, payload)`` pairs received
+        (empty on timeout or ``interrupt``).
+
+        Raises:
+            StorageError: the connection failed; open a new listener.
+        """
+        ...
+
+    def interrupt(self) -> None:
+        """Make a ``wait`` in another thread return now."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Notifying(Protocol):
+    """A storage that tells other processes about new work and settled promises
+    (PostgreSQL ``LISTEN/NOTIFY``); the others are polled."""
+
+    def listen(self, topics: Sequence[str]) -> Listener:
+        """A new listener for ``topics`` (``WORK_TOPIC``, ``PROMISES_TOPIC``)."""
+        ...
+
+
+class Claimant(Protocol):
+    """Who claims queued executions: takes their ownership locks (INV-15) for the storage."""
+
+    def try_own(self, execution_id: str) -> bool:
+        """Take the execution's ownership lock; ``False`` if another owner holds it."""
+        ...
+
+    def is_owned(self, execution_id: str) -> bool:
+        """Whether any owner (this claimant included) holds the execution's lock now."""
+        ...
 
 
 class Storage(Protocol):
@@ -119,7 +184,36 @@ class Storage(Protocol):
         ...
 
     def running_executions(self) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of every ``running`` execution, oldest first."""
+        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
+        queue, oldest first."""
+        ...
+
+    # -- queued work ------------------------------------------------------------------
+
+    def enqueue_execution(
+        self, execution_id: str, workflow: str, inputs: bytes, queue: str, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        """Insert a ``running`` execution waiting in ``queue`` unless the id exists; return
+        ``(row, created)`` (an existing row is returned untouched)."""
+        ...
+
+    def claim_queued(
+        self,
+        queue: str,
+        limit: int,
+        claimant: Claimant,
+        workflows: Sequence[str],
+        *,
+        cap: int = 0,
+    ) -> list[tuple[str, str]]:
+        """Claim up to ``limit`` running executions of ``queue`` whose workflow is one of
+        ``workflows``, oldest first; return ``(execution_id, workflow)`` of each one
+        ``claimant`` now owns.
+
+        With ``cap > 0`` the queue's owned executions (every owner's, as far as the
+        backend can see them) plus the new claims never exceed ``cap``: claimers of one
+        queue are serialised while they count and claim.
+        """
         ...
 
     # -- journal ----------------------------------------------------------------------

@@ -18,11 +18,11 @@ from ..journal import (
     JournalEntry,
     StepInfo,
 )
-from .base import Signer, outcomes_by_execution
+from .base import Claimant, Signer, outcomes_by_execution
 from .memory_retention import MemoryRetention
 from .memory_tables import OUTCOME_KINDS
 from .memory_waits import MemoryWaits
-from .rules import outcomes_of
+from .rules import claim_in_order, outcomes_of
 
 __all__ = ["MemoryStorage"]
 
@@ -43,8 +43,20 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
         self, execution_id: str, workflow: str, inputs: bytes, now_ms: int
     ) -> tuple[ExecutionRecord, bool]:
         """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
+        return self._insert(execution_id, workflow, inputs, None, now_ms)
+
+    def enqueue_execution(
+        self, execution_id: str, workflow: str, inputs: bytes, queue: str, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        """Insert a ``running`` execution waiting in ``queue`` unless the id exists."""
+        return self._insert(execution_id, workflow, inputs, queue, now_ms)
+
+    def _insert(
+        self, execution_id: str, workflow: str, inputs: bytes, queue: str | None, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        op = "create_execution" if queue is None else "enqueue_execution"
         with self._lock:
-            self._check_open("create_execution")
+            self._check_open(op)
             existing = self._executions.get(execution_id)
             if existing is not None:
                 return existing, False
@@ -60,6 +72,7 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
                 now_ms,
                 now_ms,
                 None,
+                queue,
             )
             self._executions[execution_id] = record
             return record, True
@@ -174,12 +187,36 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
         )
 
     def running_executions(self) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of every ``running`` execution, oldest first."""
+        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
+        queue, oldest first."""
+        return self._running("running_executions", None)
+
+    def _running(self, op: str, queue: str | None) -> list[tuple[str, str]]:
+        """Running executions of ``queue`` (``None``: of no queue), oldest first."""
         with self._lock:
-            self._check_open("running_executions")
-            running = [r for r in self._executions.values() if r.status is ExecutionStatus.RUNNING]
+            self._check_open(op)
+            running = [
+                r
+                for r in self._executions.values()
+                if r.status is ExecutionStatus.RUNNING and r.queue == queue
+            ]
         running.sort(key=lambda r: (r.created_at_ms, r.execution_id))
         return [(r.execution_id, r.workflow) for r in running]
+
+    def claim_queued(
+        self,
+        queue: str,
+        limit: int,
+        claimant: Claimant,
+        workflows: Sequence[str],
+        *,
+        cap: int = 0,
+    ) -> list[tuple[str, str]]:
+        """Claim up to ``limit`` running executions of ``queue``, oldest first; with
+        ``cap`` the queue's owned executions (probed through ``claimant``) stay within it."""
+        with self._claim_lock:
+            running = self._running("claim_queued", queue)
+            return claim_in_order(running, limit, claimant, workflows, cap)
 
     def stale_running(self, updated_before_ms: int, limit: int) -> list[tuple[str, str]]:
         """``(execution_id, workflow)`` of ``running`` executions not updated since then,

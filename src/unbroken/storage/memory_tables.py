@@ -23,6 +23,7 @@ class MemoryTables:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._claim_lock = threading.Lock()  # serialises queue claims (count, then own)
         self._is_open = False
         self._executions: dict[str, ExecutionRecord] = {}
         self._journal: dict[str, list[JournalEntry]] = {}

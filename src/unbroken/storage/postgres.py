@@ -4,7 +4,8 @@
 processes on many machines sharing one database. It is assembled from parts named for what
 they hold: ``postgres_connection`` (the pool, the schema check, transactions),
 ``postgres_schema`` (the tables), ``postgres_rows`` (journal inserts), ``postgres_locks``
-(ownership through advisory locks), ``postgres_waits`` (promises and timers) and
+(ownership through advisory locks), ``postgres_queue`` (queued work and
+``LISTEN/NOTIFY``), ``postgres_waits`` (promises and timers) and
 ``postgres_retention`` (checkpoint folds and pruning); the methods here are the
 executions, the journal and its integrity.
 
@@ -29,7 +30,8 @@ from ..journal import (
     JournalEntry,
     StepInfo,
 )
-from .base import Signer, outcomes_by_execution
+from .base import WORK_TOPIC, Signer, outcomes_by_execution
+from .postgres_queue import PostgresQueue, notify
 from .postgres_retention import PostgresRetention
 from .postgres_rows import insert_entries
 from .postgres_waits import PostgresWaits
@@ -38,7 +40,7 @@ __all__ = ["PostgresStorage"]
 
 _EXECUTION_COLUMNS = (
     "execution_id, workflow, status, generation, inputs, output, error_type, error, "
-    "created_at, updated_at, finalized_at"
+    "created_at, updated_at, finalized_at, queue"
 )
 _SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s"
 # Adds this batch's outcomes to the stored count under the row's lock (a concurrent
@@ -66,7 +68,7 @@ _STEPS_OF_CURRENT_GENERATION = (
 )
 
 
-class PostgresStorage(PostgresWaits, PostgresRetention):
+class PostgresStorage(PostgresQueue, PostgresWaits, PostgresRetention):
     """The PostgreSQL backend of the ``Storage`` protocol: a psycopg connection pool on
     one database, tables in the connection's current schema.
 
@@ -147,13 +149,15 @@ class PostgresStorage(PostgresWaits, PostgresRetention):
         status = ExecutionStatus(status)
         finalized_at = now_ms if status.is_terminal else None
         with self._write("finalize_execution") as conn:
-            cursor = conn.execute(
+            row = conn.execute(
                 "UPDATE executions SET status = %s, output = %s, error_type = %s, error = %s, "
                 "updated_at = %s, finalized_at = %s "
-                "WHERE execution_id = %s AND status = 'running'",
+                "WHERE execution_id = %s AND status = 'running' RETURNING queue",
                 (status.value, output, error_type, error, now_ms, finalized_at, execution_id),
-            )
-            return cursor.rowcount == 1
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                notify(conn, WORK_TOPIC, row[0])  # a slot of the queue is free
+            return row is not None
 
     def abort_generation(self, execution_id: str, generation: int, now_ms: int) -> int:
         """Mark ``generation`` aborted and start the next one; return the current generation.
@@ -197,11 +201,12 @@ class PostgresStorage(PostgresWaits, PostgresRetention):
         ]
 
     def running_executions(self) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of every ``running`` execution, oldest first."""
+        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
+        queue, oldest first."""
         rows = self._query(
             "running_executions",
             "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
-            "ORDER BY created_at, execution_id",
+            "AND queue IS NULL ORDER BY created_at, execution_id",
         )
         return [(eid, wf) for eid, wf in rows]
 

@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from ..errors import StorageError
 from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
+from .base import PROMISES_TOPIC
 from .postgres_locks import PostgresLocks
+from .postgres_queue import notify
 from .postgres_rows import insert_entries
 from .rules import check_control, settled_state
 
@@ -115,7 +117,10 @@ class PostgresWaits(PostgresLocks):
                 "WHERE promise_id = %s AND state = 'pending'",
                 (settled.value, payload, now_ms, promise_id),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            notify(conn, PROMISES_TOPIC, promise_id)  # its waiter's engine wakes at once
+            return True
 
     def promise_states(self, promise_ids: Sequence[str]) -> dict[str, PromiseState]:
         """The state of each promise that exists (one query for any number of ids)."""

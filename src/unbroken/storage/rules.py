@@ -3,13 +3,14 @@
 The backends differ in how they find and delete rows (SQL on SQLite, dict scans in memory),
 not in what they decide: which rules pruning runs and in what order, when a terminal
 execution is past its TTL, how far over a cap the store is, which candidates a size cap
-takes, what a promise or timer's journal row must be, and what a settled promise is.
+takes, what a promise or timer's journal row must be, what a settled promise is, and
+which queued executions a claim takes where the backend cannot see owners in SQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from ..journal import (
     EntryKind,
@@ -20,11 +21,15 @@ from ..journal import (
     RetentionPolicy,
 )
 
+if TYPE_CHECKING:
+    from .base import Claimant
+
 __all__ = [
     "PHASES",
     "Phase",
     "active_phases",
     "check_control",
+    "claim_in_order",
     "count_excess",
     "expired",
     "outcomes_of",
@@ -104,3 +109,29 @@ def settled_state(state: PromiseState) -> PromiseState:
     if settled is PromiseState.PENDING:
         raise ValueError("a promise is settled as resolved or rejected, not pending")
     return settled
+
+
+def claim_in_order(
+    running: Sequence[tuple[str, str]],
+    limit: int,
+    claimant: Claimant,
+    workflows: Iterable[str],
+    cap: int,
+) -> list[tuple[str, str]]:
+    """Claim from a queue's running executions (oldest first) through ``claimant``.
+
+    With ``cap > 0`` every running execution of the queue is probed first (``is_owned``),
+    so the claim leaves room for the ones other owners run. The caller serialises claims.
+    """
+    room = max(limit, 0)
+    if cap > 0:
+        owned = sum(1 for execution_id, _ in running if claimant.is_owned(execution_id))
+        room = min(room, cap - owned)
+    wanted = set(workflows)
+    claimed: list[tuple[str, str]] = []
+    for execution_id, workflow in running:
+        if len(claimed) >= room:
+            break
+        if workflow in wanted and claimant.try_own(execution_id):
+            claimed.append((execution_id, workflow))
+    return claimed

@@ -121,7 +121,17 @@ _V3: tuple[str, ...] = (
     "CREATE INDEX idx_timers_execution ON timers (execution_id)",
 )
 
-MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2, _V3]
+_V4: tuple[str, ...] = (
+    # Queued work: the queue an enqueued execution waits in until a worker claims it.
+    "ALTER TABLE executions ADD COLUMN queue TEXT",
+    # On PostgreSQL, the advisory lock key of a queued execution's ownership, so a claim
+    # can tell from pg_locks which ones are owned; NULL here, where owners hold lock files.
+    "ALTER TABLE executions ADD COLUMN lock_key INTEGER",
+    # A claim reads a queue's running executions oldest first.
+    "CREATE INDEX idx_executions_queue ON executions (queue, status, created_at)",
+)
+
+MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2, _V3, _V4]
 """``MIGRATIONS[v - 1]`` migrates a database from version ``v - 1`` to ``v``."""
 
 assert len(MIGRATIONS) == SCHEMA_VERSION, "every schema version needs exactly one migration"

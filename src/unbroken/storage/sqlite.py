@@ -20,7 +20,8 @@ from ..journal import (
     JournalEntry,
     StepInfo,
 )
-from .base import Signer, outcomes_by_execution
+from .base import Claimant, Signer, outcomes_by_execution
+from .rules import claim_in_order
 from .sqlite_retention import SqliteRetention
 from .sqlite_rows import INSERT_ENTRY, insert_params
 from .sqlite_waits import SqliteWaits
@@ -29,9 +30,13 @@ __all__ = ["SqliteStorage"]
 
 _EXECUTION_COLUMNS = (
     "execution_id, workflow, status, generation, inputs, output, error_type, error, "
-    "created_at, updated_at, finalized_at"
+    "created_at, updated_at, finalized_at, queue"
 )
 _SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = ?"
+_RUNNING_IN_QUEUE = (
+    "SELECT execution_id, workflow FROM executions WHERE queue = ? AND status = 'running' "
+    "ORDER BY created_at, execution_id"
+)
 _BUMP_INTEGRITY = (
     "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (execution_id) DO UPDATE SET outcomes = excluded.outcomes, "
@@ -67,13 +72,24 @@ class SqliteStorage(SqliteWaits, SqliteRetention):
     def create_execution(
         self, execution_id: str, workflow: str, inputs: bytes, now_ms: int
     ) -> tuple[ExecutionRecord, bool]:
-        """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
-        with self._write("create_execution") as conn:
+        return self._insert(execution_id, workflow, inputs, None, now_ms)
+
+    def enqueue_execution(
+        self, execution_id: str, workflow: str, inputs: bytes, queue: str, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        """Insert a ``running`` execution waiting in ``queue`` unless the id exists."""
+        return self._insert(execution_id, workflow, inputs, queue, now_ms)
+
+    def _insert(
+        self, execution_id: str, workflow: str, inputs: bytes, queue: str | None, now_ms: int
+    ) -> tuple[ExecutionRecord, bool]:
+        op = "create_execution" if queue is None else "enqueue_execution"
+        with self._write(op) as conn:
             cursor = conn.execute(
                 "INSERT INTO executions (execution_id, workflow, status, inputs, created_at, "
-                "updated_at) VALUES (?, ?, 'running', ?, ?, ?) "
+                "updated_at, queue) VALUES (?, ?, 'running', ?, ?, ?, ?) "
                 "ON CONFLICT (execution_id) DO NOTHING",
-                (execution_id, workflow, inputs, now_ms, now_ms),
+                (execution_id, workflow, inputs, now_ms, now_ms, queue),
             )
             row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
         return _execution(row), cursor.rowcount == 1
@@ -167,13 +183,33 @@ class SqliteStorage(SqliteWaits, SqliteRetention):
         ]
 
     def running_executions(self) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of every ``running`` execution, oldest first."""
+        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
+        queue, oldest first."""
         rows = self._query(
             "running_executions",
             "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
-            "ORDER BY created_at, execution_id",
+            "AND queue IS NULL ORDER BY created_at, execution_id",
         )
         return [(eid, wf) for eid, wf in rows]
+
+    def claim_queued(
+        self,
+        queue: str,
+        limit: int,
+        claimant: Claimant,
+        workflows: Sequence[str],
+        *,
+        cap: int = 0,
+    ) -> list[tuple[str, str]]:
+        """Claim up to ``limit`` running executions of ``queue``, oldest first.
+
+        Owners hold lock files, which SQL cannot see: the queue's running executions are
+        offered to ``claimant`` in turn (and, with ``cap``, probed first to count the owned
+        ones), inside ``BEGIN IMMEDIATE`` so claimers in every process take turns.
+        """
+        with self._write("claim_queued") as conn:
+            running = [(eid, wf) for eid, wf in conn.execute(_RUNNING_IN_QUEUE, (queue,))]
+            return claim_in_order(running, limit, claimant, workflows, cap)
 
     def stale_running(self, updated_before_ms: int, limit: int) -> list[tuple[str, str]]:
         """``(execution_id, workflow)`` of ``running`` executions not updated since then,
