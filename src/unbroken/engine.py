@@ -41,6 +41,7 @@ from .journal import (
 from .launcher import Launcher
 from .ownership import Ownership, ownership_for
 from .payloads import Payloads, open_payloads
+from .queueing import claim, validate_queue
 from .retention import Retention
 from .runtime import FaultPlan, Metrics, now_ms
 from .storage import Storage, open_storage
@@ -283,10 +284,56 @@ class Engine:
         eid = new_execution_id() if execution_id is None else validate_execution_id(execution_id)
         return await launcher.start(wf, eid, args, kwargs)
 
+    # -- queued work --------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        workflow: Callable[..., Awaitable[Any]] | str,
+        /,
+        *args: Any,
+        execution_id: str | None = None,
+        queue: str = "default",
+        **kwargs: Any,
+    ) -> str:
+        """Store an execution in ``queue`` for a worker (``unbroken worker``) to run; return
+        its id. Nothing runs here.
+
+        The keywords ``execution_id`` and ``queue`` are reserved; other arguments go to
+        the workflow, sealed like ``start``'s. An id that exists is left as it is (its id
+        is returned), so enqueueing is idempotent.
+
+        Raises:
+            InvalidArgument: the queue name is empty, too long or not printable.
+            PayloadTooLarge: the encoded inputs are over ``max_payload_bytes``.
+        """
+        writer, _ = self._require_open()
+        launcher = self._require_launcher()
+        wf = self._resolve(workflow)
+        eid = new_execution_id() if execution_id is None else validate_execution_id(execution_id)
+        queue = validate_queue(queue)
+        inputs = launcher.encode_inputs(eid, args, kwargs)
+        await writer.call(lambda s: s.enqueue_execution(eid, wf.name, inputs, queue, now_ms()))
+        return eid
+
+    async def claim(self, queue: str = "default", limit: int = 1) -> list[ExecutionHandle]:
+        """Claim up to ``limit`` waiting executions of ``queue`` (oldest first) of
+        registered workflows, start them here and return their handles.
+
+        Claimed executions are owned by this process (INV-15) and resume or replay as
+        ``start`` would; the queue's ``queue_concurrency`` limit holds across all workers.
+        """
+        _, ownership = self._require_open()
+        launcher = self._require_launcher()
+        cap = self.config.queue_concurrency.get(validate_queue(queue), 0)
+        return await claim(self._storage, ownership, launcher, self._by_name, queue, limit, cap)
+
     # -- recovery -----------------------------------------------------------------------
 
     async def recover(self) -> list[str]:
         """Resume every orphaned execution of a registered workflow; return their ids.
+
+        Queued executions are left to workers (``claim``), which take a dead worker's
+        executions back from the queue once its ownership locks lapse.
 
         Runs on entering ``async with engine`` and every ``stale_owner_secs`` after; the
         executions run as background tasks (their failures are logged). One whose workflow

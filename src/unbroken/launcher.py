@@ -51,16 +51,28 @@ class Launcher:
     runs: dict[str, Run]
 
     async def start(
-        self, wf: Workflow, eid: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        wf: Workflow,
+        eid: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        owned: OwnedLock | None = None,
     ) -> ExecutionHandle:
-        """Start, attach to, reopen or resume ``eid``; return its handle at once."""
+        """Start, attach to, reopen or resume ``eid``; return its handle at once.
+
+        ``owned`` is the execution's ownership lock when the caller already holds it (a
+        worker's claim); the run releases it, or this call does if nothing runs.
+        """
         existing = self.results.get(eid)
         if existing is not None:
+            if owned is not None:
+                owned.release()
             return ExecutionHandle(eid, existing)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.results[eid] = future
         try:
-            await self._begin(wf, eid, future, args, kwargs)
+            await self._begin(wf, eid, future, args, kwargs, owned)
         except BaseException as exc:
             self.results.pop(eid, None)
             if not future.done():
@@ -76,16 +88,22 @@ class Launcher:
         future: asyncio.Future[Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        owned: OwnedLock | None,
     ) -> None:
-        ownership = self._ownership
-        row = await self._read(self._storage.get_execution, eid)
-        if row is not None and self._settled(wf, row, future):
+        try:
+            row = await self._read(self._storage.get_execution, eid)
+            settled = row is not None and self._settled(wf, row, future)
+            inputs = b"" if row is not None else self.encode_inputs(eid, args, kwargs)
+        except BaseException:
+            if owned is not None:
+                owned.release()
+            raise
+        if settled:
+            if owned is not None:
+                owned.release()
             self.results.pop(eid, None)
             return
-        inputs = b""
-        if row is None:
-            inputs = self._encode_inputs(eid, args, kwargs)
-        lock = ownership.acquire(eid)
+        lock = owned if owned is not None else self._ownership.acquire(eid)
         try:
             row, replaying = await self._claim(wf, eid, inputs, row)
             if row is None:
@@ -209,7 +227,8 @@ class Launcher:
             if self.results.get(eid) is run.future:
                 del self.results[eid]
 
-    def _encode_inputs(self, eid: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    def encode_inputs(self, eid: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """The sealed inputs of a new execution (``PayloadTooLarge`` if over the limit)."""
         return self._payloads.seal(
             {"args": args, "kwargs": kwargs},
             f"the inputs of {eid!r}",

@@ -21,6 +21,8 @@ from .ids import resolver_token_hash
 from .journal import ExecutionStatus, PromiseRecord, PromiseState
 from .payloads import Payloads
 from .storage import Storage
+from .storage.base import PROMISES_TOPIC, Notifying
+from .wakeups import RESYNC, Wakeups
 
 __all__ = ["PromiseWaiters", "parse_token", "promise_aad", "settle"]
 
@@ -97,7 +99,8 @@ def settle(
 
 class PromiseWaiters:
     """The promises this engine's executions wait for, woken in-process at once and from
-    other processes by one poll query per interval for all of them."""
+    other processes by one poll query per interval for all of them; on PostgreSQL also at
+    once, by ``LISTEN unbroken_promises`` (listening starts with the first wait)."""
 
     def __init__(
         self,
@@ -113,6 +116,11 @@ class PromiseWaiters:
         self._events: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._wakeups = (
+            Wakeups(storage, [PROMISES_TOPIC], self._notified)
+            if isinstance(storage, Notifying)
+            else None
+        )
 
     def wake(self, promise_id: str) -> None:
         """A promise was settled in this process: wake its waiters now."""
@@ -156,7 +164,18 @@ class PromiseWaiters:
                 task.cancel()
         return event.is_set()
 
+    def _notified(self, notes: list[tuple[str, str]]) -> None:
+        """Promises settled in other processes (``RESYNC``: any of them may have been)."""
+        for note in notes:
+            if note == RESYNC:
+                for event in self._events.values():
+                    event.set()
+            elif note[0] == PROMISES_TOPIC:
+                self.wake(note[1])
+
     def _ensure_poller(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.start()
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
@@ -175,7 +194,9 @@ class PromiseWaiters:
                     self.wake(pid)
 
     async def close(self) -> None:
-        """Stop polling."""
+        """Stop polling and listening."""
+        if self._wakeups is not None:
+            await self._wakeups.close()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

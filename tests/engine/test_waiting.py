@@ -224,6 +224,22 @@ async def test_a_promise_resolved_by_another_process_wakes_the_waiter_by_polling
         assert await asyncio.wait_for(handle.result(), 2) == 42
 
 
+async def test_a_promise_resolved_by_another_engine_wakes_the_waiter_at_once_on_postgres(
+    make_engine: EngineFactory, backend: str
+) -> None:
+    if backend != "postgres":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's; the others poll")
+    owner = make_engine(promise_poll_interval_secs=60)  # a poll would take a minute
+    wf = _approval_workflow(owner)
+    async with owner:
+        handle = await owner.start(wf, execution_id="p4")
+        pid, token = await _promise_of(owner, "p4")
+        await asyncio.sleep(0.3)  # the waiter's engine is listening by now
+        async with make_engine() as other:  # its own storage and sessions: another process
+            assert await other.resolve_promise(pid, token, 7)
+        assert await asyncio.wait_for(handle.result(), 5) == 7
+
+
 async def test_a_rejected_promise_raises_step_failed_live_and_on_replay(
     make_engine: EngineFactory,
 ) -> None:
