@@ -457,6 +457,7 @@ def _drop_previous(
     click.echo(f"{verb} the previous key (id {previous.key_id}) from {path}")
 
 
-# The operating commands (cancel, resolve, prune) live in their own module and register
-# themselves on ``main``; importing it here makes ``unbroken.cli.main`` complete.
-from . import cli_operate  # noqa: E402, F401
+# The operating commands (cancel, resolve, prune) and the worker live in their own modules
+# and register themselves on ``main``; importing them here makes ``unbroken.cli.main``
+# complete.
+from . import cli_operate, cli_worker  # noqa: E402, F401
