@@ -512,3 +512,36 @@ def test_enqueue_finalize_and_settle_notify_listeners(opened: PostgresStorage) -
         listener.close()
     with pytest.raises(StorageError):
         listener.wait(0.01)
+
+
+@needs_postgres
+def test_an_owner_whose_lock_session_ended_cannot_write_for_that_execution(url: str) -> None:
+    """Fencing: once the lock session of an owner ends (partition, server-side kill),
+    another process may take the execution; the old owner's writes for it are refused."""
+    from unbroken.ids import lock_name
+
+    old, new = PostgresStorage(url), PostgresStorage(url)
+    old.open()
+    new.open()
+    try:
+        create(old, "owned")
+        create(old, "other")
+        assert old.try_lock(lock_name("owned")) is None
+        old.append([entry("owned", 0)])  # while the lock is held, writes go through
+        admin_execute("SELECT pg_terminate_backend(%s)", (old._lock_pid,))
+        for _ in range(100):  # the server releases the lock as the session ends
+            if new.try_lock(lock_name("owned")) is None:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the lock was not released when its session ended")
+        with pytest.raises(StorageError, match="ownership of execution 'owned' was lost"):
+            old.append([entry("owned", 1), entry("other", 0)])
+        assert [e.step_id for e in new.read_segment("owned", 0, 0, 10)] == [0]
+        assert new.read_segment("other", 0, 0, 10) == []  # the whole batch was refused
+        with pytest.raises(StorageError, match="was lost"):
+            old.finalize_execution("owned", ExecutionStatus.COMPLETED, 5)
+        new.append([entry("owned", 1)])  # the new owner writes on
+    finally:
+        old.close()
+        new.close()

@@ -149,6 +149,7 @@ class PostgresStorage(PostgresQueue, PostgresWaits, PostgresRetention):
         status = ExecutionStatus(status)
         finalized_at = now_ms if status.is_terminal else None
         with self._write("finalize_execution") as conn:
+            self.fence(conn, "finalize_execution", (execution_id,))
             row = conn.execute(
                 "UPDATE executions SET status = %s, output = %s, error_type = %s, error = %s, "
                 "updated_at = %s, finalized_at = %s "
@@ -237,6 +238,7 @@ class PostgresStorage(PostgresQueue, PostgresWaits, PostgresRetention):
         if not entries:
             return 0
         with self._write("append") as conn:
+            self.fence(conn, "append", {e.execution_id for e in entries})
             seq = insert_entries(conn, entries)
             if signer is not None:
                 now = entries[-1].created_at_ms

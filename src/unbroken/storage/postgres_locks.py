@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterable
 from contextlib import suppress
 
 import blake3
 import psycopg
 
 from ..errors import StorageError
+from ..ids import lock_name
 from .postgres_connection import PostgresConnections
 from .postgres_rows import Connection
 
@@ -32,6 +34,10 @@ _HOLDER = (
     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
     "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
     "AND l.classid::bigint = %s AND l.objid::bigint = %s LIMIT 1"
+)
+_HELD_BY = (
+    "SELECT classid::bigint, objid::bigint FROM pg_locks WHERE locktype = 'advisory' "
+    "AND granted AND objsubid = 1 AND pid = %s"
 )
 _APPLICATION_PID = re.compile(r"unbroken pid (\d+)")
 
@@ -66,6 +72,7 @@ class PostgresLocks(PostgresConnections):
         self._lock_conn: Connection | None = None
         self._held: set[int] = set()
         self._namespace = ""
+        self._lock_pid = 0
 
     def try_lock(self, name: str) -> int | None:
         """Take the session advisory lock of ``name`` (hex; its first 8 bytes are the key).
@@ -118,6 +125,32 @@ class PostgresLocks(PostgresConnections):
                 raise self._locks_lost("unlock", exc) from None
             self._held.discard(key)
 
+    def fence(self, conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
+        """Refuse a write for an execution whose lock this storage took but no longer has.
+
+        Runs inside the write's transaction: an owner whose lock session ended (a network
+        partition, a server restart) must not write for an execution another process may
+        now own. Executions this storage never locked (operator tools) pass.
+
+        Raises:
+            StorageError: ownership of one of them was lost; the transaction rolls back.
+        """
+        with self._lock_mutex:
+            mine = {eid: lock_key(lock_name(eid), self._namespace) for eid in execution_ids}
+            mine = {eid: key for eid, key in mine.items() if key in self._held}
+            pid = self._lock_pid
+        if not mine:
+            return
+        rows = conn.execute(_HELD_BY, (pid,)).fetchall()
+        held = {((hi << 32) | lo) for hi, lo in rows}
+        for eid, key in mine.items():
+            if key & 0xFFFF_FFFF_FFFF_FFFF not in held:
+                raise StorageError(
+                    op,
+                    f"ownership of execution {eid!r} was lost (its lock session ended); "
+                    "nothing was written",
+                )
+
     def close(self) -> None:
         """Close the pool and the lock connection, releasing every lock. Idempotent."""
         super().close()
@@ -140,6 +173,7 @@ class PostgresLocks(PostgresConnections):
             except psycopg.Error as exc:
                 raise self._locks_lost(op, exc) from None
             self._namespace = str(row[0]) if row and row[0] else ""
+            self._lock_pid = conn.info.backend_pid
         return conn
 
     def _holder(self, conn: Connection, key: int) -> int:
