@@ -1,0 +1,45 @@
+"""The application ``unbroken worker tests.crash.queue_app:engine`` runs in the worker tests.
+
+Its workflow ``small`` runs three steps; each step's operation appends ``start`` and ``end``
+lines (execution id, pid, step, wall time) to ``$QUEUE_APP_RECORDS/<pid>.log`` with one
+unbuffered ``write`` each, so a SIGKILLed worker leaves every line it wrote and the test
+can tell whether two processes ever ran one execution at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from unbroken import Context, Engine, current_step
+
+engine = Engine()  # UNBROKEN_DATABASE_URL, UNBROKEN_KEY and the rest from the environment
+
+STEPS = 3
+
+_records: int | None = None
+
+
+def _record(phase: str, step: int) -> None:
+    global _records
+    if _records is None:
+        path = os.path.join(os.environ["QUEUE_APP_RECORDS"], f"{os.getpid()}.log")
+        _records = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    eid = current_step().execution_id
+    os.write(_records, f"{eid} {os.getpid()} {step} {phase} {time.time():.6f}\n".encode())
+
+
+async def _work(step: int, seconds: float) -> int:
+    _record("start", step)
+    await asyncio.sleep(seconds)
+    _record("end", step)
+    return step
+
+
+@engine.workflow(name="small")
+async def small(ctx: Context, seconds: float) -> int:
+    total = 0
+    for step in range(STEPS):
+        total += await ctx.step(f"work{step}", _work, step, seconds)
+    return total
