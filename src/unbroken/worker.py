@@ -7,9 +7,11 @@ queues while it has room (``concurrency`` executions at once in this worker; a q
 
 - a slot of its own freeing (one of its executions ended): it claims again at once;
 - a notification (PostgreSQL ``LISTEN unbroken_work``: work enqueued, or an execution of
-  one of its queues ended in any process): it claims again, but never sooner than
-  ``MIN_CLAIM_GAP_SECS`` after a claim that found nothing, so a burst of notifications
-  costs each worker a bounded number of queries;
+  one of its queues ended in any process): it claims again, but no sooner than a gap
+  after its previous claim; the gap starts at ``MIN_CLAIM_GAP_SECS`` and doubles with each
+  claim that finds nothing, up to a quarter of the poll interval, so a worker that keeps
+  losing the race for new work makes at most a few claims per interval however many
+  notifications arrive (a thousand workers woken for one execution back off together);
 - ``worker_poll_interval_secs`` (with ±25% jitter, so idle workers spread out) passing:
   the fallback that also picks up a dead worker's executions once its locks lapse. An
   idle worker costs one cheap query per queue per interval.
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +42,7 @@ __all__ = ["MIN_CLAIM_GAP_SECS", "WorkerStats", "run_worker"]
 log = logging.getLogger("unbroken.worker")
 
 MIN_CLAIM_GAP_SECS = 0.05
-"""After a claim that found nothing, the next one waits at least this long."""
+"""The shortest gap between two claims a notification triggers."""
 _JITTER = 0.25
 
 
@@ -101,8 +104,12 @@ class _Loop:
         self.stop = stop
         self.interval = interval
         self.stats = WorkerStats()
-        self.wake = asyncio.Event()
+        self.freed = asyncio.Event()  # one of this worker's executions ended
+        self.notified = asyncio.Event()  # work for its queues may be waiting
         self.inflight: set[asyncio.Future[object]] = set()
+        self.gap = MIN_CLAIM_GAP_SECS
+        self.max_gap = max(interval / 4, MIN_CLAIM_GAP_SECS)
+        self.last_claim = 0.0
         self._turn = 0
 
     async def run(self) -> WorkerStats:
@@ -116,14 +123,21 @@ class _Loop:
             wakeups.start()
         try:
             while not self.stop.is_set():
-                found_all = await self._claim_round()
+                queries = self.stats.claims
+                claimed, short = await self._claim_round()
+                if claimed:
+                    self.gap = MIN_CLAIM_GAP_SECS
+                elif self.stats.claims > queries:  # it looked and found nothing
+                    self.gap = min(2 * self.gap, self.max_gap)
                 if self.stop.is_set():
                     break
                 if len(self.inflight) >= self.concurrency:
-                    await self._wait(None)  # full: only a freed slot (or stop) helps
-                elif not found_all:
-                    await self._pause(MIN_CLAIM_GAP_SECS)
-                    await self._wait(self.interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+                    await self._wait([self.freed], None)  # full: only a freed slot helps
+                elif short:
+                    poll = self.interval * random.uniform(1 - _JITTER, 1 + _JITTER)
+                    await self._wait([self.freed, self.notified], poll)
+                    if self.notified.is_set() and not self.freed.is_set():
+                        await self._pause(self.last_claim + self.gap - time.monotonic())
         finally:
             if wakeups is not None:
                 await wakeups.close()
@@ -131,11 +145,13 @@ class _Loop:
                 waiter.cancel()  # stops watching; the executions run until the engine closes
         return self.stats
 
-    async def _claim_round(self) -> bool:
-        """Claim from each queue in turn while there is room; whether every queue asked
-        gave all it was asked for (so there may be more)."""
-        self.wake.clear()
-        found_all = True
+    async def _claim_round(self) -> tuple[int, bool]:
+        """Claim from each queue in turn while there is room; how many were claimed, and
+        whether some queue gave fewer than asked (so it is drained or at its limit)."""
+        self.freed.clear()
+        self.notified.clear()
+        self.last_claim = time.monotonic()
+        claimed, short = 0, False
         for i in range(len(self.queues)):
             room = self.concurrency - len(self.inflight)
             if room <= 0 or self.stop.is_set():
@@ -147,17 +163,17 @@ class _Loop:
                 raise
             except UnbrokenError as exc:
                 log.warning("claiming from queue %r failed (%s); retrying", queue, exc)
-                return False
+                return claimed, True
             self.stats.claims += 1
             self.stats.claimed += len(handles)
+            claimed += len(handles)
             for handle in handles:
                 waiter = asyncio.ensure_future(handle.result())
                 self.inflight.add(waiter)
                 waiter.add_done_callback(self._ended)
-            if len(handles) < room:
-                found_all = False
+            short = short or len(handles) < room
         self._turn += 1
-        return found_all
+        return claimed, short
 
     def _ended(self, waiter: asyncio.Future[object]) -> None:
         self.inflight.discard(waiter)
@@ -167,17 +183,17 @@ class _Loop:
         exc = waiter.exception()  # retrieved: the workflow's failure is its journaled outcome
         if exc is not None:
             log.info("a queued execution ended with %s", type(exc).__name__)
-        self.wake.set()
+        self.freed.set()
 
     def _notified(self, notes: list[tuple[str, str]]) -> None:
         for note in notes:
             if note == RESYNC or (note[0] == WORK_TOPIC and note[1] in self.queues):
-                self.wake.set()
+                self.notified.set()
                 return
 
-    async def _wait(self, seconds: float | None) -> None:
-        """Until woken, stopped or ``seconds`` pass (``None``: no limit)."""
-        waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stop.wait())]
+    async def _wait(self, events: list[asyncio.Event], seconds: float | None) -> None:
+        """Until one of ``events`` is set, the worker is stopped or ``seconds`` pass."""
+        waits = [asyncio.ensure_future(e.wait()) for e in [*events, self.stop]]
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -187,6 +203,7 @@ class _Loop:
                 await asyncio.gather(*waits, return_exceptions=True)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep ``seconds`` unless stopped meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
+        """Sleep ``seconds`` (if positive) unless stopped meanwhile."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), seconds)

@@ -237,3 +237,40 @@ async def test_a_notification_wakes_an_idle_worker_at_once(
         finally:
             stop.set()
             await task
+
+
+async def test_an_idle_worker_costs_one_claim_per_poll_interval(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+    register(engine, Gauge())
+    stop = asyncio.Event()
+    async with engine:
+        task = asyncio.create_task(run_worker(engine, stop=stop, poll_interval=0.1))
+        await asyncio.sleep(1.0)
+        stop.set()
+        stats = await task
+    assert 5 <= stats.claims <= 14, stats  # 10 expected, with ±25% jitter
+
+
+async def test_a_storm_of_notifications_costs_a_worker_a_bounded_number_of_claims(
+    make_engine: EngineFactory, backend: str
+) -> None:
+    if backend != "postgres":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's; the others poll")
+    worker_engine, client = make_engine(), make_engine()
+    register(client, Gauge())  # the worker does not run this workflow: it finds nothing
+    stop = asyncio.Event()
+    async with worker_engine, client:
+        task = asyncio.create_task(run_worker(worker_engine, stop=stop, poll_interval=1.0))
+        await asyncio.sleep(0.3)
+        start, sent = time.monotonic(), 0
+        while time.monotonic() - start < 2.0:  # each one notifies the worker
+            await client.enqueue("queued", f"t{sent}")
+            sent += 1
+        stop.set()
+        stats = await task
+    # Backing off from 50 ms to a quarter of the interval: about 10 claims in 2 s, where
+    # one claim per 50 ms would be 40 and one per notification hundreds.
+    assert sent > 100
+    assert 2 <= stats.claims <= 16, stats
