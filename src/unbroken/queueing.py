@@ -11,6 +11,10 @@ PostgreSQL by counting the owned executions of the queue from ``pg_locks`` under
 per-queue transaction lock (``storage/postgres_queue.py``), on SQLite and in memory by
 probing their ownership locks inside a serialised claim. A worker that dies loses its
 locks, so its executions wait in the queue again and the next claim takes them.
+
+An execution holds its slot (and its ownership) for as long as it runs, including durable
+sleeps and promise waits: its owner keeps it in memory and wakes it itself, so due timers
+need no notification, and a long wait counts against the queue's limit.
 """
 
 from __future__ import annotations
