@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -246,7 +247,10 @@ async def test_an_idle_worker_costs_one_claim_per_poll_interval(
     register(engine, Gauge())
     stop = asyncio.Event()
     async with engine:
-        task = asyncio.create_task(run_worker(engine, stop=stop, poll_interval=0.1))
+        # A queue of its own: another test run's notifications on this database must not
+        # wake it.
+        queue = f"idle-{os.urandom(4).hex()}"
+        task = asyncio.create_task(run_worker(engine, queues=[queue], stop=stop, poll_interval=0.1))
         await asyncio.sleep(1.0)
         stop.set()
         stats = await task
