@@ -280,3 +280,23 @@ async def test_no_secret_or_payload_in_any_log_record_or_error(
     assert texts
     assert all(MARK not in t and secret not in t for t in texts)
     await asyncio.sleep(0)
+
+
+async def test_postgresql_refuses_to_run_without_a_key_inv8(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ..storage.conftest import POSTGRES_URL, fresh_schema, schema_url
+
+    if not POSTGRES_URL:
+        pytest.skip("UNBROKEN_TEST_POSTGRES_URL is not set")
+    with fresh_schema() as schema:
+        url = schema_url(schema)
+        with pytest.raises(EncryptionRequired, match="no key"):
+            async with Engine(url):
+                pass
+        with pytest.raises(EncryptionRequired, match="required"):
+            async with Engine(url, encrypt_payloads=False):
+                pass
+        monkeypatch.setenv("UNBROKEN_KEY", base64.b64encode(os.urandom(32)).decode())
+        async with Engine(url) as engine:  # with a key it runs
+            assert await engine.get_execution("nothing") is None
