@@ -120,7 +120,10 @@ class JournalWriter:
                 self._cond.notify()
 
     async def append_acked(self, entry: JournalEntry) -> int:
-        """Append an entry durably, after everything buffered before it; return its seq.
+        """Append an entry durably, after everything buffered before it.
+
+        Entries waiting together commit in one transaction; the returned seq is that
+        transaction's last (at or after this entry's own).
 
         Raises:
             JournalUnavailable: not confirmed within ``ack_timeout_ms``.
@@ -200,38 +203,51 @@ class JournalWriter:
             return items
 
     def _process(self, items: list[JournalEntry | _Request]) -> None:
-        pending: list[JournalEntry] = []
+        """Commit everything taken in one transaction, acknowledged entries included (a
+        group commit for them too); storage calls run in their place in the order."""
+        entries: list[JournalEntry] = []
+        acked: list[_Request] = []
         for item in items:
             if isinstance(item, JournalEntry):
-                pending.append(item)
+                entries.append(item)
             elif item.entry is not None:
-                self._commit_with(pending, item)
-                pending = []
+                entries.append(item.entry)
+                acked.append(item)
             else:
-                self._commit_buffered(pending)
-                pending = []
+                self._commit_group(entries, acked)
+                entries, acked = [], []
                 self._run_call(item)
-        self._commit_buffered(pending)
+        self._commit_group(entries, acked)
 
-    def _commit_with(self, pending: list[JournalEntry], request: _Request) -> None:
-        """Commit the buffered prefix and the acknowledged entry together (INV-4)."""
-        assert request.entry is not None
-        if pending:
-            try:
-                seq = self._storage.append([*pending, request.entry], self._signer)
-            except Exception:
-                self._commit_buffered(pending)
-            else:
-                self._count(len(pending) + 1, seq)
-                _resolve(request, seq, None)
-                return
+    def _commit_group(self, entries: list[JournalEntry], acked: list[_Request]) -> None:
+        """One transaction for the group; everything before an acknowledged entry commits
+        with it or before it (INV-4)."""
+        if not entries:
+            return
         try:
-            seq = self._storage.append([request.entry], self._signer)
-        except Exception as exc:
-            _resolve(request, None, exc)
-        else:
-            self._count(1, seq)
+            seq = self._storage.append(entries, self._signer)
+        except Exception:
+            self._commit_apart(entries, acked)
+            return
+        self._count(len(entries), seq)
+        for request in acked:
             _resolve(request, seq, None)
+
+    def _commit_apart(self, entries: list[JournalEntry], acked: list[_Request]) -> None:
+        """The group failed: one bad entry must not sink the others. The buffered entries
+        commit together (or are dropped with a WARN), then each acknowledged one alone,
+        its caller getting its own outcome."""
+        mine = {id(request.entry) for request in acked}
+        self._commit_buffered([e for e in entries if id(e) not in mine])
+        for request in acked:
+            assert request.entry is not None
+            try:
+                seq = self._storage.append([request.entry], self._signer)
+            except Exception as exc:
+                _resolve(request, None, exc)
+            else:
+                self._count(1, seq)
+                _resolve(request, seq, None)
 
     def _commit_buffered(self, pending: list[JournalEntry]) -> None:
         if not pending:
