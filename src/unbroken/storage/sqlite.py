@@ -13,15 +13,14 @@ from typing import Any
 
 from ..errors import ExecutionCanceled, UnknownExecution
 from ..journal import (
-    EntryKind,
     ExecutionRecord,
     ExecutionStatus,
     ExecutionSummary,
     JournalEntry,
-    StepInfo,
 )
 from .base import Claimant, Signer, outcomes_by_execution
 from .rules import claim_in_order
+from .sql_reads import SqlReads
 from .sqlite_retention import SqliteRetention
 from .sqlite_rows import INSERT_ENTRY, insert_params
 from .sqlite_waits import SqliteWaits
@@ -57,7 +56,7 @@ _STEPS_OF_CURRENT_GENERATION = (
 )
 
 
-class SqliteStorage(SqliteWaits, SqliteRetention):
+class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
     """The SQLite backend of the ``Storage`` protocol: one database file in WAL mode, one
     connection per thread.
 
@@ -249,68 +248,11 @@ class SqliteStorage(SqliteWaits, SqliteRetention):
                     conn.execute(_BUMP_INTEGRITY, (eid, count, signer(eid, count), now))
         return int(seq)
 
-    def read_segment(
-        self, execution_id: str, generation: int, from_step: int, limit: int
-    ) -> list[JournalEntry]:
-        """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
-        return self._entries(
-            "read_segment",
-            "execution_id = ? AND generation = ? AND step_id >= ? ORDER BY step_id, seq LIMIT ?",
-            (execution_id, generation, from_step, max(limit, 0)),
-        )
-
-    def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
-        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
-        where = "execution_id = ? AND idem_key = ? ORDER BY seq"
-        return self._entries("find_by_key", where, (execution_id, idem_key))
-
-    def list_steps(self, execution_id: str) -> list[StepInfo]:
-        """Metadata of every journal row of the execution, by ``seq``; payloads stay in
-        the database (INV-5): only their length is read."""
-        rows = self._query(
-            "list_steps",
-            "SELECT step_id, name, effect, kind, generation, seq, created_at, "
-            "COALESCE(LENGTH(payload), 0), LOWER(HEX(SUBSTR(idem_key, 1, 8))) "
-            "FROM journal WHERE execution_id = ? ORDER BY seq",
-            (execution_id,),
-        )
-        return [
-            StepInfo(step, name, effect, EntryKind(kind), gen, seq, created, size, prefix)
-            for step, name, effect, kind, gen, seq, created, size, prefix in rows
-        ]
-
-    def max_seq(self) -> int:
-        """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
-        rows = self._query("max_seq", "SELECT COALESCE(MAX(seq), 0) FROM journal")
-        return int(rows[0][0])
+    def _select(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run a shared read (``?`` placeholders are SQLite's own)."""
+        return self._query(op, sql, params)
 
     # -- integrity and keys -----------------------------------------------------------
-
-    def read_integrity(self, execution_id: str) -> tuple[int, bytes] | None:
-        """The signed high-water mark ``(count, mac)`` of an execution, or ``None``."""
-        rows = self._query(
-            "read_integrity",
-            "SELECT outcomes, mac FROM integrity WHERE execution_id = ?",
-            (execution_id,),
-        )
-        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
-
-    def count_outcomes(self, execution_id: str) -> int:
-        """``result`` and ``error`` rows of the execution, every generation, plus the
-        ``folded`` counts of its checkpoint rows."""
-        rows = self._query(
-            "count_outcomes",
-            "SELECT COALESCE(SUM(CASE WHEN kind IN ('result', 'error') THEN 1 "
-            "WHEN kind = 'checkpoint' THEN folded ELSE 0 END), 0) FROM journal "
-            "WHERE execution_id = ?",
-            (execution_id,),
-        )
-        return int(rows[0][0])
-
-    def key_verifiers(self) -> dict[int, bytes]:
-        """Key-check values of every key id that has sealed data here."""
-        rows = self._query("key_verifiers", "SELECT key_id, verifier FROM keys")
-        return {int(k): bytes(v) for k, v in rows}
 
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
@@ -320,10 +262,6 @@ class SqliteStorage(SqliteWaits, SqliteRetention):
                 "ON CONFLICT (key_id) DO NOTHING",
                 (key_id, verifier, now_ms),
             )
-
-    def has_executions(self) -> bool:
-        """Whether any execution (hence any payload) is stored."""
-        return bool(self._query("has_executions", "SELECT 1 FROM executions LIMIT 1"))
 
     def count_sealed(self, key_id: int) -> int:
         """Stored blobs and MACs whose first byte names ``key_id``."""

@@ -1,0 +1,94 @@
+"""Journal, integrity and key reads shared by the SQL backends (layer: storage).
+
+SQLite and PostgreSQL answer these reads with the same SQL: it is written once here with
+``?`` placeholders, and each backend runs it through its own ``_select`` (PostgreSQL
+rewrites the placeholders to ``%s``). Writes stay per backend, where their locking and
+transaction rules differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..journal import EntryKind, JournalEntry, StepInfo
+from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
+
+__all__ = ["SqlReads"]
+
+
+class SqlReads:
+    """The read-only half of the ``Storage`` protocol for the SQL backends."""
+
+    def _select(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one read statement written with ``?`` placeholders; fetch every row."""
+        raise NotImplementedError  # each backend runs it in its own dialect
+
+    def _rows(self, op: str, where: str, params: Sequence[Any]) -> list[JournalEntry]:
+        rows = self._select(op, f"SELECT {ENTRY_COLUMNS} FROM journal WHERE {where}", params)
+        return [entry_from_row(row) for row in rows]
+
+    def read_segment(
+        self, execution_id: str, generation: int, from_step: int, limit: int
+    ) -> list[JournalEntry]:
+        """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
+        return self._rows(
+            "read_segment",
+            "execution_id = ? AND generation = ? AND step_id >= ? ORDER BY step_id, seq LIMIT ?",
+            (execution_id, generation, from_step, max(limit, 0)),
+        )
+
+    def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
+        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
+        where = "execution_id = ? AND idem_key = ? ORDER BY seq"
+        return self._rows("find_by_key", where, (execution_id, idem_key))
+
+    def list_steps(self, execution_id: str) -> list[StepInfo]:
+        """Metadata of every journal row of the execution, by ``seq``; payloads stay in
+        the database (INV-5): only their length is read."""
+        rows = self._select(
+            "list_steps",
+            "SELECT step_id, name, effect, kind, generation, seq, created_at, "
+            "COALESCE(LENGTH(payload), 0), SUBSTR(idem_key, 1, 8) "
+            "FROM journal WHERE execution_id = ? ORDER BY seq",
+            (execution_id,),
+        )
+        return [
+            StepInfo(step, name, effect, EntryKind(kind), gen, seq, created, size, bytes(key).hex())
+            for step, name, effect, kind, gen, seq, created, size, key in rows
+        ]
+
+    def max_seq(self) -> int:
+        """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
+        rows = self._select("max_seq", "SELECT COALESCE(MAX(seq), 0) FROM journal")
+        return int(rows[0][0])
+
+    def read_integrity(self, execution_id: str) -> tuple[int, bytes] | None:
+        """The signed high-water mark ``(count, mac)`` of an execution, or ``None``."""
+        rows = self._select(
+            "read_integrity",
+            "SELECT outcomes, mac FROM integrity WHERE execution_id = ?",
+            (execution_id,),
+        )
+        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def count_outcomes(self, execution_id: str) -> int:
+        """``result`` and ``error`` rows of the execution, every generation, plus the
+        ``folded`` counts of its checkpoint rows."""
+        rows = self._select(
+            "count_outcomes",
+            "SELECT COALESCE(SUM(CASE WHEN kind IN ('result', 'error') THEN 1 "
+            "WHEN kind = 'checkpoint' THEN folded ELSE 0 END), 0) FROM journal "
+            "WHERE execution_id = ?",
+            (execution_id,),
+        )
+        return int(rows[0][0])
+
+    def key_verifiers(self) -> dict[int, bytes]:
+        """Key-check values of every key id that has sealed data here."""
+        rows = self._select("key_verifiers", "SELECT key_id, verifier FROM keys")
+        return {int(k): bytes(v) for k, v in rows}
+
+    def has_executions(self) -> bool:
+        """Whether any execution (hence any payload) is stored."""
+        return bool(self._select("has_executions", "SELECT 1 FROM executions LIMIT 1"))
