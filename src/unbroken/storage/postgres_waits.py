@@ -19,14 +19,10 @@ from .postgres_locks import PostgresLocks
 from .postgres_queue import notify
 from .postgres_rows import insert_entries
 from .rules import check_control, settled_state
+from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
 
 __all__ = ["PostgresWaits"]
 
-_PROMISE_COLUMNS = (
-    "promise_id, execution_id, generation, step_id, name, token_hash, state, payload, "
-    "created_at, settled_at"
-)
-_TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
 _LOCK_EXECUTION = "SELECT 1 FROM executions WHERE execution_id = %s FOR NO KEY UPDATE"
 _CONTROL_EXISTS = (
     "SELECT 1 FROM journal WHERE execution_id = %s AND generation = %s AND step_id = %s "
@@ -48,7 +44,7 @@ class PostgresWaits(PostgresLocks):
                 a control row already holds the step; nothing was inserted.
         """
         noun, columns = (
-            ("promise", _PROMISE_COLUMNS) if table == "promises" else ("timer", _TIMER_COLUMNS)
+            ("promise", PROMISE_COLUMNS) if table == "promises" else ("timer", TIMER_COLUMNS)
         )
         with self._write(op) as conn:
             # Serialises control inserts per execution: the slot check below stays true.
@@ -78,29 +74,6 @@ class PostgresWaits(PostgresLocks):
         head = (p.promise_id, p.execution_id, p.generation, p.step_id, p.name, p.token_hash)
         row = (*head, PromiseState(p.state).value, p.payload, p.created_at_ms, p.settled_at_ms)
         self._insert_control("create_promise", entry, "promises", row)
-
-    def get_promise(self, promise_id: str) -> PromiseRecord | None:
-        """The promise row, or ``None``."""
-        rows = self._query(
-            "get_promise",
-            f"SELECT {_PROMISE_COLUMNS} FROM promises WHERE promise_id = %s",
-            (promise_id,),
-        )
-        if not rows:
-            return None
-        pid, eid, generation, step_id, name, token_hash, state, payload, created, settled = rows[0]
-        return PromiseRecord(
-            pid,
-            eid,
-            generation,
-            step_id,
-            name,
-            token_hash,
-            PromiseState(state),
-            payload,
-            created,
-            settled,
-        )
 
     def settle_promise(
         self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
@@ -155,16 +128,3 @@ class PostgresWaits(PostgresLocks):
                 "UPDATE timers SET fired = 1 WHERE timer_id = %s AND fired = 0", (timer_id,)
             )
             return cursor.rowcount == 1
-
-    def due_timers(self, now_ms: int, limit: int) -> list[TimerRecord]:
-        """Unfired timers due at or before ``now_ms``, earliest first."""
-        rows = self._query(
-            "due_timers",
-            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE fired = 0 AND due_at <= %s "
-            "ORDER BY due_at, timer_id LIMIT %s",
-            (now_ms, max(limit, 0)),
-        )
-        return [
-            TimerRecord(tid, eid, generation, step_id, due_at, bool(fired), created)
-            for tid, eid, generation, step_id, due_at, fired, created in rows
-        ]

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..journal import EntryKind, JournalEntry, StepInfo
+from ..journal import EntryKind, JournalEntry, PromiseRecord, PromiseState, StepInfo, TimerRecord
 from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
 
-__all__ = ["SqlReads"]
+__all__ = ["PROMISE_COLUMNS", "TIMER_COLUMNS", "SqlReads"]
+
+PROMISE_COLUMNS = (
+    "promise_id, execution_id, generation, step_id, name, token_hash, state, payload, "
+    "created_at, settled_at"
+)
+TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
 
 
 class SqlReads:
@@ -92,3 +98,29 @@ class SqlReads:
     def has_executions(self) -> bool:
         """Whether any execution (hence any payload) is stored."""
         return bool(self._select("has_executions", "SELECT 1 FROM executions LIMIT 1"))
+
+    def get_promise(self, promise_id: str) -> PromiseRecord | None:
+        """The promise row, or ``None``."""
+        rows = self._select(
+            "get_promise",
+            f"SELECT {PROMISE_COLUMNS} FROM promises WHERE promise_id = ?",
+            (promise_id,),
+        )
+        if not rows:
+            return None
+        pid, eid, generation, step_id, name, token_hash, state, payload, created, settled = rows[0]
+        head = (pid, eid, generation, step_id, name, bytes(token_hash))
+        return PromiseRecord(*head, PromiseState(state), payload, created, settled)
+
+    def due_timers(self, now_ms: int, limit: int) -> list[TimerRecord]:
+        """Unfired timers due at or before ``now_ms``, earliest first."""
+        rows = self._select(
+            "due_timers",
+            f"SELECT {TIMER_COLUMNS} FROM timers WHERE fired = 0 AND due_at <= ? "
+            "ORDER BY due_at, timer_id LIMIT ?",
+            (now_ms, max(limit, 0)),
+        )
+        return [
+            TimerRecord(tid, eid, generation, step_id, due_at, bool(fired), created)
+            for tid, eid, generation, step_id, due_at, fired, created in rows
+        ]

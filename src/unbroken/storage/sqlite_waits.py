@@ -13,16 +13,11 @@ from typing import Any, Literal
 from ..errors import StorageError
 from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
 from .rules import check_control, settled_state
+from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
 from .sqlite_connection import SqliteConnections
 from .sqlite_rows import chunks, insert_entry, marks
 
 __all__ = ["SqliteWaits"]
-
-_PROMISE_COLUMNS = (
-    "promise_id, execution_id, generation, step_id, name, token_hash, state, payload, "
-    "created_at, settled_at"
-)
-_TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
 
 
 class SqliteWaits(SqliteConnections):
@@ -39,7 +34,7 @@ class SqliteWaits(SqliteConnections):
                 the step; nothing was inserted.
         """
         noun, columns = (
-            ("promise", _PROMISE_COLUMNS) if table == "promises" else ("timer", _TIMER_COLUMNS)
+            ("promise", PROMISE_COLUMNS) if table == "promises" else ("timer", TIMER_COLUMNS)
         )
         with self._write(op) as conn:
             if conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = ?", (row[0],)).fetchone():
@@ -68,29 +63,6 @@ class SqliteWaits(SqliteConnections):
         head = (p.promise_id, p.execution_id, p.generation, p.step_id, p.name, p.token_hash)
         row = (*head, PromiseState(p.state).value, p.payload, p.created_at_ms, p.settled_at_ms)
         self._insert_control("create_promise", entry, "promises", row)
-
-    def get_promise(self, promise_id: str) -> PromiseRecord | None:
-        """The promise row, or ``None``."""
-        rows = self._query(
-            "get_promise",
-            f"SELECT {_PROMISE_COLUMNS} FROM promises WHERE promise_id = ?",
-            (promise_id,),
-        )
-        if not rows:
-            return None
-        pid, eid, generation, step_id, name, token_hash, state, payload, created, settled = rows[0]
-        return PromiseRecord(
-            pid,
-            eid,
-            generation,
-            step_id,
-            name,
-            token_hash,
-            PromiseState(state),
-            payload,
-            created,
-            settled,
-        )
 
     def settle_promise(
         self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
@@ -141,16 +113,3 @@ class SqliteWaits(SqliteConnections):
                 "UPDATE timers SET fired = 1 WHERE timer_id = ? AND fired = 0", (timer_id,)
             )
         return cursor.rowcount == 1
-
-    def due_timers(self, now_ms: int, limit: int) -> list[TimerRecord]:
-        """Unfired timers due at or before ``now_ms``, earliest first."""
-        rows = self._query(
-            "due_timers",
-            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE fired = 0 AND due_at <= ? "
-            "ORDER BY due_at, timer_id LIMIT ?",
-            (now_ms, max(limit, 0)),
-        )
-        return [
-            TimerRecord(tid, eid, generation, step_id, due_at, bool(fired), created)
-            for tid, eid, generation, step_id, due_at, fired, created in rows
-        ]
