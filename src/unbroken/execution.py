@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .context import Context
@@ -68,7 +68,6 @@ class Run:
     lock: OwnedLock
     future: asyncio.Future[Any]
     task: asyncio.Task[None] | None = None
-    contexts: list[Context] = field(default_factory=list)
     cancel_requested: bool = False
     canceled: bool = False
 
@@ -98,7 +97,6 @@ class Run:
         services = self.services
         while True:
             ctx = Context(services, replaying=self.replaying)
-            self.contexts = [ctx]
             try:
                 output = await self.workflow.fn(ctx, *self.args, **self.kwargs)
             except Diverged as diverged:

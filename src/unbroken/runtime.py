@@ -11,7 +11,7 @@ import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from .clock import Clock
 from .config import Config
@@ -35,7 +35,6 @@ __all__ = [
     "set_current_step",
 ]
 
-T = TypeVar("T")
 
 def now_ms() -> int:
     """Unix time in milliseconds."""
@@ -137,7 +136,6 @@ class Metrics:
     divergences: int = 0
 
 
-Reader = Callable[..., Any]
 
 
 @dataclass(slots=True)
