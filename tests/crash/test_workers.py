@@ -258,7 +258,9 @@ def test_a_queue_limit_of_two_holds_across_three_workers(queue: Queue) -> None:
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        workers = [queue.start("--queue", "limited", "--concurrency", "4") for _ in range(3)]
+        # One execution per worker: reaching the limit of 2 takes two workers, so the limit
+        # is enforced across workers, not inside one.
+        workers = [queue.start("--queue", "limited", "--concurrency", "1") for _ in range(3)]
         deadline = time.monotonic() + 60
         while queue.count("completed", "limited") < count:
             assert time.monotonic() < deadline, "the limited queue did not drain"
