@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -174,7 +175,7 @@ def _acquire_file(lock_dir: Path, execution_id: str) -> OwnedLock:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_pid(fd)
+        holder = _holder_pid(fd)
         os.close(fd)
         raise ExecutionLocked(execution_id, holder) from None
     except BaseException:
@@ -200,6 +201,17 @@ def _file_held(lock_dir: Path, execution_id: str) -> bool:
     finally:
         os.close(fd)  # closing drops the probe's shared lock
     return False
+
+
+def _holder_pid(fd: int) -> int:
+    """The holder's pid; it writes it just after taking the lock, so an empty file is
+    re-read a few times (2 ms apart) before the pid is reported unknown (0)."""
+    for _ in range(5):
+        pid = _read_pid(fd)
+        if pid:
+            return pid
+        time.sleep(0.002)
+    return 0
 
 
 def _read_pid(fd: int) -> int:
