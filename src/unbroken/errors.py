@@ -61,6 +61,7 @@ __all__ = [
     "InvalidStep",
     "JournalUnavailable",
     "NotAnUnbrokenDatabase",
+    "OwnershipLost",
     "PayloadTooLarge",
     "PromiseRejected",
     "PromiseTimeout",
@@ -70,6 +71,7 @@ __all__ = [
     "StepCapExceeded",
     "StepFailed",
     "StorageError",
+    "StorageUnavailable",
     "UnbrokenError",
     "UnknownExecution",
     "UnknownPromise",
@@ -125,6 +127,24 @@ class StorageError(UnbrokenError):
         suffix = f": {detail}" if detail else ""
         super().__init__(f"storage operation {op!r} failed{suffix}")
         self.op = op
+
+
+class StorageUnavailable(StorageError):
+    """The database could not be reached or dropped the connection (a server restart, a
+    network failure): nothing of the failed operation is known to be written, and the same
+    call may succeed once the server is back."""
+
+
+class OwnershipLost(StorageError):
+    """This process no longer owns the execution (its ownership lock lapsed with a lost
+    database session): the write was refused whole. Another process may own it now; the
+    run stops without finalizing, and whoever owns it next resumes it from the journal."""
+
+    def __init__(self, op: str, execution_id: str) -> None:
+        super().__init__(
+            op, f"ownership of execution {execution_id!r} was lost; nothing was written"
+        )
+        self.execution_id = execution_id
 
 
 class NotAnUnbrokenDatabase(StorageError):

@@ -27,7 +27,13 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from ..errors import ConfigurationError, NotAnUnbrokenDatabase, SchemaTooNew, StorageError
+from ..errors import (
+    ConfigurationError,
+    NotAnUnbrokenDatabase,
+    SchemaTooNew,
+    StorageError,
+    StorageUnavailable,
+)
 from ..journal import JournalEntry
 from .base import SCHEMA_VERSION
 from .postgres_rows import ENTRY_COLUMNS, Connection, entry_from_row
@@ -152,8 +158,9 @@ class PostgresConnections:
             return psycopg.connect(self._url, **self._connect_kwargs())
         except psycopg.Error as exc:
             reason = self._connect_reason(exc)
+            kind = StorageUnavailable if _unavailable(exc) else StorageError
         # Raised outside the handler, so psycopg's message is not even the context.
-        raise StorageError(op, reason)
+        raise kind(op, reason)
 
     def _parse(self, url: str) -> dict[str, Any]:
         """The URL's libpq parameters; ``ConfigurationError`` if libpq cannot parse it."""
@@ -254,8 +261,10 @@ class PostgresConnections:
     # -- errors -----------------------------------------------------------------------
 
     def _failure(self, op: str, exc: psycopg.Error) -> StorageError:
-        """A metadata-only ``StorageError(op)`` for a psycopg failure."""
-        return StorageError(op, self._detail(op, exc))
+        """A metadata-only ``StorageError(op)`` for a psycopg failure; a lost or refused
+        connection (the server restarting, the network failing) is ``StorageUnavailable``."""
+        kind = StorageUnavailable if _unavailable(exc) else StorageError
+        return kind(op, self._detail(op, exc))
 
     def _detail(self, op: str, exc: psycopg.Error) -> str:
         """What went wrong, from metadata only, password-free."""
@@ -331,3 +340,17 @@ def _secrets_of(url: str) -> list[str]:
     except ValueError:
         pass
     return sorted((s for s in found if s), key=len, reverse=True)
+
+
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
+"""admin_shutdown, crash_shutdown, cannot_connect_now: the server is going or coming back."""
+
+
+def _unavailable(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` says the server is out of reach rather than refusing the work."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)  # the socket failed, no reply
+    return state.startswith("08") or state in _UNAVAILABLE_STATES
