@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/mypy src
 
 bench: $(STAMP)
-	bash bench/setup_peers.sh && $(BIN)/python bench/compare.py
+	bash bench/setup_peers.sh && $(BIN)/python bench/compare.py && $(BIN)/python bench/workers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
