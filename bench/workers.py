@@ -43,7 +43,9 @@ import base64
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +63,7 @@ BENCH = Path(__file__).resolve().parent
 PEERS_PYTHON = BENCH / ".peers-venv" / "bin" / "python"
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 STEPS = 3
+RETRY_PAUSE_SECS = 5.0
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"executions": 500, "warmup_executions": 200, "reps": 3, "warmup": 1},
@@ -81,6 +84,7 @@ class Plan:
     budget: float
     skipped: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    retries: list[dict[str, str]] = field(default_factory=list)
 
     def skip(self, system: System | str, reason: str, workers: str = "all") -> None:
         name = system if isinstance(system, str) else system.name
@@ -95,7 +99,7 @@ def run_all(plan: Plan, fleet: Fleet) -> dict[tuple[str, int], list[dict[str, An
     for rep in range(plan.warmup + plan.reps):
         warm = rep < plan.warmup
         if not warm and time.monotonic() - started > plan.budget:
-            for s in systems:
+            for s in plan.systems:
                 plan.skip(
                     s,
                     f"time budget of {plan.budget:.0f} s spent before repetition "
@@ -112,7 +116,7 @@ def run_all(plan: Plan, fleet: Fleet) -> dict[tuple[str, int], list[dict[str, An
                 tag = "warm-up" if warm else f"rep {rep - plan.warmup + 1}"
                 t0 = time.monotonic()
                 try:
-                    out = fleet.run(system, k, executions, plan.concurrency)
+                    out = measure(plan, fleet, system, k, executions, tag)
                 except RunError as exc:
                     print(f"  {system.name:<17} K={k} {tag:<7} FAILED: {exc}", flush=True)
                     plan.errors.append(
@@ -130,11 +134,27 @@ def run_all(plan: Plan, fleet: Fleet) -> dict[tuple[str, int], list[dict[str, An
     return samples
 
 
+def measure(
+    plan: Plan, fleet: Fleet, system: System, k: int, executions: int, tag: str
+) -> dict[str, Any]:
+    """One run, tried a second time after a pause when it fails (the shared server may be
+    restarting); a retry is recorded in the report."""
+    try:
+        return fleet.run(system, k, executions, plan.concurrency)
+    except RunError as exc:
+        print(f"  {system.name:<17} K={k} {tag:<7} failed ({exc}); retrying once", flush=True)
+        plan.retries.append({"system": system.name, "workers": str(k), "error": str(exc)})
+        time.sleep(RETRY_PAUSE_SECS)
+    return fleet.run(system, k, executions, plan.concurrency)
+
+
 def aggregate(
-    plan: Plan, samples: dict[tuple[str, int], list[dict[str, Any]]]
+    plan: Plan, samples: dict[tuple[str, int], list[dict[str, Any]]], order: list[str]
 ) -> list[dict[str, Any]]:
     rows = []
-    for (name, k), runs in sorted(samples.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (name, k), runs in sorted(
+        samples.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))
+    ):
         rates = [r["executions_per_s"] for r in runs]
         rows.append(
             {
@@ -147,6 +167,9 @@ def aggregate(
                 "steps_per_s": statistics.median(rates) * STEPS,
                 "worker_cpu_ms_per_execution": _median_or_none(
                     [r["worker_cpu_ms_per_execution"] for r in runs]
+                ),
+                "server_cpu_ms_per_execution": _median_or_none(
+                    [r["server_cpu_ms_per_execution"] for r in runs]
                 ),
                 "runs": runs,
             }
@@ -171,8 +194,10 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
-def _cpu(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1f}"
+def _cpu(workers: float | None, server: float | None) -> str:
+    if workers is None:
+        return "—"
+    return f"{workers:.1f}" + ("" if server is None else f" + {server:.1f}")
 
 
 def _ratio(x: float | None) -> str:
@@ -186,7 +211,8 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
         f"`{report['command']}` on {report['machine']}, Python {report['python']}, "
         f"PostgreSQL {report['postgres']}; "
         + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items()))
-        + f". {report['warmup']} warm-up (K=1, {report['warmup_executions']} executions) + "
+        + f" (unbroken at {report['unbroken_tree']}). {report['warmup']} warm-up "
+        f"(K=1, {report['warmup_executions']} executions) + "
         f"{report['repetitions']} measured repetitions; median and min–max of executions/s; "
         f"{report['wall_seconds']:.0f} s in all.",
         "",
@@ -198,12 +224,13 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
         "not before the next step starts; a *guarded* step, a DBOS step and an Absurd "
         "checkpoint are each committed before the workflow moves on, so the like-for-like "
         "ratio is **peer ÷ unbroken guarded**. Ratios are of executions/s: above 1 the peer "
-        "is faster. *Worker CPU* is the user + system CPU time of the K worker processes "
-        "during the timed part, per execution (PostgreSQL's own CPU is not in it); with 2 "
-        "cores shared by the workers and the server, it bounds how far more workers can help.",
+        "is faster. *CPU ms/execution* is the user + system CPU time, during the timed part "
+        "and per execution, of the K worker processes + of the PostgreSQL backends serving "
+        "the run's database (shared server processes such as the WAL writer are not in it): "
+        "with 2 cores shared by workers and server, it bounds how far more workers can help.",
         "",
         "| system | workers | executions/s | steps/s | min–max executions/s "
-        "| peer ÷ unbroken guarded | peer ÷ unbroken buffered | worker CPU ms/execution |",
+        "| peer ÷ unbroken guarded | peer ÷ unbroken buffered | CPU ms/execution |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
@@ -212,7 +239,7 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
             f"| {label} | {r['workers']} | {_num(r['executions_per_s'])} "
             f"| {_num(r['steps_per_s'])} | {_num(r['min'])}–{_num(r['max'])} "
             f"| {_ratio(r['ratio_vs_unbroken_guarded'])} | {_ratio(r['ratio_vs_unbroken'])} "
-            f"| {_cpu(r['worker_cpu_ms_per_execution'])} |"
+            f"| {_cpu(r['worker_cpu_ms_per_execution'], r['server_cpu_ms_per_execution'])} |"
         )
     notes = sorted(
         {
@@ -231,10 +258,26 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
         for s in report["skipped"]
     ]
     lines += [
+        f"- retried once: {e['system']} (workers: {e['workers']}): {e['error']}"
+        for e in report["retries"]
+    ]
+    lines += [
         f"- failed: {e['system']} (workers: {e['workers']}): {e['error']}" for e in report["errors"]
     ]
     lines.append("")
     return "\n".join(lines)
+
+
+def tree_state() -> str:
+    """The commit unbroken was measured at, and whether src/ differed from it."""
+    git = ["git", "-C", str(BENCH.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" + uncommitted changes in src/" if dirty.stdout.strip() else "")
 
 
 def _peer_status() -> dict[str, str]:
@@ -278,7 +321,7 @@ def main() -> int:
     parser.add_argument(
         "--budget",
         type=float,
-        default=190.0,
+        default=150.0,
         help="seconds after which the remaining repetitions are skipped",
     )
     parser.add_argument("--server", default=None, help="PostgreSQL maintenance URL")
@@ -343,7 +386,7 @@ def main() -> int:
         samples = run_all(plan, fleet)
     finally:
         fleet.close()
-    rows = aggregate(plan, samples)
+    rows = aggregate(plan, samples, list(known))
     now = datetime.now(UTC)
     report = {
         "date": now.isoformat(timespec="seconds"),
@@ -351,6 +394,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
         "postgres": server.version(),
+        "unbroken_tree": tree_state(),
         "versions": fleet.versions([s.name for s in known.values() if s.name in wanted]),
         "executions": plan.executions,
         "warmup_executions": plan.warmup_executions,
@@ -364,6 +408,7 @@ def main() -> int:
         "load_average_end": os.getloadavg(),
         "skipped": plan.skipped,
         "errors": plan.errors,
+        "retries": plan.retries,
         "rows": rows,
     }
     text = markdown(report, known)
@@ -377,6 +422,10 @@ def main() -> int:
     print()
     print(text)
     print(f"written to {out_dir / stem}.json and .md ({report['wall_seconds']:.0f} s)")
+    if plan.errors or plan.retries:
+        print(f"the processes' stderr is kept in {log_dir}")
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
     if args.smoke:
         return 1 if plan.errors or (plan.systems and not rows) else 0
     return 0

@@ -200,17 +200,59 @@ def _pump(name: str, stream: IO[str], lines: queue.Queue[tuple[str, str]]) -> No
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _cpu_seconds(children: list[Child]) -> float | None:
-    """User + system CPU the children used so far (Linux /proc), or None."""
-    total = 0
-    for c in children:
-        try:
-            stat = Path(f"/proc/{c.proc.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICKS
+def _ticks(pid: int, comm: str | None = None) -> int | None:
+    """User + system CPU ticks of process ``pid`` (Linux /proc), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    if comm is not None and not stat[stat.index("(") + 1 :].startswith(comm):
+        return None  # not the server's process (the server is on another machine)
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+@dataclass
+class _Usage:
+    """CPU ticks so far of the workers and of the server processes serving this database
+    (its backends other than the driver's own; shared server processes are not in it)."""
+
+    workers: int | None
+    backends: dict[int, int]
+
+    @classmethod
+    def take(cls, conn: psycopg.Connection[Any], workers: list[Child]) -> _Usage:
+        ticks = [_ticks(w.proc.pid) for w in workers]
+        total = None if None in ticks else sum(t for t in ticks if t is not None)
+        rows = conn.execute(
+            b"SELECT pid FROM pg_stat_activity "
+            b"WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+        backends = {}
+        for (pid,) in rows:
+            t = _ticks(int(pid), "postgres")
+            if t is not None:
+                backends[int(pid)] = t
+        return cls(total, backends)
+
+    def since(self, before: _Usage, executions: int) -> dict[str, float | None]:
+        """CPU ms per execution between ``before`` and this; a backend that was not there
+        before counts from zero, one that ended meanwhile is missed."""
+        workers = None
+        if self.workers is not None and before.workers is not None:
+            workers = (self.workers - before.workers) / _TICKS * 1e3 / executions
+        server = None
+        if self.backends:
+            used = sum(t - before.backends.get(pid, 0) for pid, t in self.backends.items())
+            server = used / _TICKS * 1e3 / executions
+        return {"worker_cpu_ms_per_execution": workers, "server_cpu_ms_per_execution": server}
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise RunError(f"PostgreSQL: {str(exc).strip()[:300]}") from None
 
 
 @dataclass
@@ -331,46 +373,19 @@ class Fleet:
     # -- one run -------------------------------------------------------------------------
 
     def run(self, system: System, k: int, executions: int, concurrency: int) -> dict[str, Any]:
+        """One measured run on a fresh database; its figures."""
         self.prepare(system)
         db = self.server.create(self.templates[system.app])
         url = self.server.db_url(db)
         lines: queue.Queue[tuple[str, str]] = queue.Queue()
         children: list[Child] = []
+        started = time.monotonic()
         try:
-            setup_start = time.monotonic()
-            enq = self._start(
-                system,
-                url,
-                "enqueuer",
-                ["enqueue", "--executions", str(executions), *system.enqueue_args],
-                lines,
-            )
-            children.append(enq)
-            if system.gated:  # all enqueued before any worker may claim
-                self._await(lines, {"enqueuer": "committed"}, READY_TIMEOUT)
-            workers = [
-                self._start(
-                    system,
-                    url,
-                    f"worker-{i}",
-                    [
-                        "worker",
-                        "--concurrency",
-                        str(concurrency),
-                        *([] if system.gated else ["--poll", str(PEER_POLL_SECS)]),
-                    ],
-                    lines,
-                )
-                for i in range(k)
-            ]
-            children += workers
-            want = {w.name: "ready" for w in workers}
-            if not system.gated:
-                want["enqueuer"] = "prepared"
-            self._await(lines, want, READY_TIMEOUT)
-            setup = time.monotonic() - setup_start
-            with psycopg.connect(url, autocommit=True) as conn:
-                cpu0 = _cpu_seconds(workers)
+            enq, workers = self._launch(system, url, k, executions, concurrency, lines, children)
+            setup = time.monotonic() - started
+            conn = _connect(url)
+            with conn:
+                before = _Usage.take(conn, workers)
                 if system.gated:
                     t0 = time.time()
                     for w in workers:
@@ -380,10 +395,14 @@ class Fleet:
                     said = self._await(lines, {"enqueuer": "committed"}, READY_TIMEOUT)
                     t0 = float(said["enqueuer"].split()[1])
                 t1 = self._drain(conn, system, executions, workers)
-                cpu = _cpu_seconds(workers)
+                after = _Usage.take(conn, workers)
                 steps = conn.execute(system.steps.encode()).fetchone()
+        except psycopg.Error as exc:
+            raise RunError(f"PostgreSQL: {str(exc).strip()[:300]}") from None
         finally:
+            stopping = time.monotonic()
             self._stop(children)
+            stop = time.monotonic() - stopping
             self.server.drop(db)
         seconds = t1 - t0
         return {
@@ -393,11 +412,38 @@ class Fleet:
             "executions_per_s": executions / seconds,
             "steps_per_s": executions * STEPS / seconds,
             "steps_recorded": int(steps[0]) if steps else None,
-            "worker_cpu_ms_per_execution": (
-                None if cpu is None or cpu0 is None else (cpu - cpu0) * 1e3 / executions
-            ),
+            **after.since(before, executions),
             "setup_seconds": setup,
+            "stop_seconds": stop,
         }
+
+    def _launch(
+        self,
+        system: System,
+        url: str,
+        k: int,
+        executions: int,
+        concurrency: int,
+        lines: queue.Queue[tuple[str, str]],
+        children: list[Child],
+    ) -> tuple[Child, list[Child]]:
+        """Start the enqueuer and K workers; return once all are ready (gated: once all
+        executions are enqueued; batch: once the uncommitted batch is prepared)."""
+        args = ["enqueue", "--executions", str(executions), *system.enqueue_args]
+        enq = self._start(system, url, "enqueuer", args, lines)
+        children.append(enq)
+        if system.gated:  # all enqueued before any worker may claim
+            self._await(lines, {"enqueuer": "committed"}, READY_TIMEOUT)
+        args = ["worker", "--concurrency", str(concurrency)]
+        if not system.gated:
+            args += ["--poll", str(PEER_POLL_SECS)]
+        workers = [self._start(system, url, f"worker-{i}", args, lines) for i in range(k)]
+        children += workers
+        want = {w.name: "ready" for w in workers}
+        if not system.gated:
+            want["enqueuer"] = "prepared"
+        self._await(lines, want, READY_TIMEOUT)
+        return enq, workers
 
     def _drain(
         self, conn: psycopg.Connection[Any], system: System, executions: int, workers: list[Child]
