@@ -56,7 +56,8 @@ def systems_by_name() -> dict[str, System]:
     unbroken_steps = "SELECT count(*) FROM journal WHERE kind = 'result'"
     unbroken_note = (
         "unbroken: `run_worker` with its defaults (claims at once when a slot frees or "
-        "NOTIFY announces work; 1 s fallback poll)"
+        "NOTIFY announces work; 1 s fallback poll); payloads sealed with XChaCha20-Poly1305 "
+        "(mandatory on PostgreSQL; the peers store plain JSON)"
     )
     found = [
         System(
