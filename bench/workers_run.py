@@ -428,21 +428,20 @@ class Fleet:
         lines: queue.Queue[tuple[str, str]],
         children: list[Child],
     ) -> tuple[Child, list[Child]]:
-        """Start the enqueuer and K workers; return once all are ready (gated: once all
-        executions are enqueued; batch: once the uncommitted batch is prepared)."""
+        """Start the enqueuer and K workers together; return once all are ready and the
+        executions are in place (gated: enqueued and committed; batch: in the open
+        transaction). A gated worker may open its engine while the enqueuer still works:
+        it claims nothing before the gate opens."""
         args = ["enqueue", "--executions", str(executions), *system.enqueue_args]
         enq = self._start(system, url, "enqueuer", args, lines)
         children.append(enq)
-        if system.gated:  # all enqueued before any worker may claim
-            self._await(lines, {"enqueuer": "committed"}, READY_TIMEOUT)
         args = ["worker", "--concurrency", str(concurrency)]
         if not system.gated:
             args += ["--poll", str(PEER_POLL_SECS)]
         workers = [self._start(system, url, f"worker-{i}", args, lines) for i in range(k)]
         children += workers
         want = {w.name: "ready" for w in workers}
-        if not system.gated:
-            want["enqueuer"] = "prepared"
+        want["enqueuer"] = "committed" if system.gated else "prepared"
         self._await(lines, want, READY_TIMEOUT)
         return enq, workers
 
