@@ -405,6 +405,9 @@ class Fleet:
             self._stop(children)
             stop = time.monotonic() - stopping
             self.server.drop(db)
+        recorded = int(steps[0]) if steps else 0
+        if recorded != STEPS * executions:
+            raise RunError(f"{recorded} step records for {executions} executions of {STEPS} steps")
         seconds = t1 - t0
         return {
             "executions": executions,
@@ -412,7 +415,7 @@ class Fleet:
             "seconds": seconds,
             "executions_per_s": executions / seconds,
             "steps_per_s": executions * STEPS / seconds,
-            "steps_recorded": int(steps[0]) if steps else None,
+            "steps_recorded": recorded,
             **after.since(before, executions),
             "setup_seconds": setup,
             "stop_seconds": stop,
