@@ -1,4 +1,4 @@
-"""The checkpoint fold: an execution's idempotent prefix packed into one row (layer: engine).
+"""The checkpoint fold, and the reads that feed replay (layer: engine).
 
 When an execution passes 90% of ``max_steps_per_execution`` a background task folds the
 committed outcome rows of its idempotent steps below that point into one sealed
@@ -7,18 +7,24 @@ a replay preloads them into the cursor and opens them exactly as before; the che
 records how many outcome rows it replaced, so the signed high-water mark still matches.
 A fold never runs on the step hot path, and never folds a guarded step (INV-13 finds those
 by key).
+
+``ReplayReader`` feeds a generation's replay cursor: the checkpoints' folded rows first,
+then the journal's segments, growing from ``replay_segment_steps`` steps to
+``SEGMENT_GROWTH`` times that while the payloads are small (see ``replay``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from .effects import EffectClass
 from .journal import EntryKind, JournalEntry
+from .replay import ReplayCursor, StepRows
 from .runtime import RunServices, now_ms
 
-__all__ = ["fold", "read_folded"]
+__all__ = ["ReplayReader", "fold", "read_folded"]
 
 log = logging.getLogger("unbroken")
 
@@ -29,6 +35,58 @@ _ROW_OVERHEAD = 160
 
 _CHECKPOINT_KEY = bytes(32)
 """A checkpoint row's key: it stands for no single step."""
+
+SEGMENT_GROWTH = 16
+"""A replay segment grows up to this many times ``replay_segment_steps`` (small payloads)."""
+
+
+class ReplayReader:
+    """Reads one generation's journal into its replay cursor: the checkpoints' folded
+    rows first, then the segments, each when a lookup needs it."""
+
+    __slots__ = ("_cursor", "_lock", "_preloaded", "_run")
+
+    def __init__(self, run: RunServices) -> None:
+        steps = run.config.replay_segment_steps
+        self._run = run
+        self._cursor = ReplayCursor(steps, max_segment_steps=steps * SEGMENT_GROWTH)
+        self._lock = asyncio.Lock()
+        self._preloaded = False
+
+    def ready(self, step_id: int) -> bool:
+        """Whether ``take(step_id)`` can answer without reading."""
+        return self._preloaded and self._cursor.needs(step_id) is None
+
+    async def fill(self, step_id: int) -> None:
+        """Read until the cursor can answer ``step_id``."""
+        async with self._lock:
+            run, cursor = self._run, self._cursor
+            if not self._preloaded:
+                cursor.preload(await read_folded(run))
+                self._preloaded = True
+            while (from_step := cursor.needs(step_id)) is not None:
+                rows = await run.read(
+                    run.storage.read_segment,
+                    run.execution_id,
+                    run.generation,
+                    from_step,
+                    cursor.row_limit,
+                )
+                cursor.feed(rows)
+
+    def take(self, step_id: int) -> StepRows | None:
+        """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""
+        return self._cursor.take(step_id)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every journaled step has been read and taken."""
+        return self._cursor.exhausted and self._cursor.resident == 0
+
+    @property
+    def cursor(self) -> ReplayCursor:
+        """The cursor this reader feeds."""
+        return self._cursor
 
 
 def _where(run: RunServices, step_id: int) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .ids import idempotency_key
 from .journal import EntryKind, JournalEntry
-from .replay import ReplayCursor, StepRows
+from .replay import StepRows
 from .runtime import (
     Diverged,
     IntegrityAbort,
@@ -81,13 +81,11 @@ class Context:
 
     __slots__ = (
         "_background",
-        "_cursor",
-        "_cursor_lock",
         "_dead",
         "_folding",
         "_next_step",
-        "_preloaded",
         "_promise_names",
+        "_reader",
         "_replaying",
         "_run",
         "_tasks",
@@ -97,12 +95,10 @@ class Context:
         self._run = run
         self._next_step = 0
         self._replaying = replaying
-        self._cursor = ReplayCursor(run.config.replay_segment_steps)
-        self._cursor_lock = asyncio.Lock()
+        self._reader = checkpoints.ReplayReader(run)
         self._dead = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._promise_names: set[str] = set()
-        self._preloaded = False
         self._folding = False
         self._background: set[asyncio.Task[None]] = set()
 
@@ -340,24 +336,11 @@ class Context:
     # -- replay -------------------------------------------------------------------------
 
     async def _lookup(self, step_id: int) -> StepRows | None:
-        cursor = self._cursor
-        if cursor.needs(step_id) is not None or not self._preloaded:
-            async with self._cursor_lock:
-                run = self._run
-                if not self._preloaded:
-                    self._preloaded = True
-                    cursor.preload(await checkpoints.read_folded(run))
-                while (from_step := cursor.needs(step_id)) is not None:
-                    rows = await run.read(
-                        run.storage.read_segment,
-                        run.execution_id,
-                        run.generation,
-                        from_step,
-                        cursor.row_limit,
-                    )
-                    cursor.feed(rows)
-        rows_for_step = cursor.take(step_id)
-        if rows_for_step is None and cursor.exhausted and cursor.resident == 0:
+        reader = self._reader
+        if not reader.ready(step_id):
+            await reader.fill(step_id)
+        rows_for_step = reader.take(step_id)
+        if rows_for_step is None and reader.finished:
             self._replaying = False  # past the journal's end: no more lookups
         return rows_for_step
 
