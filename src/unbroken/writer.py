@@ -8,8 +8,15 @@ always sees a contiguous committed prefix. Acknowledged work that is not confirm
 (INV-12, FR-DE-11). The thread is supervised: if its loop dies it logs, re-reads
 ``MAX(seq)`` and starts again (FR-DE-12).
 
-The event loop never blocks on the database: it only appends to a deque under a lock and,
-for acknowledged work, awaits a future the writer thread resolves.
+On local storage (``LocalWrites``: SQLite, whose commits cost microseconds) the event
+loop's thread commits itself while the writer is idle: an acknowledged append or a call
+takes the commit mutex without blocking, commits everything buffered before it in the
+same transaction, and returns at once; a due group commit of buffered entries runs on the
+loop from a timer. When the mutex is taken, requests are already queued, or the database's
+write lock is held by another connection, the work goes to the writer thread as before, so
+the event loop never waits for a lock. Both paths take the mutex before they take work off
+the queue, so commits keep the order of the queue. A network database (PostgreSQL) keeps
+every commit on the writer thread, and the event loop awaits a future the thread resolves.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .errors import JournalUnavailable
 from .journal import JournalEntry
 from .storage import Signer, Storage
+from .storage.base import LocalWrites
 
 __all__ = ["JournalWriter"]
 
@@ -53,6 +61,20 @@ class _Stats:
     restarts: int = 0
     resume_seq: int = 0
     last_seq: int = 0
+    inline_commits: int = 0
+    """Commits made on the caller's thread (local storage, writer idle)."""
+    handed_over: int = 0
+    """Acknowledged appends and calls that found the writer busy and went to its thread."""
+    checkpoints: int = 0
+    """Log checkpoints the thread ran for the inline commits."""
+
+
+_CHECKPOINT_PAGES = 1000
+"""Inline commits leave checkpoints to the thread, asked for about every this many log
+pages (SQLite's own automatic checkpoint threshold)."""
+
+_DECLINED: Any = object()
+"""``_inline_*``: the work could not be done on this thread now."""
 
 
 class JournalWriter:
@@ -80,6 +102,20 @@ class JournalWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.stats = _Stats()
+        # Held by whoever runs a transaction of this writer (its thread, or the loop's).
+        self._commit = threading.Lock()
+        self._local: LocalWrites | None = storage if isinstance(storage, LocalWrites) else None
+        self._ready = False  # the thread has read MAX(seq): inline commits may start
+        self._due_now = False  # the loop asks the thread to commit buffered entries now
+        self._timer: asyncio.TimerHandle | None = None
+        self._log_pages = 0  # estimated log pages written inline since the last checkpoint
+        self._replies: list[tuple[_Request, Any, BaseException | None]] = []  # the thread's
+        self._checkpoint_due = False
+
+    @property
+    def commits_inline(self) -> bool:
+        """Whether commits run on the caller's thread while the writer is idle."""
+        return self._local is not None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -116,8 +152,33 @@ class JournalWriter:
                 return
             self._items.append(entry)
             self._buffered += 1
-            if self._buffered == 1 or self._buffered >= self._max_batch:
-                self._cond.notify()
+            waiting = self._buffered
+            if self._local is None:
+                if waiting == 1 or waiting >= self._max_batch:
+                    self._cond.notify()
+                return
+        if waiting >= self._max_batch:
+            self._flush_due()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on a loop: the thread commits it
+                self._hand_over_buffered()
+            else:
+                self._timer = loop.call_later(self._interval, self._flush_due)
+
+    def _flush_due(self) -> None:
+        """Group commit what is buffered, on this thread if the writer is idle."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        if self._inline([]) is _DECLINED:
+            self._hand_over_buffered()
+
+    def _hand_over_buffered(self) -> None:
+        with self._cond:
+            self._due_now = True
+            self._cond.notify()
 
     async def append_acked(self, entry: JournalEntry) -> int:
         """Append an entry durably, after everything buffered before it.
@@ -129,15 +190,85 @@ class JournalWriter:
             JournalUnavailable: not confirmed within ``ack_timeout_ms``.
             StorageError: the database refused the entry.
         """
+        if self._local is not None and self._ready:
+            done = self._inline([entry])
+            if done is not _DECLINED:
+                return int(done)
+            self.stats.handed_over += 1
         seq: int = await self._submit(_Request(asyncio.get_running_loop(), _new_future(), entry))
         return seq
 
     async def call(self, fn: Callable[[Storage], T]) -> T:
-        """Run ``fn(storage)`` on the writer thread after flushing what is buffered."""
+        """Run ``fn(storage)`` after flushing what is buffered: on the writer thread, or on
+        this one (local storage, writer idle)."""
+        if self._local is not None and self._ready:
+            done = self._inline([], fn)
+            if done is not _DECLINED:
+                value: T = done
+                return value
+            self.stats.handed_over += 1
         result: T = await self._submit(
             _Request(asyncio.get_running_loop(), _new_future(), call=fn)
         )
         return result
+
+    def _inline(
+        self, entries: list[JournalEntry], fn: Callable[[Storage], Any] | None = None
+    ) -> Any:
+        """Commit the buffered entries, then ``entries`` (one transaction), then run
+        ``fn``, all on this thread; ``_DECLINED`` if the writer is busy, has requests
+        queued, is closing, or the database would make this thread wait.
+
+        Raises:
+            StorageError: ``fn`` (or the append of ``entries`` alone) failed.
+        """
+        local = self._local
+        if local is None or not self._commit.acquire(blocking=False):
+            return _DECLINED
+        try:
+            with self._cond:
+                if self._closing or self._requests:
+                    return _DECLINED  # the thread drains in order; never jump ahead
+                # No request is queued: every item is a buffered entry.
+                taken = cast("list[JournalEntry]", list(self._items))
+                self._items.clear()
+                self._buffered = 0
+                self._due_now = False
+            batch = taken + entries if entries else taken
+            if batch and not self._inline_append(local, batch, taken):
+                return _DECLINED
+            if fn is None:
+                return self.stats.last_seq
+            done, value = local.try_write(fn)
+            return value if done else _DECLINED
+        finally:
+            self._commit.release()
+
+    def _inline_append(
+        self, local: LocalWrites, batch: list[JournalEntry], taken: list[JournalEntry]
+    ) -> bool:
+        """One transaction for ``batch``; on refusal or failure the buffered entries go
+        back to the front of the queue, for the thread to commit (or set apart)."""
+        signer = self._signer
+        try:
+            done, seq = local.try_write(lambda storage: storage.append(batch, signer))
+        except Exception:
+            done, seq = False, None  # the thread retries and sets the bad entry apart
+        if not done:
+            with self._cond:
+                self._items.extendleft(reversed(taken))
+                self._buffered += len(taken)
+            return False
+        self._count(len(batch), int(seq or 0))
+        self.stats.inline_commits += 1
+        # About a page per row (the idempotency-key index is random) and a few per commit.
+        self._log_pages += len(batch) + 4
+        if self._log_pages >= _CHECKPOINT_PAGES:
+            self._log_pages = 0
+            with self._cond:
+                self._checkpoint_due = True
+                self._cond.notify()
+        return True
 
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed."""
@@ -163,7 +294,10 @@ class JournalWriter:
     def _supervise(self) -> None:
         while True:
             try:
-                self.stats.resume_seq = self._storage.max_seq()
+                with self._commit:
+                    self.stats.resume_seq = self._storage.max_seq()
+                    self.stats.last_seq = max(self.stats.last_seq, self.stats.resume_seq)
+                self._ready = True
                 log.debug("journal writer started after seq %d", self.stats.resume_seq)
                 self._run()
                 return
@@ -173,33 +307,65 @@ class JournalWriter:
                 time.sleep(0.05)
 
     def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            self._process(batch)
+        while self._wait_for_work():
+            if self._checkpoint_due and self._local is not None:
+                self._checkpoint_due = False
+                try:
+                    self._local.checkpoint()
+                except Exception:  # the log only grows until the next one succeeds
+                    log.warning("journal log checkpoint failed", exc_info=True)
+                else:
+                    self.stats.checkpoints += 1
+                if not (self._requests or self._due_now or self._closing):
+                    continue  # woken for the checkpoint only: leave the mutex to the loop
+            # The mutex first, then the queue: an inline commit on the loop's thread
+            # cannot slip between taking the items and committing them.
+            with self._commit:
+                batch = self._take()
+                if batch:
+                    self._process(batch)
+                replies, self._replies = self._replies, []
+            # Replies go out once the mutex is free: whoever resumes finds the writer idle.
+            for request, value, exc in replies:
+                _resolve(request, value, exc)
 
-    def _take(self) -> list[JournalEntry | _Request] | None:
-        """Wait for work worth committing; ``None`` when closed and drained."""
+    def _wait_for_work(self) -> bool:
+        """Wait for work worth committing; ``False`` when closed and drained."""
         with self._cond:
+            if self._local is not None:
+                # Buffered entries are the loop's to commit, from its timer, unless it
+                # hands them over; requests and closing are the thread's.
+                while not (
+                    self._requests or self._due_now or self._closing or self._checkpoint_due
+                ):
+                    self._cond.wait()
+                return bool(self._items) or not self._closing
             while not self._items:
                 if self._closing:
-                    return None
+                    return False
                 self._cond.wait()
             deadline = time.monotonic() + self._interval
             while (
                 not self._requests
                 and not self._closing
+                and not self._due_now
                 and self._buffered < self._max_batch
+                and self._items
             ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            return True
+
+    def _take(self) -> list[JournalEntry | _Request]:
+        """Everything queued, in order (the caller holds the commit mutex)."""
+        with self._cond:
             items = list(self._items)
             self._items.clear()
             self._buffered = 0
             self._requests = 0
+            self._due_now = False
             return items
 
     def _process(self, items: list[JournalEntry | _Request]) -> None:
@@ -231,7 +397,7 @@ class JournalWriter:
             return
         self._count(len(entries), seq)
         for request in acked:
-            _resolve(request, seq, None)
+            self._reply(request, seq, None)
 
     def _commit_apart(self, entries: list[JournalEntry], acked: list[_Request]) -> None:
         """The group failed: one bad entry must not sink the others. The buffered entries
@@ -244,10 +410,10 @@ class JournalWriter:
             try:
                 seq = self._storage.append([request.entry], self._signer)
             except Exception as exc:
-                _resolve(request, None, exc)
+                self._reply(request, None, exc)
             else:
                 self._count(1, seq)
-                _resolve(request, seq, None)
+                self._reply(request, seq, None)
 
     def _commit_buffered(self, pending: list[JournalEntry]) -> None:
         if not pending:
@@ -270,9 +436,12 @@ class JournalWriter:
         try:
             result = request.call(self._storage)
         except Exception as exc:
-            _resolve(request, None, exc)
+            self._reply(request, None, exc)
         else:
-            _resolve(request, result, None)
+            self._reply(request, result, None)
+
+    def _reply(self, request: _Request, value: Any, exc: BaseException | None) -> None:
+        self._replies.append((request, value, exc))
 
     def _count(self, n: int, seq: int) -> None:
         self.stats.commits += 1
@@ -299,3 +468,4 @@ def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
 
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
         request.loop.call_soon_threadsafe(apply)
+    """Settle a request's future on its loop (from the writer thread)."""

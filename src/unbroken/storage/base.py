@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..journal import (
     EntryKind,
@@ -53,6 +53,7 @@ __all__ = [
     "WORK_TOPIC",
     "Claimant",
     "Listener",
+    "LocalWrites",
     "Notifying",
     "Signer",
     "Storage",
@@ -100,6 +101,37 @@ class Notifying(Protocol):
 
     def listen(self, topics: Sequence[str]) -> Listener:
         """A new listener for ``topics`` (``WORK_TOPIC``, ``PROMISES_TOPIC``)."""
+        ...
+
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class LocalWrites(Protocol):
+    """A storage on local media (a file, memory) whose commits are cheap enough for the
+    event loop's thread to make itself, as long as they never wait for a lock.
+
+    The journal writer commits on the caller's thread through ``try_write`` when its own
+    thread is idle, and hands the work to that thread when ``try_write`` declines. A
+    storage whose commits are network round trips (PostgreSQL) does not offer it: every
+    commit stays on the writer thread.
+    """
+
+    def try_write(self, fn: Callable[[Any], T]) -> tuple[bool, T | None]:
+        """Run ``fn(self)`` now, unless its first write transaction would have to wait
+        for another connection's lock.
+
+        Returns ``(True, result)``, or ``(False, None)`` when the lock is held elsewhere
+        (nothing was written). Exceptions of ``fn`` propagate. Its commits leave moving
+        the log into the database to ``checkpoint``.
+        """
+        ...
+
+    def checkpoint(self) -> None:
+        """Move committed log pages into the database file, without waiting for readers
+        or writers (the writer thread calls it, so the caller of ``try_write`` never
+        pays for it)."""
         ...
 
 

@@ -8,7 +8,9 @@ folds and pruning); the methods here are the executions, the journal and its int
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
 from ..errors import ExecutionCanceled, UnknownExecution
@@ -22,7 +24,7 @@ from .base import Claimant, Signer, outcomes_by_execution
 from .rules import claim_in_order
 from .sql_reads import SqlReads
 from .sqlite_retention import SqliteRetention
-from .sqlite_rows import INSERT_ENTRY, insert_params
+from .sqlite_rows import INSERT_ENTRY, insert_params, signing
 from .sqlite_waits import SqliteWaits
 
 __all__ = ["SqliteStorage"]
@@ -36,10 +38,13 @@ _RUNNING_IN_QUEUE = (
     "SELECT execution_id, workflow FROM executions WHERE queue = ? AND status = 'running' "
     "ORDER BY created_at, execution_id"
 )
+# One statement re-signs a high-water mark: unbroken_hwm (sqlite_rows) signs the new count.
 _BUMP_INTEGRITY = (
-    "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (execution_id) DO UPDATE SET outcomes = excluded.outcomes, "
-    "mac = excluded.mac, updated_at = excluded.updated_at"
+    "UPDATE integrity SET outcomes = outcomes + ?, mac = unbroken_hwm(execution_id, "
+    "outcomes + ?), updated_at = ? WHERE execution_id = ?"
+)
+_INSERT_INTEGRITY = (
+    "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?)"
 )
 _COUNT_SEALED = (
     "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTR(payload, 1, 1) = :k) "
@@ -236,17 +241,7 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
         if not entries:
             return 0
         with self._write("append") as conn:
-            conn.executemany(INSERT_ENTRY, map(insert_params, entries))
-            seq = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            if signer is not None:
-                for eid, added in outcomes_by_execution(entries).items():
-                    row = conn.execute(
-                        "SELECT outcomes FROM integrity WHERE execution_id = ?", (eid,)
-                    ).fetchone()
-                    count = (row[0] if row else 0) + added
-                    now = entries[-1].created_at_ms
-                    conn.execute(_BUMP_INTEGRITY, (eid, count, signer(eid, count), now))
-        return int(seq)
+            return _insert_entries(conn, entries, signer)
 
     def _select(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run a shared read (``?`` placeholders are SQLite's own)."""
@@ -267,6 +262,30 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
         """Stored blobs and MACs whose first byte names ``key_id``."""
         rows = self._query("count_sealed", _COUNT_SEALED, {"k": bytes([key_id])})
         return int(rows[0][0])
+
+
+def _insert_entries(
+    conn: sqlite3.Connection, entries: Sequence[JournalEntry], signer: Signer | None
+) -> int:
+    """Insert the rows and re-sign the high-water marks they move, inside the caller's
+    transaction; return the last ``seq``."""
+    last = len(entries) - 1
+    if last:
+        conn.executemany(INSERT_ENTRY, map(insert_params, islice(entries, last)))
+    seq = conn.execute(INSERT_ENTRY, insert_params(entries[last])).lastrowid
+    if signer is not None:
+        counts = outcomes_by_execution(entries)
+        if counts:
+            now = entries[last].created_at_ms
+            signing.signer = signer
+            try:
+                for eid, added in counts.items():
+                    bumped = conn.execute(_BUMP_INTEGRITY, (added, added, now, eid)).rowcount
+                    if not bumped:
+                        conn.execute(_INSERT_INTEGRITY, (eid, added, signer(eid, added), now))
+            finally:
+                signing.signer = None
+    return int(seq or 0)
 
 
 def _execution(row: Sequence[Any]) -> ExecutionRecord:

@@ -4,7 +4,10 @@ Every write runs in an explicit ``BEGIN IMMEDIATE ... COMMIT`` (``ROLLBACK`` on 
 batch is all-or-nothing and two processes never interleave half-written batches. Reads are
 single statements in autocommit mode. ``open`` inspects a database before it writes
 anything: a file that is not SQLite, holds someone else's tables or carries a newer schema
-is refused and left exactly as it was.
+is refused and left exactly as it was. ``try_write`` runs a write on a connection of its
+own that never waits for the write lock (``busy_timeout = 0``): the journal writer uses it
+to commit on the event loop's thread, and hands the write to its own thread when the lock
+is held elsewhere.
 """
 
 from __future__ import annotations
@@ -13,25 +16,32 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 
 from ..errors import ConfigurationError, NotAnUnbrokenDatabase, SchemaTooNew, StorageError
 from ..journal import JournalEntry
 from .base import SCHEMA_VERSION
 from .schema import APPLICATION_ID, migration_statements
-from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
+from .sqlite_rows import ENTRY_COLUMNS, add_functions, entry_from_row
 
 __all__ = ["SqliteConnections"]
 
 _BUSY_TIMEOUT_MS = 5000
 
+T = TypeVar("T")
+
 _INSPECT = (
     "SELECT (SELECT application_id FROM pragma_application_id), "
     "(SELECT user_version FROM pragma_user_version), (SELECT COUNT(*) FROM sqlite_master)"
 )
+
+
+class _WouldWait(Exception):
+    """Internal: ``try_write``'s transaction would have to wait for the write lock."""
 
 
 class _Holder:
@@ -65,6 +75,9 @@ class SqliteConnections:
         self._local = threading.local()
         self._connections: set[sqlite3.Connection] = set()
         self._is_open = False
+        # try_write's connection: busy_timeout 0, used by one caller at a time.
+        self._nowait: sqlite3.Connection | None = None
+        self._nowait_lock = threading.Lock()
 
     @property
     def path(self) -> Path:
@@ -101,10 +114,11 @@ class SqliteConnections:
 
     def close(self) -> None:
         """Close every connection of every thread. Idempotent."""
-        with self._lock:
+        with self._nowait_lock, self._lock:
             connections, self._connections = self._connections, set()
             old_local, self._local = self._local, threading.local()
             self._is_open = False
+            self._nowait = None
         del old_local  # its holders' finalizers run now, outside the lock
         for conn in connections:
             _close_quietly(conn)
@@ -152,6 +166,7 @@ class SqliteConnections:
             conn.execute("PRAGMA foreign_keys = ON")
             # NORMAL survives a process crash in WAL mode; FULL also survives power loss.
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            add_functions(conn)
             if prepare:
                 self._prepare(conn)
             else:
@@ -188,12 +203,60 @@ class SqliteConnections:
             self._track(conn)
         return conn
 
-    @contextmanager
-    def _write(self, op: str) -> Iterator[sqlite3.Connection]:
-        """This thread's connection inside a ``BEGIN IMMEDIATE`` transaction."""
-        conn = self._conn(op)
-        with _transaction(conn, op):
-            yield conn
+    def _write(self, op: str) -> _Transaction:
+        """This thread's connection inside a ``BEGIN IMMEDIATE`` transaction (inside
+        ``try_write``: the no-wait connection, for the first transaction)."""
+        local = self._local
+        nowait: sqlite3.Connection | None = getattr(local, "nowait", None)
+        if nowait is not None:
+            local.nowait = None  # only the first transaction may be declined
+            return _Transaction(nowait, op, nowait=True)
+        return _Transaction(self._conn(op), op)
+
+    def try_write(self, fn: Callable[[Any], T]) -> tuple[bool, T | None]:
+        """Run ``fn(self)`` now unless its first write transaction would wait for another
+        connection's write lock: ``(True, result)``, or ``(False, None)`` with nothing
+        written. Exceptions of ``fn`` propagate; a later transaction of ``fn`` waits
+        as usual.
+
+        Raises:
+            StorageError: the storage is not open, or SQLite failed.
+        """
+        if not self._nowait_lock.acquire(blocking=False):
+            return False, None
+        try:
+            conn = self._nowait or self._open_nowait()
+            local = self._local
+            local.nowait = conn
+            try:
+                return True, fn(self)
+            except _WouldWait:
+                return False, None
+            finally:
+                local.nowait = None
+        finally:
+            self._nowait_lock.release()
+
+    def checkpoint(self) -> None:
+        """Copy what the log holds into the database file as far as readers allow
+        (``PASSIVE``: waits for no one), from this thread's connection."""
+        self._query("checkpoint", "PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _open_nowait(self) -> sqlite3.Connection:
+        """``try_write``'s connection (caller holds ``_nowait_lock``)."""
+        with self._lock:
+            if not self._is_open:
+                raise StorageError("try_write", "the storage is not open")
+            conn = self._connect("try_write")
+            # Never wait for the write lock: the caller (the event loop's thread) hands the
+            # write to the writer thread instead.
+            conn.execute("PRAGMA busy_timeout = 0")
+            # A checkpoint costs milliseconds (and syncs): never on the caller's thread;
+            # the writer thread runs them (checkpoint).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._connections.add(conn)
+            self._nowait = conn
+        return conn
 
     @contextmanager
     def _snapshot(self, op: str) -> Iterator[sqlite3.Connection]:
@@ -217,6 +280,50 @@ class SqliteConnections:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on a connection; ``ROLLBACK`` and re-raise on
+    any error, ``sqlite3`` errors as ``StorageError(op)`` with the cause chained. With
+    ``nowait``, a write lock held elsewhere raises ``_WouldWait`` before anything runs.
+
+    A class rather than a generator: it wraps every journal append.
+    """
+
+    __slots__ = ("_conn", "_nowait", "_op")
+
+    def __init__(self, conn: sqlite3.Connection, op: str, *, nowait: bool = False) -> None:
+        self._conn = conn
+        self._op = op
+        self._nowait = nowait
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", None) or ""
+            if self._nowait and name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise _WouldWait() from None
+            raise _storage_error(self._op, exc) from exc
+        return self._conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        if exc_type is None:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                _rollback(conn)
+                raise _storage_error(self._op, error) from error
+            return
+        _rollback(conn)
+        if isinstance(exc, sqlite3.Error):
+            raise _storage_error(self._op, exc) from exc
 
 
 @contextmanager

@@ -1,26 +1,31 @@
 """SQLite journal rows and SQL fragments the SQLite modules share (layer: storage).
 
-How a ``JournalEntry`` becomes a ``journal`` row and back, and how a list of ids becomes
-``IN (...)`` lists short enough for SQLite's limit on bound parameters.
+How a ``JournalEntry`` becomes a ``journal`` row and back, how a list of ids becomes
+``IN (...)`` lists short enough for SQLite's limit on bound parameters, and the SQL function
+``unbroken_hwm`` that signs a high-water mark inside the statement that updates it.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..journal import EntryKind, JournalEntry
+from .base import Signer
 
 __all__ = [
     "CHUNK",
     "ENTRY_COLUMNS",
     "INSERT_ENTRY",
+    "add_functions",
     "chunks",
     "entry_from_row",
     "insert_entry",
     "insert_params",
     "marks",
+    "signing",
 ]
 
 CHUNK = 500
@@ -49,9 +54,42 @@ def marks(n: int) -> str:
 
 def insert_params(e: JournalEntry) -> tuple[Any, ...]:
     """The ``INSERT_ENTRY`` parameters of an entry (its ``seq`` is the database's to give)."""
-    kind = EntryKind(e.kind).value
-    head = (e.execution_id, e.generation, e.step_id, kind, e.name, e.effect)
-    return (*head, e.idem_key, e.payload, e.created_at_ms, e.hmac, e.folded)
+    kind = e.kind
+    value = kind._value_ if type(kind) is EntryKind else EntryKind(kind).value
+    return (
+        e.execution_id,
+        e.generation,
+        e.step_id,
+        value,
+        e.name,
+        e.effect,
+        e.idem_key,
+        e.payload,
+        e.created_at_ms,
+        e.hmac,
+        e.folded,
+    )
+
+
+class _Signing(threading.local):
+    signer: Signer | None = None
+
+
+signing = _Signing()
+"""The signer of the append running on this thread, for ``unbroken_hwm``."""
+
+
+def _hwm(execution_id: str, count: int) -> bytes:
+    signer = signing.signer
+    if signer is None:
+        raise RuntimeError("unbroken_hwm called outside a signed append")
+    return signer(execution_id, count)
+
+
+def add_functions(conn: sqlite3.Connection) -> None:
+    """Register ``unbroken_hwm(execution_id, count)``: the signed high-water mark, made
+    with the signer of the append running on this thread."""
+    conn.create_function("unbroken_hwm", 2, _hwm, deterministic=True)
 
 
 def insert_entry(conn: sqlite3.Connection, entry: JournalEntry) -> None:

@@ -1,0 +1,253 @@
+"""Commits on the event loop's thread for local storage (SQLite): ``try_write``, the
+writer's inline path and its fallback to the writer thread, with INV-4's ordering, the ack
+timeout (INV-12, FR-DE-11) and close semantics kept."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from unbroken.errors import JournalUnavailable, StorageError
+from unbroken.journal import EntryKind, JournalEntry
+from unbroken.storage.base import LocalWrites, Storage
+from unbroken.storage.memory import MemoryStorage
+from unbroken.storage.sqlite import SqliteStorage
+from unbroken.writer import JournalWriter
+
+
+def _entry(step: int, kind: EntryKind = EntryKind.RESULT, eid: str = "e") -> JournalEntry:
+    return JournalEntry(eid, 0, step, kind, f"s{step}", "idempotent", bytes(32), b"1", 0)
+
+
+def _sign(execution_id: str, count: int) -> bytes:
+    return f"{execution_id}:{count}".encode()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "j.db"
+
+
+@pytest.fixture
+def storage(db: Path) -> Iterator[SqliteStorage]:
+    s = SqliteStorage(db)
+    s.open()
+    s.create_execution("e", "wf", b"", 0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def writer(storage: SqliteStorage) -> AsyncIterator[JournalWriter]:
+    w = JournalWriter(storage, flush_interval_ms=60_000, ack_timeout_ms=30_000)
+    w.start()
+    await w.flush()  # the thread has read MAX(seq): inline commits may start
+    yield w
+    await asyncio.get_running_loop().run_in_executor(None, w.close)
+
+
+@contextmanager
+def write_lock_held(db: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection (as another process would) holds the database's write lock."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield other
+        finally:
+            other.execute("ROLLBACK")
+
+
+def _journal(db: Path) -> list[tuple[int, int, str]]:
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT seq, step_id, kind FROM journal ORDER BY seq").fetchall()
+    return [(int(seq), int(step), str(kind)) for seq, step, kind in rows]
+
+
+def _steps(db: Path) -> list[int]:
+    return [step for _, step, _ in _journal(db)]
+
+
+# -- the storage's no-wait write --------------------------------------------------------
+
+
+def test_sqlite_offers_local_writes_and_memory_keeps_the_writer_thread(
+    storage: SqliteStorage,
+) -> None:
+    assert isinstance(storage, LocalWrites)
+    assert JournalWriter(storage).commits_inline
+    assert not isinstance(MemoryStorage(), LocalWrites)
+    assert not JournalWriter(MemoryStorage()).commits_inline
+
+
+def test_try_write_runs_the_write_when_the_lock_is_free(storage: SqliteStorage) -> None:
+    done, seq = storage.try_write(lambda s: s.append([_entry(0)]))
+    assert done and seq == 1
+    assert storage.read_segment("e", 0, 0, 10)[0].step_id == 0
+
+
+def test_try_write_declines_at_once_when_another_connection_writes(
+    storage: SqliteStorage, db: Path
+) -> None:
+    ran: list[str] = []
+
+    def write(s: Storage) -> int:
+        ran.append("before")
+        return s.append([_entry(0)])
+
+    with write_lock_held(db):
+        assert storage.try_write(write) == (False, None)  # no 5 s busy wait: declined
+    assert ran == ["before"]  # the call began; its transaction did not
+    assert _journal(db) == []
+    assert storage.try_write(write) == (True, 1)
+
+
+def test_try_write_passes_on_the_write_s_own_errors(storage: SqliteStorage) -> None:
+    storage.append([_entry(0)])
+    with pytest.raises(StorageError, match="already exists"):
+        storage.try_write(lambda s: s.append([_entry(0)]))
+    assert storage.try_write(lambda s: s.append([_entry(1)])) == (True, 2)
+
+
+def test_append_signs_the_high_water_mark_in_one_statement(storage: SqliteStorage) -> None:
+    storage.create_execution("f", "wf", b"", 0)
+    storage.append([_entry(0), _entry(0, eid="f"), _entry(1, EntryKind.INTENT)], _sign)
+    storage.append([_entry(1), _entry(2)], _sign)
+    assert storage.read_integrity("e") == (3, b"e:3")
+    assert storage.read_integrity("f") == (1, b"f:1")
+    assert storage.count_outcomes("e") == 3
+
+
+def test_a_signer_that_fails_rolls_the_append_back(storage: SqliteStorage) -> None:
+    storage.append([_entry(0)], _sign)
+
+    def broken(execution_id: str, count: int) -> bytes:
+        raise RuntimeError("no key")
+
+    with pytest.raises(StorageError):
+        storage.append([_entry(1)], broken)
+    assert [e.step_id for e in storage.read_segment("e", 0, 0, 10)] == [0]
+    assert storage.read_integrity("e") == (1, b"e:1")
+
+
+# -- the writer's inline path -------------------------------------------------------------
+
+
+async def test_an_acked_append_commits_inline_with_what_was_buffered_inv4(
+    writer: JournalWriter, db: Path
+) -> None:
+    writer.append_buffered(_entry(0))
+    writer.append_buffered(_entry(1))
+    before = writer.stats.commits
+    seq = await writer.append_acked(_entry(2, EntryKind.INTENT))
+    # committed when the call returns, in one transaction with the buffered prefix
+    assert _journal(db) == [(1, 0, "result"), (2, 1, "result"), (3, 2, "intent")]
+    assert seq == 3
+    assert writer.stats.commits == before + 1
+    assert writer.stats.inline_commits >= 1 and writer.stats.handed_over == 0
+
+
+async def test_a_due_group_commit_runs_on_the_loop(storage: SqliteStorage, db: Path) -> None:
+    w = JournalWriter(storage, flush_interval_ms=1)
+    w.start()
+    await w.flush()
+    w.append_buffered(_entry(0))
+    w.append_buffered(_entry(1))
+    for _ in range(500):
+        if _steps(db) == [0, 1]:
+            break
+        await asyncio.sleep(0.01)
+    assert _steps(db) == [0, 1]
+    assert w.stats.inline_commits >= 1 and w.stats.handed_over == 0
+    await asyncio.get_running_loop().run_in_executor(None, w.close)
+
+
+async def test_a_full_batch_commits_at_once(storage: SqliteStorage, db: Path) -> None:
+    w = JournalWriter(storage, flush_interval_ms=60_000, max_batch=3)
+    w.start()
+    await w.flush()
+    for i in range(3):
+        w.append_buffered(_entry(i))
+    assert _steps(db) == [0, 1, 2]  # the third append committed the batch
+    await asyncio.get_running_loop().run_in_executor(None, w.close)
+
+
+async def test_calls_run_inline_after_the_buffered_entries(
+    writer: JournalWriter, db: Path
+) -> None:
+    writer.append_buffered(_entry(0))
+    found = await writer.call(lambda s: [e.step_id for e in s.read_segment("e", 0, 0, 10)])
+    assert found == [0]
+    assert writer.stats.handed_over == 0
+
+
+async def test_a_busy_database_hands_the_work_to_the_writer_thread_in_order_inv4(
+    writer: JournalWriter, db: Path
+) -> None:
+    writer.append_buffered(_entry(0))
+    with write_lock_held(db):
+        first = asyncio.ensure_future(writer.append_acked(_entry(1, EntryKind.INTENT)))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # the thread waits for the lock; the loop does not
+        writer.append_buffered(_entry(2))
+        second = asyncio.ensure_future(writer.append_acked(_entry(3, EntryKind.INTENT)))
+        await asyncio.sleep(0)
+        assert _journal(db) == []
+    await asyncio.gather(first, second)
+    assert _steps(db) == [0, 1, 2, 3]  # the order the loop appended in, across both paths
+    assert writer.stats.handed_over == 2
+    inline = writer.stats.inline_commits
+    await writer.append_acked(_entry(4, EntryKind.INTENT))  # idle again: inline
+    assert writer.stats.inline_commits == inline + 1
+    assert _steps(db) == [0, 1, 2, 3, 4]
+
+
+async def test_an_ack_the_busy_database_does_not_confirm_in_time_times_out_fr_de_11(
+    storage: SqliteStorage, db: Path
+) -> None:
+    w = JournalWriter(storage, ack_timeout_ms=100)
+    w.start()
+    await w.flush()
+    with write_lock_held(db), pytest.raises(JournalUnavailable, match="100 ms"):
+        await w.append_acked(_entry(0, EntryKind.INTENT))
+    await asyncio.get_running_loop().run_in_executor(None, w.close)
+
+
+async def test_close_commits_what_is_buffered_and_refuses_acks_inv12(
+    writer: JournalWriter, db: Path
+) -> None:
+    writer.append_buffered(_entry(0))
+    await asyncio.get_running_loop().run_in_executor(None, writer.close)
+    assert _steps(db) == [0]
+    with pytest.raises(JournalUnavailable):
+        await writer.append_acked(_entry(1, EntryKind.INTENT))
+    writer.append_buffered(_entry(2))  # dropped with a warning, never raises
+    assert writer.stats.dropped == 1
+
+
+async def test_a_bad_entry_committed_inline_is_set_apart_by_the_thread(
+    writer: JournalWriter, db: Path
+) -> None:
+    await writer.append_acked(_entry(0))
+    writer.append_buffered(_entry(1))
+    with pytest.raises(StorageError):
+        await writer.append_acked(_entry(0))  # a second result for step 0
+    assert _steps(db) == [0, 1]  # the buffered entry before it still committed
+
+
+async def test_the_thread_checkpoints_the_log_of_inline_commits(
+    writer: JournalWriter, db: Path
+) -> None:
+    for i in range(300):
+        await writer.append_acked(_entry(i))
+    for _ in range(500):
+        if writer.stats.checkpoints:
+            break
+        await asyncio.sleep(0.01)
+    assert writer.stats.checkpoints >= 1
+    assert writer.stats.handed_over == 0
+    assert len(_steps(db)) == 300
