@@ -13,23 +13,41 @@ Which keys an engine uses is decided once, at open (``open_payloads``):
 - any other backend: a key is required (``EncryptionRequired``, INV-8);
 - ``encrypt_payloads = false`` is honoured on local SQLite and ``memory://`` only, with a
   WARN at every open, and never for a database that already holds sealed data.
+
+Sealing is on every step's path, so ``Payloads`` seals with the current key through
+libsodium directly (``_Sealer``): the same ``key_id ‖ nonce ‖ ciphertext ‖ tag`` layout and
+associated data as ``cipher``, without per-call argument checks, with the associated data's
+head cached per execution, and nonces taken from a buffer of ``os.urandom`` bytes (each
+nonce handed out once; a forked child discards the buffer). Opening still goes through
+``XChaChaCipher``, which checks everything.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import codec
-from .cipher import SEAL_OVERHEAD, XChaChaCipher, aad, control_fields
+from .cipher import (
+    AAD_VERSION,
+    NONCE_BYTES,
+    SEAL_OVERHEAD,
+    TAG_BYTES,
+    XChaChaCipher,
+    aad,
+    control_fields,
+)
 from .config import Config
 from .errors import (
     ConfigurationError,
     ControlIntegrity,
+    EncodeError,
     EncryptionRequired,
     IntegrityViolation,
     PayloadTooLarge,
@@ -50,17 +68,139 @@ OUTSIDE_STEPS = 0xFFFFFFFF
 READ_SLACK_BYTES = 128
 """Read-side allowance over ``max_payload_bytes`` and the seal overhead (INV-11)."""
 
+_NONCES_PER_FILL = 512
+_GEN_STEP = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+
+
+class _Nonces:
+    """Random nonces handed out from a buffer of ``os.urandom`` bytes, each exactly once.
+
+    One ``getrandom`` call per 512 nonces instead of one per seal (it also releases the
+    GIL, a hand-over on every step when another thread wants it). A forked child must
+    never reuse its parent's nonces: ``os.register_at_fork`` empties the buffer there.
+    """
+
+    __slots__ = ("_buffer", "_lock", "_next")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._next = 0
+
+    def take(self) -> bytes:
+        with self._lock:
+            start = self._next
+            end = start + NONCE_BYTES
+            if end > len(self._buffer):
+                self._buffer = os.urandom(NONCE_BYTES * _NONCES_PER_FILL)
+                start, end = 0, NONCE_BYTES
+            self._next = end
+            return self._buffer[start:end]
+
+    def discard(self) -> None:
+        """Forget the buffer (in a forked child: the parent uses the same bytes)."""
+        self._lock = threading.Lock()  # the parent may have held it at the fork
+        self._buffer = b""
+        self._next = 0
+
+
+_NONCES = _Nonces()
+os.register_at_fork(after_in_child=_NONCES.discard)
+
+
+class _Sealer:
+    """Seals with the current key through libsodium, in ``cipher``'s layout (module doc)."""
+
+    __slots__ = ("_encrypt", "_ffi", "_heads", "_key", "_key_id", "_kinds")
+
+    def __init__(self, cipher: XChaChaCipher) -> None:
+        # PyNaCl's own binding checks every argument on every call; these are ours.
+        from nacl._sodium import ffi, lib
+
+        self._ffi = ffi
+        self._encrypt = lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+        self._key = cipher.current.secret
+        self._key_id = bytes((cipher.current.key_id,))
+        self._heads: dict[str, bytes] = {}
+        self._kinds: dict[str, bytes] = {}
+
+    def aad(
+        self, execution_id: str, generation: int, step_id: int, kind: str, idem_key: bytes
+    ) -> bytes:
+        """``cipher.aad`` with the execution's part cached (same bytes; same errors)."""
+        head = self._heads.get(execution_id)
+        label = self._kinds.get(kind)
+        if (
+            head is None
+            or label is None
+            or not 0 <= generation <= 0xFFFFFFFF
+            or not 0 <= step_id <= 0xFFFFFFFF
+            or len(idem_key) > 255
+        ):
+            found = aad(execution_id, generation, step_id, kind, idem_key)  # checks, raises
+            self._remember(execution_id, kind)
+            return found
+        key_len = bytes((len(idem_key),))
+        return b"".join((head, _GEN_STEP.pack(generation, step_id), label, key_len, idem_key))
+
+    def control_fields(self, entry: JournalEntry) -> bytes:
+        """``cipher.control_fields`` of an entry, with the execution's part cached."""
+        head = self._heads.get(entry.execution_id)
+        kind = entry.kind.value
+        label = self._kinds.get(kind)
+        name = entry.name.encode("utf-8")
+        effect = entry.effect.encode("ascii")
+        key = entry.idem_key
+        if (
+            head is None
+            or label is None
+            or not 0 <= entry.generation <= 0xFFFFFFFF
+            or not 0 <= entry.step_id <= 0xFFFFFFFF
+            or len(name) > 0xFFFFFFFF
+            or len(effect) > 255
+            or len(key) > 255
+        ):
+            self._remember(entry.execution_id, kind)
+            return _fields(entry)  # checks, raises
+        return b"".join((
+            head, _GEN_STEP.pack(entry.generation, entry.step_id), label,
+            _U32.pack(len(name)), name, bytes((len(effect),)), effect, bytes((len(key),)), key,
+        ))
+
+    def _remember(self, execution_id: str, kind: str) -> None:
+        if len(self._heads) >= 4096:
+            self._heads.clear()  # a bound, not a cache policy: heads are cheap to redo
+        e = execution_id.encode("utf-8")
+        self._heads[execution_id] = bytes((AAD_VERSION,)) + _U32.pack(len(e)) + e
+        label = kind.encode("ascii")
+        self._kinds[kind] = bytes((len(label),)) + label
+
+    def seal(self, plaintext: bytes, associated: bytes) -> bytes:
+        """``key_id ‖ nonce ‖ ciphertext ‖ tag`` under the current key."""
+        nonce = _NONCES.take()
+        size = len(plaintext) + TAG_BYTES
+        out = self._ffi.new("unsigned char[]", size)
+        status = self._encrypt(
+            out, self._ffi.NULL, plaintext, len(plaintext), associated, len(associated),
+            self._ffi.NULL, nonce, self._key,
+        )
+        if status != 0:
+            raise RuntimeError("libsodium refused to seal a payload")
+        return b"".join((self._key_id, nonce, self._ffi.buffer(out, size)[:]))
+
 
 class Payloads:
     """Encodes and seals values for storage, and opens and decodes them back."""
 
-    __slots__ = ("_cipher", "_limit", "_read_ceiling")
+    __slots__ = ("_cipher", "_limit", "_read_ceiling", "_sealer")
 
     def __init__(self, cipher: XChaChaCipher | None, limit: int) -> None:
         self._cipher = cipher
         self._limit = limit
         overhead = SEAL_OVERHEAD if cipher is not None else 0
         self._read_ceiling = limit + overhead + READ_SLACK_BYTES
+        self._sealer = _Sealer(cipher) if cipher is not None else None
 
     @property
     def cipher(self) -> XChaChaCipher | None:
@@ -70,7 +210,7 @@ class Payloads:
     def seal(
         self,
         value: Any,
-        what: str,
+        what: str | Callable[[], str],
         *,
         execution_id: str,
         generation: int = 0,
@@ -78,13 +218,25 @@ class Payloads:
         kind: str,
         idem_key: bytes = b"",
     ) -> bytes:
-        """Encode ``value`` (``PayloadTooLarge`` past the limit), then seal it."""
-        data = codec.encode(value, what=what)
+        """Encode ``value`` (``PayloadTooLarge`` past the limit), then seal it.
+
+        ``what`` names the value in errors; a callable is only called for an error.
+
+        Raises:
+            EncodeError: the codec cannot encode the value.
+            PayloadTooLarge: the encoded value is over ``max_payload_bytes`` (INV-11).
+        """
+        try:
+            data = codec.encode(value)
+        except EncodeError:
+            codec.encode(value, what=_named(what))  # raises it again, naming the value
+            raise
         if len(data) > self._limit:
-            raise PayloadTooLarge(len(data), self._limit, what)
-        if self._cipher is None:
+            raise PayloadTooLarge(len(data), self._limit, _named(what))
+        sealer = self._sealer
+        if sealer is None:
             return data
-        return self._cipher.seal(data, aad(execution_id, generation, step_id, kind, idem_key))
+        return sealer.seal(data, sealer.aad(execution_id, generation, step_id, kind, idem_key))
 
     def open(
         self,
@@ -128,9 +280,9 @@ class Payloads:
 
     def entry_mac(self, entry: JournalEntry) -> bytes | None:
         """The MAC a control entry (an intent) carries, or ``None`` without a key."""
-        if self._cipher is None:
+        if self._cipher is None or self._sealer is None:
             return None
-        return self._cipher.control_mac(_fields(entry))
+        return self._cipher.control_mac(self._sealer.control_fields(entry))
 
     def check_entry_mac(self, entry: JournalEntry) -> None:
         """Authenticate a control entry before acting on it.
@@ -184,6 +336,10 @@ class Payloads:
                 f"the journal holds {outcomes} committed outcomes where the signed "
                 f"high-water mark says {count} (rows deleted, duplicated or forged)",
             )
+
+
+def _named(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
 
 
 def _fields(entry: JournalEntry) -> bytes:
