@@ -21,6 +21,8 @@ PROMISE_COLUMNS = (
     "created_at, settled_at"
 )
 TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
+_SEGMENT_COLUMNS = "step_id, kind, name, effect, idem_key, payload, created_at, seq, hmac, folded"
+_KINDS = {kind.value: kind for kind in EntryKind}
 
 
 class SqlReads:
@@ -38,11 +40,32 @@ class SqlReads:
         self, execution_id: str, generation: int, from_step: int, limit: int
     ) -> list[JournalEntry]:
         """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
-        return self._rows(
+        # Replay reads every row of an execution through here: the columns it already
+        # knows are not fetched, and every entry shares the caller's id string.
+        rows = self._select(
             "read_segment",
-            "execution_id = ? AND generation = ? AND step_id >= ? ORDER BY step_id, seq LIMIT ?",
+            f"SELECT {_SEGMENT_COLUMNS} FROM journal WHERE execution_id = ? AND generation = ? "
+            "AND step_id >= ? ORDER BY step_id, seq LIMIT ?",
             (execution_id, generation, from_step, max(limit, 0)),
         )
+        kinds = _KINDS
+        return [
+            JournalEntry(
+                execution_id,
+                generation,
+                step,
+                kinds[kind],
+                name,
+                effect,
+                key,
+                payload,
+                created,
+                seq,
+                mac,
+                folded,
+            )
+            for step, kind, name, effect, key, payload, created, seq, mac, folded in rows
+        ]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
         """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
@@ -81,11 +104,14 @@ class SqlReads:
     def count_outcomes(self, execution_id: str) -> int:
         """``result`` and ``error`` rows of the execution, every generation, plus the
         ``folded`` counts of its checkpoint rows."""
+        # ``generation >= 0`` always holds; it steers SQLite to the (execution, generation,
+        # step) index, which walks the rows about in table order. By the (execution, key)
+        # index it visits them at random: 1,000,000 rows took 3 s instead of 0.12 s.
         rows = self._select(
             "count_outcomes",
             "SELECT COALESCE(SUM(CASE WHEN kind IN ('result', 'error') THEN 1 "
             "WHEN kind = 'checkpoint' THEN folded ELSE 0 END), 0) FROM journal "
-            "WHERE execution_id = ?",
+            "WHERE execution_id = ? AND generation >= 0",
             (execution_id,),
         )
         return int(rows[0][0])
