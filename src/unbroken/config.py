@@ -37,6 +37,10 @@ class Config:
     journal_flush_interval_ms: int = 10
     journal_max_batch: int = 256
     journal_ack_timeout_ms: int = 5000
+    journal_ack_every_step: bool = False
+    """Acknowledge every step's outcome (idempotent and at-least-once ones too) before the
+    step returns, as guarded steps always are: a crash right after a step returns loses
+    nothing, at one commit per step (``UNBROKEN_JOURNAL_ACK_EVERY_STEP``)."""
     max_payload_bytes: int = 1_048_576
     max_steps_per_execution: int = 10_000
     replay_segment_steps: int = 100

@@ -8,14 +8,11 @@ ctx.step(b))`` numbers a=0, b=1 whatever finishes first.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
-import inspect
 import logging
 import random as _random
 import uuid as _uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,10 +39,10 @@ from .runtime import (
     IntegrityAbort,
     RunServices,
     SimulatedCrash,
-    StepHandle,
     Stopped,
+    enter_step,
     now_ms,
-    set_current_step,
+    start_operation,
 )
 
 __all__ = ["Context", "StepOutcome"]
@@ -54,9 +51,10 @@ log = logging.getLogger("unbroken")
 audit = logging.getLogger("unbroken.audit")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Call:
-    """One call of ``ctx.step``: its position, descriptor, key and operation."""
+    """One call of ``ctx.step``: its position, descriptor, key and operation (never
+    changed once made; not frozen, which would cost every step a slower ``__init__``)."""
 
     step_id: int
     desc: Step
@@ -248,7 +246,7 @@ class Context:
         run = self._run
         return run.payloads.seal(
             value,
-            f"the {kind.value} of step {step_id} ({name!r})",
+            lambda: f"the {kind.value} of step {step_id} ({name!r})",  # only for an error
             execution_id=run.execution_id,
             generation=run.generation,
             step_id=step_id,
@@ -305,6 +303,8 @@ class Context:
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        if not self._replaying and not call.desc.is_guarded:
+            return await self._execute(call), False  # nothing of it can be journaled yet
         try:
             found = await self._journaled(call)
         except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
@@ -419,7 +419,12 @@ class Context:
     async def _fresh(self, call: _Call) -> Any:
         if call.desc.is_guarded:
             intent = self._entry(call, EntryKind.INTENT, None)
-            intent = replace(intent, hmac=self._run.payloads.entry_mac(intent))
+            mac = self._run.payloads.entry_mac(intent)
+            if mac is not None:  # a new record: cheaper than dataclasses.replace
+                intent = self._row(
+                    call.step_id, intent.name, intent.effect, call.key, EntryKind.INTENT, None,
+                    hmac=mac, at=intent.created_at_ms,
+                )
             try:
                 await self._run.writer.append_acked(intent)
             except JournalUnavailable:
@@ -442,8 +447,12 @@ class Context:
         faults = self._run.faults
         if faults is not None and call.desc.is_guarded and faults.in_window(call.step_id):
             raise SimulatedCrash()
-        await self._journal(call, EntryKind.RESULT, value)
-        await self._fault_after(call.step_id)
+        if self._acks(call):
+            await self._journal(call, EntryKind.RESULT, value)
+        else:
+            self._buffer(call, EntryKind.RESULT, value)  # the hot path: no await
+        if faults is not None:
+            await self._fault_after(call.step_id)
         return value
 
     async def _fault_after(self, step_id: int) -> None:
@@ -454,32 +463,44 @@ class Context:
             raise SimulatedCrash()
 
     async def _call_with_retry(self, call: _Call) -> Any:
+        """Run the operation (``runtime.start_operation``) with ``unbroken.current_step()``
+        set; retry per policy."""
         policy = call.desc.retry
+        execution_id = self._run.execution_id
         attempt = 1
         while True:
-            handle = StepHandle(
-                self._run.execution_id, call.step_id, call.desc.name, call.key, attempt
-            )
+            token = enter_step(execution_id, call.step_id, call.desc.name, call.key, attempt)
             try:
-                return await _invoke(handle, call)
+                return await start_operation(call.fn, call.args, call.kwargs)
             except Exception as exc:
                 if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
                     raise
-                self._check_alive()
-                await asyncio.sleep(policy.delay_before(attempt + 1))
-                attempt += 1
+            finally:
+                token.var.reset(token)
+            self._check_alive()
+            await asyncio.sleep(policy.delay_before(attempt + 1))
+            attempt += 1
+
+    def _acks(self, call: _Call) -> bool:
+        """Whether the step's outcome is acknowledged (durable) before the step returns:
+        guarded steps always, every step under ``journal_ack_every_step``."""
+        return call.desc.is_guarded or self._run.config.journal_ack_every_step
 
     async def _journal(self, call: _Call, kind: EntryKind, value: Any) -> None:
-        run = self._run
-        payload = self._seal(call.step_id, call.desc.name, call.key, kind, value)
-        entry = self._entry(call, kind, payload)
-        if not call.desc.is_guarded:
-            run.writer.append_buffered(entry)
+        if not self._acks(call):
+            self._buffer(call, kind, value)
             return
+        payload = self._seal(call.step_id, call.desc.name, call.key, kind, value)
         try:
-            await run.writer.append_acked(entry)
+            await self._run.writer.append_acked(self._entry(call, kind, payload))
         except JournalUnavailable:
             self._degraded(call)  # the operation ran: hand its value back
+
+    def _buffer(self, call: _Call, kind: EntryKind, value: Any) -> None:
+        """Journal an outcome for the next group commit (INV-4 orders it before any later
+        acknowledged entry)."""
+        payload = self._seal(call.step_id, call.desc.name, call.key, kind, value)
+        self._run.writer.append_buffered(self._entry(call, kind, payload))
 
     def _entry(self, call: _Call, kind: EntryKind, payload: bytes | None) -> JournalEntry:
         desc = call.desc
@@ -493,10 +514,22 @@ class Context:
         key: bytes,
         kind: EntryKind,
         payload: bytes | None,
+        *,
+        hmac: bytes | None = None,
+        at: int | None = None,
     ) -> JournalEntry:
         run = self._run
         return JournalEntry(
-            run.execution_id, run.generation, step_id, kind, name, effect, key, payload, now_ms()
+            run.execution_id,
+            run.generation,
+            step_id,
+            kind,
+            name,
+            effect,
+            key,
+            payload,
+            now_ms() if at is None else at,
+            hmac=hmac,
         )
 
     def _degraded(self, call: _Call) -> None:
@@ -524,22 +557,6 @@ class Context:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _invoke(handle: StepHandle, call: _Call) -> Any:
-    """Run the operation: async in this task, sync in a worker thread (context copied)."""
-    token = set_current_step(handle)
-    try:
-        if inspect.iscoroutinefunction(call.fn):
-            return await call.fn(*call.args, **call.kwargs)
-        bound = functools.partial(call.fn, *call.args, **call.kwargs)
-        ctx = contextvars.copy_context()
-        result = await asyncio.get_running_loop().run_in_executor(None, ctx.run, bound)
-        if inspect.isawaitable(result):
-            return await result
-        return result
-    finally:
-        token.var.reset(token)
 
 
 def _failure_from_record(name: str, step_id: int, record: Any) -> StepFailed:

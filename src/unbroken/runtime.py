@@ -1,15 +1,31 @@
-"""What a running execution shares with its context: services, signals, the step handle
-(layer: engine).
+"""What a running execution shares with its context: services, signals, the step handle,
+the threads sync step functions run in (layer: engine).
 
 ``Diverged`` and ``Stopped`` derive from ``BaseException`` so that a workflow's
 ``except Exception`` cannot swallow them.
+
+A sync step function runs in a worker thread with the context variables copied
+(``run_sync``). The threads are unbroken's own rather than the loop's default executor: a
+job is one ``SimpleQueue.put`` and a result one append to the loop's inbox, which wakes the
+loop once for every burst of results (``loop.run_in_executor`` costs several times more per
+call). Like the default executor, the pool grows while every thread is busy, up to
+``min(32, cpu_count + 4)`` threads, and a thread idle for a minute ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
+import functools
+import inspect
+import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +47,10 @@ __all__ = [
     "StepHandle",
     "Stopped",
     "current_step",
+    "enter_step",
     "now_ms",
     "set_current_step",
+    "start_operation",
 ]
 
 
@@ -106,7 +124,10 @@ class StepHandle:
         return self.idempotency_key.hex()
 
 
-_CURRENT_STEP: contextvars.ContextVar[StepHandle] = contextvars.ContextVar("unbroken_step")
+_StepFields = tuple[str, int, str, bytes, int]
+"""``StepHandle``'s fields: the handle itself is only built if the operation asks for it."""
+
+_CURRENT_STEP: contextvars.ContextVar[_StepFields] = contextvars.ContextVar("unbroken_step")
 
 
 def current_step() -> StepHandle:
@@ -116,14 +137,145 @@ def current_step() -> StepHandle:
         RuntimeError: called outside a step's operation.
     """
     try:
-        return _CURRENT_STEP.get()
+        return StepHandle(*_CURRENT_STEP.get())
     except LookupError:
         raise RuntimeError("unbroken.current_step() called outside a running step") from None
 
 
-def set_current_step(handle: StepHandle) -> contextvars.Token[StepHandle]:
+def enter_step(
+    execution_id: str, step_id: int, name: str, key: bytes, attempt: int
+) -> contextvars.Token[_StepFields]:
+    """Make this the current step; reset with ``token.var.reset(token)``."""
+    return _CURRENT_STEP.set((execution_id, step_id, name, key, attempt))
+
+
+def set_current_step(handle: StepHandle) -> contextvars.Token[_StepFields]:
     """Make ``handle`` the current step; reset with ``token.var.reset(token)``."""
-    return _CURRENT_STEP.set(handle)
+    return enter_step(
+        handle.execution_id, handle.step_id, handle.name, handle.idempotency_key, handle.attempt
+    )
+
+
+# -- sync step functions ------------------------------------------------------------------
+
+
+class _Inbox:
+    """Results for one event loop: posted from worker threads, settled on the loop, one
+    wake-up (``call_soon_threadsafe``) per burst."""
+
+    __slots__ = ("__weakref__", "_items", "_lock", "_loop", "_signaled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        self._signaled = False
+
+    def post(self, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+        with self._lock:
+            self._items.append((future, value, exc))
+            if self._signaled:
+                return  # the loop has been woken and has not drained yet
+            self._signaled = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._signaled = False
+        for future, value, exc in items:
+            if future.done():
+                continue  # the step was cancelled meanwhile
+            if exc is None:
+                future.set_result(value)
+            elif isinstance(exc, StopIteration):  # a future cannot hold one
+                future.set_exception(RuntimeError("a step function raised StopIteration"))
+            else:
+                future.set_exception(exc)
+
+
+_Job = tuple[_Inbox, asyncio.Future[Any], contextvars.Context, Callable[[], Any]]
+
+
+class StepThreads:
+    """The worker threads sync step functions run in (see the module docstring)."""
+
+    def __init__(self, max_workers: int | None = None, idle_secs: float = 60.0) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._outstanding = 0  # submitted and not finished
+        self._max = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._idle_secs = idle_secs
+        self._inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``fn()`` in a worker thread in a copy of the current context; the future
+        (of the running loop) gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        inbox = self._inboxes.get(loop)
+        if inbox is None:
+            inbox = self._inboxes.setdefault(loop, _Inbox(loop))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((inbox, future, contextvars.copy_context(), fn))
+        with self._lock:
+            self._outstanding += 1
+            grow = self._outstanding > self._threads and self._threads < self._max
+            if grow:
+                self._threads += 1
+        if grow:
+            threading.Thread(target=self._work, name="unbroken-step", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            try:
+                inbox, future, ctx, fn = jobs.get(timeout=self._idle_secs)
+            except queue.Empty:
+                with self._lock:
+                    if self._threads > self._outstanding:
+                        self._threads -= 1
+                        return
+                continue
+            try:
+                value, exc = ctx.run(fn), None
+            except BaseException as error:  # the step's outcome, whatever it is
+                value, exc = None, error
+            with self._lock:
+                self._outstanding -= 1
+            inbox.post(future, value, exc)
+            del inbox, future, ctx, fn, value, exc  # nothing of the job outlives it
+
+
+_STEP_THREADS = StepThreads()
+"""One pool per process, like a loop's default executor (results go to each job's loop)."""
+
+
+def start_operation(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Awaitable[Any]:
+    """A step's operation, started: an async one is its coroutine (it runs in the awaiting
+    task), a sync one runs in a worker thread with the context variables copied."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and code.co_flags & inspect.CO_COROUTINE:
+        awaitable: Awaitable[Any] = fn(*args, **kwargs)  # plain ``async def``: the fast path
+        return awaitable
+    if inspect.iscoroutinefunction(fn):
+        awaitable = fn(*args, **kwargs)
+        return awaitable
+    return _run_sync(functools.partial(fn, *args, **kwargs))
+
+
+async def _run_sync(fn: Callable[[], Any]) -> Any:
+    result = await _STEP_THREADS.run(fn)
+    if inspect.isawaitable(result):  # e.g. a lambda that returns a coroutine
+        result = await result
+    return result
 
 
 @dataclass(slots=True)
