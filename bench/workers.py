@@ -66,7 +66,7 @@ STEPS = 3
 RETRY_PAUSE_SECS = 5.0
 
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"executions": 500, "warmup_executions": 200, "reps": 3, "warmup": 1},
+    "full": {"executions": 400, "warmup_executions": 150, "reps": 3, "warmup": 1},
     "quick": {"executions": 200, "warmup_executions": 100, "reps": 1, "warmup": 1},
     "smoke": {"executions": 20, "warmup_executions": 0, "reps": 1, "warmup": 0},
 }
@@ -96,16 +96,17 @@ def run_all(plan: Plan, fleet: Fleet) -> dict[tuple[str, int], list[dict[str, An
     samples: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     started = time.monotonic()
     systems = list(plan.systems)
-    longest = 0.0  # the longest measured repetition so far
+    durations: list[float] = []  # of the measured repetitions so far
     for rep in range(plan.warmup + plan.reps):
         warm = rep < plan.warmup
         elapsed = time.monotonic() - started
-        if not warm and elapsed + longest > plan.budget:
+        expected = statistics.median(durations) if durations else 0.0
+        if not warm and elapsed + expected > plan.budget:
             for s in plan.systems:
                 plan.skip(
                     s,
                     f"repetition {rep - plan.warmup + 1} would end past the time budget of "
-                    f"{plan.budget:.0f} s ({elapsed:.0f} s spent, {longest:.0f} s a repetition)",
+                    f"{plan.budget:.0f} s ({elapsed:.0f} s spent, {expected:.0f} s a repetition)",
                 )
             break
         executions = plan.warmup_executions if warm else plan.executions
@@ -134,7 +135,7 @@ def run_all(plan: Plan, fleet: Fleet) -> dict[tuple[str, int], list[dict[str, An
                 if not warm:
                     samples[(system.name, k)].append(out)
         if not warm:
-            longest = max(longest, time.monotonic() - started - elapsed)
+            durations.append(time.monotonic() - started - elapsed)
     return samples
 
 
