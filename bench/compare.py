@@ -54,18 +54,56 @@ PG = {"host": "127.0.0.1", "port": "5432", "user": "postgres"}
 SYSTEMS = ("unbroken", "dbos", "absurd", "restate")
 LABEL = {"unbroken": "unbroken", "dbos": "DBOS", "absurd": "Absurd", "restate": "Restate"}
 BACKENDS = ("sqlite", "postgres")
-WORKLOADS = ("empty", "steps", "fanout", "concurrent", "resume", "timer", "promise")
+WORKLOADS = (
+    "empty",
+    "steps",
+    "fanout",
+    "concurrent",
+    "resume",
+    "resume_small",
+    "resume_large",
+    "timer",
+    "promise",
+)
 # Workloads that share one process per system and repetition (one start-up for all).
-GROUPS = (("empty", "timer", "promise"), ("steps",), ("resume",), ("fanout", "concurrent"))
+GROUPS = (
+    ("empty", "timer", "promise"),
+    ("steps",),
+    ("resume",),
+    ("resume_small",),
+    ("resume_large",),
+    ("fanout", "concurrent"),
+)
+# Each opens an engine on a journal a crashed process left (prepared once, then copied
+# for every repetition; with one repetition, prepared in the run's own store).
+RESUMES = ("resume", "resume_small", "resume_large")
 TITLE = {
     "empty": "empty workflow, start→result",
     "steps": "sequential steps",
     "fanout": "fan-out of parallel steps",
     "concurrent": "concurrent executions",
     "resume": "resume after a crash",
+    "resume_small": "resume, memory baseline",
+    "resume_large": "resume of a long execution",
     "timer": "timer wake-up lateness",
     "promise": "promise round trip",
 }
+# Workloads only unbroken runs, and why each peer does not.
+UNBROKEN_ONLY = {
+    "resume_small": {
+        peer: "the peak-RSS baseline of unbroken's 1,000,000-step resume; peers are compared "
+        "on the 5,000-step resume"
+        for peer in ("dbos", "absurd", "restate")
+    },
+    "resume_large": {
+        "dbos": "1,000,000 steps at DBOS's ~0.8 ms per replayed step (the 5,000-step resume) "
+        "would take ~13 minutes alone, over the whole run's budget",
+        "absurd": "compared on the 5,000-step resume only (time budget)",
+        "restate": "compared on the 5,000-step resume only (time budget)",
+    },
+}
+# Measured repetitions where the default would not fit the time budget.
+REPS = {"resume_large": 1}
 # What each system needs from bench/.peers-venv/peers-status.json.
 NEEDS = {
     "dbos": ("dbos",),
@@ -74,6 +112,7 @@ NEEDS = {
 }
 ACK = "acknowledged (guarded)"
 BUFFERED = "buffered (idempotent)"
+EVERY_STEP = "acknowledged every step (idempotent)"
 
 STEP_CASES = [[n, size] for size in (100, 10240) for n in (1, 10, 100, 1000)]
 
@@ -88,28 +127,39 @@ FULL: dict[str, dict[str, Any]] = {
     "steps": {
         "cases": [[n, size, _execs(n)] for n, size in STEP_CASES],
         "sync_fn_case": [1000, 100],
+        "ack_every_step_case": [1000, 100],
     },
     "fanout": {"n": 1000, "size": 100},
     "concurrent": {"execs": 500, "steps": 10, "size": 100},
     "resume": {"n": 5000},
+    # 1,000,000 steps: written through the storage API (running them would take minutes)
+    "resume_small": {"n": 1000},
+    "resume_large": {"n": 1_000_000, "bulk": True},
     "timer": {"count": 3, "duration": 0.1},
     "promise": {"count": 5},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "empty": {"count": 10},
-    "steps": {"cases": [[1, 100, 5], [10, 100, 2], [100, 100, 1], [100, 10240, 1]]},
+    "steps": {
+        "cases": [[1, 100, 5], [10, 100, 2], [100, 100, 1], [100, 10240, 1]],
+        "ack_every_step_case": [100, 100],
+    },
     "fanout": {"n": 200, "size": 100},
     "concurrent": {"execs": 50, "steps": 10, "size": 100},
     "resume": {"n": 1000},
+    "resume_small": {"n": 1000},
+    "resume_large": {"n": 100_000, "bulk": True},
     "timer": {"count": 2, "duration": 0.05},
     "promise": {"count": 3},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "empty": {"count": 3},
-    "steps": {"cases": [[1, 100, 2], [10, 10240, 1]]},
+    "steps": {"cases": [[1, 100, 2], [10, 10240, 1]], "ack_every_step_case": [10, 100]},
     "fanout": {"n": 20, "size": 100},
     "concurrent": {"execs": 5, "steps": 3, "size": 100},
     "resume": {"n": 50},
+    "resume_small": {"n": 20},
+    "resume_large": {"n": 200, "bulk": True},
     "timer": {"count": 1, "duration": 0.02},
     "promise": {"count": 1},
 }
@@ -267,7 +317,7 @@ class Plan:
     def params(
         self, system: str, backend: str, workload: str, warmup: bool = False
     ) -> dict[str, Any]:
-        if warmup and self.sizes is FULL and workload != "resume":
+        if warmup and self.sizes is FULL and workload not in RESUMES:
             return QUICK[workload]  # a warm-up only has to warm: the small sizes do
         if not self.smoke and self.sizes is FULL:
             override = OVERRIDES.get((system, backend, workload))
@@ -436,8 +486,8 @@ def run_figure(
     except RuntimeError as exc:
         return {"ok": False, "error": str(exc)}
     try:
-        if workload == "resume" and template is None:  # Restate: prepared on its server
-            prep_params = {"resume_prepare": params["resume"]}
+        if workload in RESUMES and template is None:  # prepared in this run's own store
+            prep_params = {"resume_prepare": params[workload]}
             prep = _invoke(
                 ctx, system, "resume_prepare", backend, prep_params, store.workdir, store.url
             )
@@ -485,10 +535,15 @@ def run_all(ctx: Context) -> list[dict[str, Any]]:
         name = ",".join(workloads)
         for backend in plan.backends:
             systems = [s for s in plan.systems if backend in backends_for(s)]
+            for system, reason in UNBROKEN_ONLY.get(name, {}).items():
+                if system in systems:
+                    plan.skip(system, backend, name, reason)
+                    systems.remove(system)
             if not systems:
                 continue
             templates: dict[str, Store] = {}
-            if workloads == ["resume"]:
+            reps = REPS.get(name, plan.reps) if not plan.smoke else plan.reps
+            if name in RESUMES and reps > 1:
                 for system in list(systems):
                     if system == "restate":
                         continue  # its journal lives in the server: prepared per run
@@ -501,9 +556,9 @@ def run_all(ctx: Context) -> list[dict[str, Any]]:
                         systems.remove(system)
             # A resume is a cold start by nature (a new process opening the database), and
             # its template was just written: no warm-up repetition.
-            warmup = 0 if workloads == ["resume"] else plan.warmup
+            warmup = 0 if name in RESUMES else plan.warmup
             try:
-                for rep in range(warmup + plan.reps):
+                for rep in range(warmup + reps):
                     if time.monotonic() - started > plan.budget:
                         for system in systems:
                             plan.skip(system, backend, name, "time budget exhausted")
@@ -657,6 +712,8 @@ def _ran(r: dict[str, Any]) -> str:
     p = r.get("params") or {}
     w = r["workload"]
     if w == "steps":
+        if r["durability"] == EVERY_STEP:
+            return "1 exec"
         for n, _size, execs in p.get("cases", []):
             if r["case"].startswith(f"N={n}, "):
                 return f"{execs} exec{'s' if execs > 1 else ''}"
@@ -664,8 +721,11 @@ def _ran(r: dict[str, Any]) -> str:
     if w == "concurrent":
         rate = 1e6 / r["median"] if r["median"] > 0 else 0
         return f"{p.get('execs')} × {p.get('steps')} ({rate:,.0f} steps/s)"
-    if w in ("fanout", "resume"):
+    if w == "fanout":
         return f"{p.get('n')} steps"
+    if w in RESUMES:
+        runs = r["repetitions"]
+        return f"{p.get('n', 0):,} steps" + (f", {runs} run" if runs == 1 else "")
     if w in ("empty", "promise"):
         return f"{p.get('count')} times"
     if w == "timer":
@@ -706,7 +766,10 @@ def markdown(report: dict[str, Any]) -> str:
         "**Durability is not the same across rows.** unbroken *buffered (idempotent)* steps "
         "are group committed: durable within one group commit (≤ 10 ms), not before the "
         "next step starts. unbroken *acknowledged (guarded)* steps commit an intent before "
-        "the step function runs and the result before the step returns. A DBOS step, an "
+        "the step function runs and the result before the step returns. unbroken "
+        "*acknowledged every step (idempotent)* steps (an engine with "
+        "`journal_ack_every_step`) commit their result, once, before the step returns. "
+        "A DBOS step, an "
         "Absurd checkpoint and a Restate `ctx.run` are each durable before the next step "
         "starts, so the like-for-like ratio is **peer ÷ unbroken acknowledged**; the "
         "ratio against buffered is shown separately and is not like for like. Ratios above "
@@ -733,6 +796,7 @@ def markdown(report: dict[str, Any]) -> str:
             "does not fit the time budget on this machine; the ratio compares per-step or "
             "per-resume figures of different sizes.",
         ]
+    lines += _rss_growth(rows)
     notes = sorted({(r["system"], r["workload"], n) for r in rows for n in r["notes"]})
     if notes:
         lines += ["", "Notes from the adapters:", ""]
@@ -750,6 +814,30 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines.append("")
     return "\n".join(lines)
+
+
+def _rss_growth(rows: list[dict[str, Any]]) -> list[str]:
+    """How much more memory resuming the long execution took than the baseline."""
+    peak = {
+        (r["workload"], r["backend"]): r
+        for r in rows
+        if r["system"] == "unbroken" and r["unit"] == "MiB"
+    }
+    found = []
+    for backend in BACKENDS:
+        small, large = peak.get(("resume_small", backend)), peak.get(("resume_large", backend))
+        if small and large:
+            n_small = (small["params"] or {}).get("n", 0)
+            n_large = (large["params"] or {}).get("n", 0)
+            found.append(
+                f"- {backend}: resuming {n_large:,} steps peaked {large['median']:.1f} MiB, "
+                f"{large['median'] - small['median']:+.1f} MiB over resuming {n_small:,} "
+                f"({small['median']:.1f} MiB)"
+            )
+    if not found:
+        return []
+    head = "Peak RSS of the resuming process (the whole process, interpreter included):"
+    return ["", head, "", *found]
 
 
 def versions(python: Path, systems: list[str]) -> dict[str, str]:

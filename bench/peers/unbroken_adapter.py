@@ -5,27 +5,51 @@ Durability classes, measured separately and labelled in every figure:
   others (within ``journal_flush_interval_ms``, 10 ms), so it is durable within one group
   commit, not before the next step starts;
 - ``acknowledged (guarded)``: ``ctx.step(Step.guarded(name, Intent.COST_BEARING), fn)``;
-  the intent is committed before ``fn`` runs and the result before the step returns.
+  the intent is committed before ``fn`` runs and the result before the step returns;
+- ``acknowledged every step (idempotent)``: ``ctx.step(name, fn)`` on an engine with
+  ``journal_ack_every_step = true``: the result is committed before the step returns
+  (sequential steps only, one case).
 
 An execution's start and its final output are acknowledged in both classes, so every
 start→result figure ends with everything committed. Encryption is on (the default): on
 SQLite the key is the ``<database>.key`` file made at first open, on PostgreSQL the
 driver sets ``UNBROKEN_KEY`` to a fresh key.
+
+Resume workloads open an engine on a journal a crashed process left behind and time it
+until the execution's result is back; the step cap is off (``max_steps_per_execution =
+0``) so any length resumes. A journal of ``"bulk": true`` size is written straight
+through the storage API (sealed results, keys and the signed high-water mark exactly as
+the engine writes them) rather than by running the steps, which would take minutes;
+the engine resumes it for real. The PostgreSQL driver is imported with the adapter,
+before any clock starts, as the peers' adapters import theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
+import resource
 import time
 from typing import Any
 
 from unbroken import Context, Engine, Intent, Step
+from unbroken.config import load_config
+from unbroken.effects import as_step
+from unbroken.ids import idempotency_key
+from unbroken.journal import EntryKind, JournalEntry
+from unbroken.payloads import open_payloads
+from unbroken.storage import open_storage
 
 from .common import Env, Skip, now, payload, record, size_label, tagged
 
+RESUME_ID = "resume-me"
+RESUMES = ("resume", "resume_small", "resume_large")
+BULK_BATCH = 5000
+
 GUARDED = Step.guarded("s", Intent.COST_BEARING)
 CLASSES = {"buffered (idempotent)": "s", "acknowledged (guarded)": GUARDED}
+EVERY_STEP = "acknowledged every step (idempotent)"
 
 _PROMISES: asyncio.Queue[tuple[str, str]] | None = None
 _CRASH_AT: int | None = None  # resume_prepare: the process dies when this step starts
@@ -47,9 +71,9 @@ async def _maybe_die(i: int) -> int:
     return i
 
 
-def make_engine(env: Env) -> Engine:
+def make_engine(env: Env, **settings: Any) -> Engine:
     global _ENGINE
-    engine = Engine(env.db_url)
+    engine = Engine(env.db_url, **settings)
     _ENGINE = engine
 
     @engine.workflow(name="empty")
@@ -103,6 +127,8 @@ def make_engine(env: Env) -> Engine:
 async def run(
     workloads: list[str], params: dict[str, dict[str, Any]], env: Env
 ) -> list[dict[str, Any]]:
+    if env.backend == "postgres":  # process start-up, not engine open (as for the peers)
+        importlib.import_module("unbroken.storage.postgres")
     out = []
     for workload in workloads:
         out += tagged(workload, await _run(workload, params[workload], env))
@@ -110,25 +136,42 @@ async def run(
 
 
 async def _run(workload: str, params: dict[str, Any], env: Env) -> list[dict[str, Any]]:
-    if workload == "resume":
+    if workload in RESUMES:
         return await _resume(params, env)
     if workload == "resume_prepare":
+        if params.get("bulk"):
+            return _bulk_journal(params["n"], env)
         return await _resume_prepare(params, env)
+    fn = {
+        "empty": _empty,
+        "steps": _steps,
+        "fanout": _fanout,
+        "concurrent": _concurrent,
+        "timer": _timer,
+        "promise": _promise,
+    }.get(workload)
+    if fn is None:
+        raise Skip(f"unknown workload {workload!r}")
     engine = make_engine(env)
     async with engine:
-        await engine.run("steps", 20, 100, "buffered (idempotent)")  # warm-up
-        await engine.run("steps", 5, 100, "acknowledged (guarded)")
-        fn = {
-            "empty": _empty,
-            "steps": _steps,
-            "fanout": _fanout,
-            "concurrent": _concurrent,
-            "timer": _timer,
-            "promise": _promise,
-        }.get(workload)
-        if fn is None:
-            raise Skip(f"unknown workload {workload!r}")
-        return await fn(engine, params)
+        await _warm_up(engine)
+        out = await fn(engine, params)
+    n, size = params.get("ack_every_step_case", (0, 0)) if workload == "steps" else (0, 0)
+    if n:  # an engine of its own: the setting is per engine
+        engine = make_engine(env, journal_ack_every_step=True)
+        async with engine:
+            await _warm_up(engine)
+            start = now()
+            await engine.run("steps", n, size, "buffered (idempotent)")
+            per = (now() - start) / n * 1e6
+        case = f"N={n}, {size_label(size)}"
+        out.append(record(case, "µs/step", per, durability=EVERY_STEP))
+    return out
+
+
+async def _warm_up(engine: Engine) -> None:
+    await engine.run("steps", 20, 100, "buffered (idempotent)")
+    await engine.run("steps", 5, 100, "acknowledged (guarded)")
 
 
 async def _empty(engine: Engine, p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -212,20 +255,54 @@ async def _promise(engine: Engine, p: dict[str, Any]) -> list[dict[str, Any]]:
 async def _resume_prepare(params: dict[str, Any], env: Env) -> list[dict[str, Any]]:
     global _CRASH_AT
     _CRASH_AT = params["n"]
-    engine = make_engine(env)
+    engine = make_engine(env, max_steps_per_execution=0)
     async with engine:
-        await engine.run("resume", params["n"], execution_id="resume-me")
+        await engine.run("resume", params["n"], execution_id=RESUME_ID)
     raise RuntimeError("the prepare run should have exited at its last step")
+
+
+def _bulk_journal(n: int, env: Env) -> list[dict[str, Any]]:
+    """What ``_resume_prepare`` leaves behind, written through the storage API: a
+    ``running`` execution of ``resume(n)`` whose steps 0..n-1 are committed results."""
+    config = load_config(env.db_url, {})
+    storage = open_storage(env.db_url)
+    storage.open()
+    try:
+        payloads = open_payloads(storage, config)
+        inputs = payloads.seal(
+            {"args": (n,), "kwargs": {}}, "inputs", execution_id=RESUME_ID, kind="inputs"
+        )
+        at = time.time_ns() // 1_000_000
+        storage.create_execution(RESUME_ID, "resume", inputs, at)
+        key_input = as_step("s").key_input
+        for start in range(0, n, BULK_BATCH):
+            batch = []
+            for i in range(start, min(start + BULK_BATCH, n)):
+                key = idempotency_key(RESUME_ID, i, key_input)
+                sealed = payloads.seal(
+                    i, "result", execution_id=RESUME_ID, step_id=i, kind="result", idem_key=key
+                )
+                batch.append(
+                    JournalEntry(
+                        RESUME_ID, 0, i, EntryKind.RESULT, "s", "idempotent", key, sealed, at
+                    )
+                )
+            storage.append(batch, payloads.signer)
+    finally:
+        storage.close()
+    return []
 
 
 async def _resume(params: dict[str, Any], env: Env) -> list[dict[str, Any]]:
     n = params["n"]
     start = now()
-    engine = make_engine(env)  # opening recovers the orphan at once
+    engine = make_engine(env, max_steps_per_execution=0)  # opening recovers the orphan
     async with engine:
-        assert await engine.run("resume", execution_id="resume-me") == n
+        assert await engine.run("resume", execution_id=RESUME_ID) == n
         wall = now() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return [
         record("crash, then open and resume", "ms/resume", wall * 1e3),
         record("same, per committed step", "µs/step", wall / n * 1e6),
+        record("peak RSS of the resuming process", "MiB", peak),
     ]
