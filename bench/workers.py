@@ -219,7 +219,9 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
         + f" (unbroken at {report['unbroken_tree']}). {report['warmup']} warm-up "
         f"(K=1, {report['warmup_executions']} executions) + "
         f"{report['repetitions']} measured repetitions; median and min–max of executions/s; "
-        f"{report['wall_seconds']:.0f} s in all.",
+        f"{report['wall_seconds']:.0f} s in all; 1-minute load average "
+        f"{report['load_average']['start'][0]:.1f} at the start, "
+        f"{report['load_average']['end'][0]:.1f} at the end.",
         "",
         f"Workload: {report['executions']:,} queued executions of a workflow of {STEPS} steps "
         "that return a small value at once, on a fresh database per run, drained by K worker "
@@ -334,6 +336,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.monotonic()
+    load_before = os.getloadavg()
     command = "python bench/workers.py" + "".join(f" {a}" for a in sys.argv[1:])
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     sizes = SIZES[mode]
@@ -410,7 +413,7 @@ def main() -> int:
         "sizes": mode,
         "timing": TIMING,
         "wall_seconds": time.monotonic() - started,
-        "load_average_end": os.getloadavg(),
+        "load_average": {"start": load_before, "end": os.getloadavg()},
         "skipped": plan.skipped,
         "errors": plan.errors,
         "retries": plan.retries,
