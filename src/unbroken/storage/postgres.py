@@ -12,14 +12,21 @@ executions, the journal and its integrity.
 Where SQLite relies on ``BEGIN IMMEDIATE`` serialising writers, this backend relies on
 single guarded statements (``UPDATE ... WHERE status = 'running'``, ``INSERT ... ON
 CONFLICT``) and row locks: PostgreSQL re-checks an ``UPDATE``'s guard after waiting for a
-concurrent writer, and the high-water mark is bumped by an upsert that adds to the stored
-count under the row's lock, so concurrent engines never lose an outcome.
+concurrent writer, and a high-water mark is only ever replaced under its row's lock by a
+count checked against the stored one (``postgres_rows``), so concurrent engines never lose
+an outcome.
+
+The hot writes are few round trips: an append is the fence and then one statement that
+inserts the batch and writes its signed marks, sent with ``COMMIT``; starting an execution
+is one statement; finishing one is the fence and one statement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import psycopg
 
 from ..errors import ExecutionCanceled, StorageError, UnknownExecution
 from ..journal import (
@@ -29,9 +36,17 @@ from ..journal import (
     JournalEntry,
 )
 from .base import WORK_TOPIC, Signer, outcomes_by_execution
-from .postgres_queue import PostgresQueue, notify
+from .postgres_queue import CHANNEL_PREFIX, PostgresQueue
 from .postgres_retention import PostgresRetention
-from .postgres_rows import insert_entries
+from .postgres_rows import (
+    Mark,
+    OutcomeCounts,
+    StaleMark,
+    append_statement,
+    bump_marks,
+    last_seq,
+    sign_marks,
+)
 from .postgres_waits import PostgresWaits
 from .sql_reads import SqlReads
 
@@ -42,16 +57,24 @@ _EXECUTION_COLUMNS = (
     "created_at, updated_at, finalized_at, queue"
 )
 _SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s"
-# Adds this batch's outcomes to the stored count under the row's lock (a concurrent
-# append waits, then adds to the new count); the MAC is set by _SIGN once the count is
-# known, before the transaction commits.
-_BUMP_INTEGRITY = (
-    "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) "
-    "VALUES (%s, %s, ''::bytea, %s) ON CONFLICT (execution_id) DO UPDATE SET "
-    "outcomes = integrity.outcomes + EXCLUDED.outcomes, updated_at = EXCLUDED.updated_at "
-    "RETURNING outcomes"
+# The new row and True, or the existing one and False. A row inserted by a transaction that
+# committed after this statement's snapshot is neither: it is read again (_SELECT_EXECUTION).
+_CREATE = (
+    "WITH created AS (INSERT INTO executions (execution_id, workflow, status, inputs, "
+    "created_at, updated_at) VALUES (%(id)s, %(wf)s, 'running', %(in)s, %(now)s, %(now)s) "
+    f"ON CONFLICT (execution_id) DO NOTHING RETURNING {_EXECUTION_COLUMNS}) "
+    f"SELECT {_EXECUTION_COLUMNS}, true FROM created UNION ALL "
+    f"SELECT {_EXECUTION_COLUMNS}, false FROM executions WHERE execution_id = %(id)s "
+    "AND NOT EXISTS (SELECT 1 FROM created)"
 )
-_SIGN = "UPDATE integrity SET mac = %s WHERE execution_id = %s"
+# A row (its queue) when this call set the status; a queued execution's end frees a slot
+# of its queue, which its workers hear of when the transaction commits.
+_FINALIZE = (
+    "WITH ended AS (UPDATE executions SET status = %s, output = %s, error_type = %s, "
+    "error = %s, updated_at = %s, finalized_at = %s "
+    "WHERE execution_id = %s AND status = 'running' RETURNING queue) "
+    "SELECT queue, CASE WHEN queue IS NOT NULL THEN pg_notify(%s, queue)::text END FROM ended"
+)
 _COUNT_SEALED = (
     "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTRING(payload FROM 1 FOR 1) = %(k)s) "
     "+ (SELECT COUNT(*) FROM journal WHERE SUBSTRING(hmac FROM 1 FOR 1) = %(k)s) "
@@ -88,24 +111,47 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         ConfigurationError: the URL is malformed or the pool sizes are inconsistent.
     """
 
+    def __init__(
+        self, url: str, *, create: bool = True, min_size: int = 1, max_size: int = 8
+    ) -> None:
+        super().__init__(url, create=create, min_size=min_size, max_size=max_size)
+        self._counts = OutcomeCounts()
+
+    def try_lock(self, name: str) -> int | None:
+        """Take the ownership lock ``name`` (see ``PostgresLocks.try_lock``); an execution
+        owned anew has its high-water mark read again before it is next signed."""
+        holder = super().try_lock(name)
+        if holder is None:
+            self._counts.forget_lock(name)
+        return holder
+
+    def close(self) -> None:
+        """Close every connection, releasing every lock. Idempotent."""
+        super().close()
+        self._counts.clear()
+
     # -- executions -------------------------------------------------------------------
 
     def create_execution(
         self, execution_id: str, workflow: str, inputs: bytes, now_ms: int
     ) -> tuple[ExecutionRecord, bool]:
         """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
-        with self._write("create_execution") as conn:
-            cursor = conn.execute(
-                "INSERT INTO executions (execution_id, workflow, status, inputs, created_at, "
-                "updated_at) VALUES (%s, %s, 'running', %s, %s, %s) "
-                "ON CONFLICT (execution_id) DO NOTHING",
-                (execution_id, workflow, inputs, now_ms, now_ms),
-            )
-            created = cursor.rowcount == 1
-            row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
-        if row is None:  # pruned between the two statements
-            raise StorageError("create_execution", "the execution was deleted meanwhile")
-        return _execution(row), created
+        op = "create_execution"
+        params = {"id": execution_id, "wf": workflow, "in": inputs, "now": now_ms}
+        with self._writing(op) as conn:
+            try:
+                row = conn.execute(_CREATE, params).fetchone()
+                if row is None:  # created by a transaction younger than the statement
+                    found = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
+                    row = None if found is None else (*found, False)
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+        if row is None:  # pruned meanwhile
+            raise StorageError(op, "the execution was deleted meanwhile")
+        created = bool(row[-1])
+        if created:
+            self._counts.remember({execution_id: 0})  # no outcome yet, so no mark
+        return _execution(row[:-1]), created
 
     def get_execution(self, execution_id: str) -> ExecutionRecord | None:
         """The execution row, or ``None``."""
@@ -147,17 +193,13 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """Set a terminal status while ``running``; ``False`` if another status won."""
         status = ExecutionStatus(status)
         finalized_at = now_ms if status.is_terminal else None
-        with self._write("finalize_execution") as conn:
+        values = (status.value, output, error_type, error, now_ms, finalized_at, execution_id)
+        with self._transaction("finalize_execution") as conn:
             self.fence(conn, "finalize_execution", (execution_id,))
-            row = conn.execute(
-                "UPDATE executions SET status = %s, output = %s, error_type = %s, error = %s, "
-                "updated_at = %s, finalized_at = %s "
-                "WHERE execution_id = %s AND status = 'running' RETURNING queue",
-                (status.value, output, error_type, error, now_ms, finalized_at, execution_id),
-            ).fetchone()
-            if row is not None and row[0] is not None:
-                notify(conn, WORK_TOPIC, row[0])  # a slot of the queue is free
-            return row is not None
+            cursor = conn.execute(_FINALIZE, (*values, CHANNEL_PREFIX + WORK_TOPIC))
+        if status.is_terminal:
+            self._counts.forget((execution_id,))
+        return cursor.fetchone() is not None
 
     def abort_generation(self, execution_id: str, generation: int, now_ms: int) -> int:
         """Mark ``generation`` aborted and start the next one; return the current generation.
@@ -227,25 +269,68 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """Insert entries in one transaction; return the last ``seq`` (0 if none).
 
         With a ``signer`` the high-water mark of every execution that gains an outcome is
-        re-signed in the same transaction; executions are visited in id order, so two
-        batches touching the same executions cannot deadlock.
+        re-signed in the same transaction, in execution id order, so two batches touching
+        the same executions cannot deadlock. The counts this storage committed last are
+        signed ahead and checked by the database; unknown or stale ones are read in the
+        transaction first (a round trip more).
 
         Raises:
+            OwnershipLost: this storage lost the lock of one of the executions.
             StorageError: a second result or error for one (execution, generation, step),
                 an unknown execution, or a database failure; nothing was inserted.
         """
         if not entries:
             return 0
-        with self._write("append") as conn:
-            self.fence(conn, "append", {e.execution_id for e in entries})
-            seq = insert_entries(conn, entries)
-            if signer is not None:
-                now = entries[-1].created_at_ms
-                for eid, added in sorted(outcomes_by_execution(entries).items()):
-                    row = conn.execute(_BUMP_INTEGRITY, (eid, added, now)).fetchone()
-                    count = int(row[0]) if row else added
-                    conn.execute(_SIGN, (signer(eid, count), eid))
-        return seq
+        added = outcomes_by_execution(entries) if signer is not None else {}
+        if signer is None or not added:
+            with self._transaction("append") as conn:
+                self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+                cursor = conn.execute(*append_statement(entries))
+            return last_seq(cursor)
+        try:
+            stored = self._counts.expected(added)
+            if stored is not None:
+                try:
+                    return self._append_signed(entries, signer, added, stored)
+                except StaleMark:
+                    pass  # another writer moved a mark: read them this time
+            return self._append_counted(entries, signer, added)
+        except BaseException:
+            self._counts.forget(added)  # the write may or may not have committed
+            raise
+
+    def _append_signed(
+        self,
+        entries: Sequence[JournalEntry],
+        signer: Signer,
+        added: Mapping[str, int],
+        stored: Mapping[str, int],
+    ) -> int:
+        """One statement inserts the batch and writes marks signed for ``stored + added``.
+
+        Raises:
+            StaleMark: a stored count was not the one in ``stored``; nothing was written.
+        """
+        counts = {eid: stored[eid] + n for eid, n in added.items()}
+        marks = [Mark(eid, n, signer(eid, n), stored[eid]) for eid, n in counts.items()]
+        statement = append_statement(entries, marks)
+        with self._transaction("append") as conn:
+            self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+            cursor = conn.execute(*statement)
+        self._counts.remember(counts)
+        return last_seq(cursor)
+
+    def _append_counted(
+        self, entries: Sequence[JournalEntry], signer: Signer, added: Mapping[str, int]
+    ) -> int:
+        """Insert the batch, add its outcomes to the stored counts, sign what they became."""
+        with self._transaction("append") as conn:
+            self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+            cursor = conn.execute(*append_statement(entries))
+            counts = bump_marks(conn, added, entries[-1].created_at_ms)
+            sign_marks(conn, {eid: signer(eid, count) for eid, count in counts.items()})
+        self._counts.remember(counts)
+        return last_seq(cursor)
 
     def _select(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run a shared read, its ``?`` placeholders rewritten to psycopg's ``%s``."""

@@ -1,9 +1,19 @@
 """PostgreSQL connections: the pool, the schema check at open, transactions (layer: storage).
 
-Every write runs in one transaction on a pooled connection (``BEGIN ... COMMIT``,
-``ROLLBACK`` on any error); reads are single statements in autocommit mode. ``open`` first
-connects on its own (so a refused connection is reported as such, not as a pool timeout),
-inspects the schema before it writes anything, and migrates under
+Writes run on one connection of their own, outside the pool: the engine makes them from
+a single writer thread, so that connection is nearly always free, and a write that finds
+it busy (another thread is writing) takes a pooled one instead. Each write is one
+transaction (``BEGIN ... COMMIT``, ``ROLLBACK`` on any error); ``_transaction`` pipelines
+it, sending statements without waiting for each other's replies, so a write costs a round
+trip per result it must see before it commits, plus the commit. Reads are single
+statements in autocommit mode on pooled connections.
+
+A connection is checked before each use without a round trip (a session the server ended,
+by a restart or ``pg_terminate_backend``, has left its last message and end-of-file on the
+socket): a dead writer connection is re-opened, a dead pooled one replaced.
+
+``open`` first connects on its own (so a refused connection is reported as such, not as a
+pool timeout), inspects the schema before it writes anything, and migrates under
 ``pg_advisory_xact_lock`` so processes opening one database at once take turns.
 
 psycopg's messages can quote row values (a failing row's ``DETAIL``) and connection
@@ -15,15 +25,16 @@ the psycopg exception is not chained.
 from __future__ import annotations
 
 import os
+import select
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
@@ -36,7 +47,13 @@ from ..errors import (
 )
 from ..journal import JournalEntry
 from .base import SCHEMA_VERSION
-from .postgres_rows import ENTRY_COLUMNS, Connection, entry_from_row
+from .postgres_rows import (
+    ENTRY_COLUMNS,
+    Connection,
+    StaleMark,
+    entry_from_row,
+    is_stale_mark,
+)
 from .postgres_schema import (
     META_TABLE,
     MIGRATION_LOCK,
@@ -86,6 +103,8 @@ class PostgresConnections:
         self._max_size = max_size
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Connection] | None = None
+        self._writer_mutex = threading.Lock()
+        self._writer_conn: Connection | None = None
 
     @property
     def lock_dir(self) -> None:
@@ -125,6 +144,7 @@ class PostgresConnections:
                 open=False,
                 name="unbroken",
                 timeout=_POOL_TIMEOUT_SECS,
+                check=_check_alive,
             )
             try:
                 pool.open(wait=self._min_size > 0, timeout=2.0 * CONNECT_TIMEOUT_SECS)
@@ -134,11 +154,15 @@ class PostgresConnections:
             self._pool = pool
 
     def close(self) -> None:
-        """Close the pool and every connection in it. Idempotent."""
+        """Close the pool, every connection in it and the writer connection. Idempotent."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+        with self._writer_mutex:  # waits for a write in flight
+            conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            conn.close()
 
     def _connect_kwargs(self) -> dict[str, Any]:
         """Connection settings on top of the URL's: autocommit (writes open their own
@@ -224,13 +248,71 @@ class PostgresConnections:
 
     @contextmanager
     def _write(self, op: str) -> Iterator[Connection]:
-        """A pooled connection inside one transaction, committed when the block ends."""
+        """A writing connection inside one transaction, committed when the block ends."""
+        with self._writing(op) as conn:
+            try:
+                with conn.transaction():
+                    yield conn
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+
+    @contextmanager
+    def _transaction(self, op: str) -> Iterator[Connection]:
+        """A writing connection inside one pipelined transaction, committed when the block
+        ends.
+
+        Statements in the block are sent at once and their replies read when needed: a
+        fetch waits for the replies up to its own, and the rest (``COMMIT`` included) come
+        back in one round trip when the block ends. A cursor's rows can be fetched after
+        the block. An error of any statement rolls the whole transaction back.
+        """
+        with self._writing(op) as conn:
+            try:
+                try:
+                    with conn.pipeline():
+                        conn.execute("BEGIN")
+                        yield conn
+                        conn.execute("COMMIT")
+                finally:
+                    # After a failed statement the server skipped the rest, COMMIT included.
+                    # A connection left mid-transaction is re-opened before its next use.
+                    if not conn.broken and conn.info.transaction_status != _IDLE:
+                        with suppress(psycopg.Error):
+                            conn.rollback()
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+
+    @contextmanager
+    def _writing(self, op: str) -> Iterator[Connection]:
+        """The writer connection, or a pooled one while another thread writes on it."""
         pool = self._require(op)
+        if not self._writer_mutex.acquire(blocking=False):
+            try:
+                with pool.connection() as conn:
+                    yield conn
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+            return
         try:
-            with pool.connection() as conn, conn.transaction():
-                yield conn
-        except psycopg.Error as exc:
-            raise self._failure(op, exc) from None
+            yield self._writer_connection(op)
+        finally:
+            self._writer_mutex.release()
+
+    def _writer_connection(self, op: str) -> Connection:
+        """The writer connection, (re)opened when it is missing or the server ended it
+        (caller holds ``_writer_mutex``)."""
+        conn = self._writer_conn
+        if conn is not None and not _alive(conn):
+            self._writer_conn = None
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = self._connect(op)
+            if self._pool is None:  # closed meanwhile
+                conn.close()
+                raise StorageError(op, "the storage is not open")
+            self._writer_conn = conn
+        return conn
 
     @contextmanager
     def _snapshot(self, op: str) -> Iterator[Connection]:
@@ -262,7 +344,10 @@ class PostgresConnections:
 
     def _failure(self, op: str, exc: psycopg.Error) -> StorageError:
         """A metadata-only ``StorageError(op)`` for a psycopg failure; a lost or refused
-        connection (the server restarting, the network failing) is ``StorageUnavailable``."""
+        connection (the server restarting, the network failing) is ``StorageUnavailable``,
+        an unexpected stored high-water mark ``StaleMark``."""
+        if is_stale_mark(exc):
+            return StaleMark(op, "a stored high-water mark was not the expected one")
         kind = StorageUnavailable if _unavailable(exc) else StorageError
         return kind(op, self._detail(op, exc))
 
@@ -340,6 +425,32 @@ def _secrets_of(url: str) -> list[str]:
     except ValueError:
         pass
     return sorted((s for s in found if s), key=len, reverse=True)
+
+
+_IDLE = pq.TransactionStatus.IDLE
+
+
+def _alive(conn: Connection) -> bool:
+    """Whether an idle connection is still usable, without a round trip: a session the
+    server ended (a restart, ``pg_terminate_backend``) has left a last message and then
+    end-of-file on the socket, which reading reveals."""
+    if conn.closed or conn.broken or conn.info.transaction_status != _IDLE:
+        return False
+    try:
+        for _ in range(3):  # a notice or the server's last message, then end-of-file
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+            if not readable:
+                return True
+            conn.pgconn.consume_input()
+    except (psycopg.Error, OSError, ValueError):
+        return False
+    return False  # still more to read: not a connection to trust
+
+
+def _check_alive(conn: Connection) -> None:
+    """The pool's check of a connection it hands out: one the server ended is replaced."""
+    if not _alive(conn):
+        raise psycopg.OperationalError("the server ended the session")
 
 
 _UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
