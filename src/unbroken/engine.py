@@ -11,6 +11,7 @@ that is not open raises ``EngineNotOpen``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -30,7 +31,7 @@ from .errors import (
     UnknownWorkflow,
 )
 from .execution import ExecutionHandle, Run, Workflow
-from .ids import new_execution_id, validate_execution_id
+from .ids import lock_name, new_execution_id, validate_execution_id
 from .journal import (
     ExecutionInfo,
     ExecutionStatus,
@@ -159,6 +160,9 @@ class Engine:
             raise
         self._ownership = ownership_for(self._storage)
         cfg = self.config
+        self._ownership.watch(
+            cfg.stale_owner_secs, functools.partial(self._ownership_lost, loop)
+        )
         self._writer = JournalWriter(
             self._storage,
             flush_interval_ms=cfg.journal_flush_interval_ms,
@@ -366,6 +370,19 @@ class Engine:
             self.metrics.executions_recovered += 1
             handle._future.add_done_callback(functools.partial(_log_outcome, eid))
         return recovered
+
+    def _ownership_lost(self, loop: asyncio.AbstractEventLoop, names: list[str]) -> None:
+        """From the lock heartbeat's thread: locks lapsed with their database session."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs any more
+            loop.call_soon_threadsafe(self._stop_lost, frozenset(names))
+
+    def _stop_lost(self, names: frozenset[str]) -> None:
+        """Stop the runs whose ownership lapsed, at their next await, without finalizing:
+        another process may own them now, and whoever does resumes them."""
+        for eid, run in list(self._runs.items()):
+            if run.task is not None and not run.task.done() and lock_name(eid) in names:
+                run.lost = True
+                run.task.cancel()
 
     async def _recover_forever(self) -> None:
         """Pick up executions whose owner died while this engine runs, every

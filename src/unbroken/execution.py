@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ from .errors import (
     EncodeError,
     ExecutionCanceled,
     ExecutionFailed,
+    OwnershipLost,
     PayloadTooLarge,
     StepCapExceeded,
+    StorageUnavailable,
 )
 from .journal import ExecutionStatus
 from .ownership import OwnedLock
@@ -70,6 +73,8 @@ class Run:
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
     canceled: bool = False
+    lost: bool = False
+    """Its ownership lapsed (the lock session ended): it stops without finalizing."""
 
     async def drive(self) -> None:
         """Run the workflow until it ends; settle ``future``; release ownership."""
@@ -78,11 +83,14 @@ class Run:
         except (Stopped, asyncio.CancelledError):
             if self.cancel_requested:
                 await self._canceled()
+            elif self.lost:
+                self.future.set_exception(OwnershipLost("run", self.services.execution_id))
             else:
                 self.future.cancel()  # the engine is closing: the execution stays running
         except SimulatedCrash as crash:
             self.future.set_exception(crash)  # as if the process died: no finalize
         except BaseException as exc:
+            self.lost = self.lost or isinstance(exc, (OwnershipLost, StorageUnavailable))
             if not self.future.done():
                 self.future.set_exception(exc)
             if not isinstance(exc, Exception):
@@ -91,7 +99,17 @@ class Run:
             if not self.future.done():
                 self.future.set_result(output)
         finally:
+            if self.lost:
+                await self._drain()
             self.lock.release()
+
+    async def _drain(self) -> None:
+        """Before giving up a lapsed ownership: let the writer take what this run queued
+        (the storage refuses it), so none of it can land once the execution is owned
+        again, by this process or another."""
+        # Errors: the database is away (nothing queued can commit) or the engine closes.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(self.services.writer.flush())
 
     async def _generations(self) -> Any:
         services = self.services
@@ -120,6 +138,11 @@ class Run:
                 )
                 await self._finalize(ExecutionStatus.ABORTED, error=abort.error)
                 raise abort.error from None
+            except (OwnershipLost, StorageUnavailable):
+                # The database is out of reach or the execution has another owner: not the
+                # workflow's failure. It stays running and is resumed from the journal.
+                await ctx.cancel_inflight()
+                raise
             except Exception as exc:
                 status = (
                     ExecutionStatus.ABORTED

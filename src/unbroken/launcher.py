@@ -217,6 +217,11 @@ class Launcher:
         run.task = asyncio.get_running_loop().create_task(
             self._drive(run), name=f"unbroken:{row.execution_id}"
         )
+        if self._ownership.lapsed(row.execution_id):
+            # Its lock lapsed while it was being started (the engine stops runs it knows
+            # of when that happens; this one was not one yet).
+            run.lost = True
+            run.task.cancel()
 
     async def _drive(self, run: Run) -> None:
         eid = run.services.execution_id

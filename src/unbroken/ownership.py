@@ -9,6 +9,9 @@ old inode and a newcomer that created a new one could then both hold "the" lock.
 ``flock`` locks belong to an open file description, so a second ``acquire`` of the same id
 in the same process fails too; a forked child inherits the description and the lock.
 
+On PostgreSQL (``SessionLocks``) ownership is a session advisory lock held on a lease; see
+``storage/postgres_locks.py`` for the lease, the fence and the barrier.
+
 Without a lock directory (``memory://``) ownership is in-process: ids conflict within one
 ``scope`` object (for instance the storage they live in), tracked in a weak registry.
 """
@@ -81,6 +84,18 @@ class SessionLocks(Protocol):
         """Give the lock ``name`` back."""
         ...
 
+    def barrier(self, execution_id: str) -> None:
+        """After taking an execution's lock: wait out its previous owner's last write."""
+        ...
+
+    def watch(self, lease_secs: float, on_lost: Callable[[list[str]], None]) -> None:
+        """Hold locks on a lease; ``on_lost(names)`` hears of locks lost with the session."""
+        ...
+
+    def lapsed(self, name: str) -> bool:
+        """Whether the lock ``name`` was lost with its session and not given back yet."""
+        ...
+
 
 class Ownership:
     """Grants process-exclusive ownership of executions.
@@ -104,11 +119,14 @@ class Ownership:
         self._scope: object = self if scope is None else scope
         self._session = session
 
-    def acquire(self, execution_id: str) -> OwnedLock:
+    def acquire(self, execution_id: str, *, barrier: bool = True) -> OwnedLock:
         """Take ownership of an execution without waiting.
 
         Args:
             execution_id: the execution to own.
+            barrier: with session locks, wait out a write of the previous owner still in
+                flight before returning; a queue claim, whose row lock already excludes
+                one, passes ``False``.
 
         Returns:
             The held lock; ``release`` it (or use it as a context manager) to give it up.
@@ -120,8 +138,20 @@ class Ownership:
         if self._lock_dir is not None:
             return _acquire_file(self._lock_dir, execution_id)
         if self._session is not None:
-            return _acquire_session(self._session, execution_id)
+            return _acquire_session(self._session, execution_id, barrier)
         return self._acquire_in_process(execution_id)
+
+    def watch(self, lease_secs: float, on_lost: Callable[[list[str]], None]) -> None:
+        """With session locks: lose them after ``lease_secs`` of silence, and call
+        ``on_lost(lock_names)`` (from any thread) when they lapse. Otherwise nothing: file
+        and in-process locks end only with their owner."""
+        if self._session is not None:
+            self._session.watch(lease_secs, on_lost)
+
+    def lapsed(self, execution_id: str) -> bool:
+        """Whether this process's ownership of the execution lapsed with its database
+        session (only session locks lapse; file and in-process locks end with their owner)."""
+        return self._session is not None and self._session.lapsed(lock_name(execution_id))
 
     def is_held(self, execution_id: str) -> bool:
         """Whether any owner (this process included) holds the execution now.
@@ -157,11 +187,17 @@ class Ownership:
         return OwnedLock(execution_id, release)
 
 
-def _acquire_session(session: SessionLocks, execution_id: str) -> OwnedLock:
+def _acquire_session(session: SessionLocks, execution_id: str, barrier: bool) -> OwnedLock:
     name = lock_name(execution_id)
     holder = session.try_lock(name)
     if holder is not None:
         raise ExecutionLocked(execution_id, holder)
+    if barrier:
+        try:
+            session.barrier(execution_id)
+        except BaseException:
+            session.unlock(name)
+            raise
     return OwnedLock(execution_id, lambda: session.unlock(name))
 
 

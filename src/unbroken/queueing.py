@@ -61,7 +61,8 @@ class Claims:
     def try_own(self, execution_id: str) -> bool:
         """Take the execution's ownership lock; ``False`` if another owner holds it."""
         try:
-            self._locks[execution_id] = self._ownership.acquire(execution_id)
+            # The claim's FOR UPDATE SKIP LOCKED row lock is the barrier here.
+            self._locks[execution_id] = self._ownership.acquire(execution_id, barrier=False)
         except ExecutionLocked:
             return False
         return True

@@ -177,13 +177,13 @@ class _Loop:
 
     def _ended(self, waiter: asyncio.Future[object]) -> None:
         self.inflight.discard(waiter)
+        self.freed.set()
         if waiter.cancelled():
             return
         self.stats.ended += 1
         exc = waiter.exception()  # retrieved: the workflow's failure is its journaled outcome
         if exc is not None:
             log.info("a queued execution ended with %s", type(exc).__name__)
-        self.freed.set()
 
     def _notified(self, notes: list[tuple[str, str]]) -> None:
         for note in notes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from .errors import JournalUnavailable
+from .errors import JournalUnavailable, OwnershipLost, StorageError
 from .journal import JournalEntry
 from .storage import Signer, Storage
 from .storage.base import LocalWrites
@@ -416,20 +417,53 @@ class JournalWriter:
                 self._reply(request, seq, None)
 
     def _commit_buffered(self, pending: list[JournalEntry]) -> None:
-        if not pending:
+        while pending:
+            try:
+                seq = self._storage.append(pending, self._signer)
+            except OwnershipLost as exc:
+                # The entries of an execution this engine no longer owns are refused (its
+                # run is being stopped); the other executions' entries still commit.
+                kept = [e for e in pending if e.execution_id != exc.execution_id]
+                if len(kept) < len(pending):
+                    self.stats.dropped += len(pending) - len(kept)
+                    pending = kept
+                    continue
+                self._dropped(pending)
+            except Exception:
+                self._commit_each_execution(pending)
+            else:
+                self._count(len(pending), seq)
             return
-        try:
-            seq = self._storage.append(pending, self._signer)
-        except Exception:
-            self.stats.dropped += len(pending)
-            log.warning(
-                "journal group commit of %d entries failed; they were dropped "
-                "(their steps re-run safely on resume)",
-                len(pending),
-                exc_info=True,
-            )
-        else:
-            self._count(len(pending), seq)
+
+    def _commit_each_execution(self, pending: list[JournalEntry]) -> None:
+        """A group of several executions failed: commit each execution's entries on their
+        own, so one refused entry (a duplicate outcome, say) drops only its own group."""
+        groups: dict[str, list[JournalEntry]] = {}
+        for entry in pending:
+            groups.setdefault(entry.execution_id, []).append(entry)
+        if len(groups) == 1:
+            self._dropped(pending)
+            return
+        for group in groups.values():
+            try:
+                seq = self._storage.append(group, self._signer)
+            except Exception:
+                self._dropped(group)
+            else:
+                self._count(len(group), seq)
+
+    def _dropped(self, pending: list[JournalEntry]) -> None:
+        """Called from an ``except`` block: the group failed and is dropped."""
+        self.stats.dropped += len(pending)
+        error = sys.exc_info()[1]
+        expected = isinstance(error, StorageError)  # a metadata-only message says it all
+        log.warning(
+            "journal group commit of %d entries failed; they were dropped "
+            "(their steps re-run safely on resume): %s",
+            len(pending),
+            error if expected else type(error).__name__,
+            exc_info=not expected,
+        )
 
     def _run_call(self, request: _Request) -> None:
         assert request.call is not None

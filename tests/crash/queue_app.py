@@ -43,3 +43,18 @@ async def small(ctx: Context, seconds: float) -> int:
     for step in range(STEPS):
         total += await ctx.step(f"work{step}", _work, step, seconds)
     return total
+
+
+def _traced_work(step: int, seconds: float) -> int:
+    """A sync step (it runs in a worker thread, so a cancellation cannot cut it short):
+    it records, sleeps and returns the pid that computed the result."""
+    _record("start", step)
+    time.sleep(seconds)
+    _record("end", step)
+    return os.getpid()
+
+
+@engine.workflow(name="traced")
+async def traced(ctx: Context, seconds: float) -> list[int]:
+    """Three steps; the output names, per step, the process whose result was journaled."""
+    return [await ctx.step(f"work{step}", _traced_work, step, seconds) for step in range(STEPS)]

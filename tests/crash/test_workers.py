@@ -57,17 +57,27 @@ class Queue:
     records: Path
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "unbroken", "worker", APP, *args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        """A worker process; its stderr goes to a file (a pipe nobody reads while it runs
+        would fill up and block the worker's logging)."""
+        log_path = self.records.parent / f"worker-{len(self.procs)}.err"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "unbroken", "worker", APP, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
         self.procs.append(proc)
+        self.logs[proc.pid] = log_path
         return proc
+
+    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
+        """What ``proc`` wrote to stderr so far."""
+        return self.logs[proc.pid].read_text(errors="replace")
 
     def count(self, status: str, queue: str = "default") -> int:
         rows = admin_execute(
@@ -80,11 +90,11 @@ class Queue:
         """SIGTERM ``proc``; its exit code and stderr."""
         proc.send_signal(signal.SIGTERM)
         try:
-            _, err = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, err = proc.communicate()
-        return proc.returncode, err.decode(errors="replace")
+            proc.wait()
+        return proc.returncode, self.stderr(proc)
 
 
 @pytest.fixture
@@ -112,7 +122,7 @@ def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queue]:
             for proc in q.procs:
                 if proc.poll() is None:
                     proc.kill()
-                proc.communicate()
+                proc.wait()
 
 
 def enqueue(q: Queue, count: int, *, queue: str = "default", seconds: float = STEP_SECS) -> None:
@@ -200,7 +210,7 @@ def test_four_workers_drain_2000_executions_and_finish_a_killed_ones_work(queue:
     workers = [queue.start("--concurrency", str(CONCURRENCY)) for _ in range(WORKERS)]
     victim = workers[0]
     while queue.count("completed") < EXECUTIONS // 4:
-        assert victim.poll() is None, victim.communicate()[1].decode()
+        assert victim.poll() is None, queue.stderr(victim)
         assert time.monotonic() - start < DRAIN_LIMIT_SECS, "the workers made no progress"
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)

@@ -6,28 +6,43 @@ first ``try_lock`` until ``close``: the server releases every one of them when t
 connection ends, so an owner that dies (on any machine) frees its executions as soon as
 the server notices its socket is gone.
 
-If the lock connection fails, every lock it held is already released server-side; the
-call that notices raises ``StorageError`` saying so, and the next ``try_lock`` opens a new
-connection.
+A lease bounds how long a silent owner keeps them (``watch``): the lock session runs with
+``idle_session_timeout`` set to the lease and a heartbeat thread touches it four times per
+lease, so a process that is paused (SIGSTOP), hung or cut off loses its locks one lease
+after it fell silent, and the server ends the session. Locks lost with their session
+(a server restart, a network failure, a lapsed lease) are remembered as lost: ``watch``'s
+callback hears their names, and every later write for those executions is refused.
+
+Fencing (``fence``), inside every write's transaction: the execution rows are first
+locked ``FOR KEY SHARE``, then the lock session must still hold each one's lock. A new
+owner that is not claiming through the queue (whose ``FOR UPDATE SKIP LOCKED`` already
+skips rows a writer holds) passes ``barrier`` after taking the lock: ``FOR UPDATE`` on the
+row waits for any write of the previous owner still in flight, which either committed
+before the new owner reads the journal or sees the lock gone and writes nothing. Write
+transactions carry ``idle_in_transaction_session_timeout`` = the lease, so one paused
+mid-way cannot hold a row for longer than that.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 
 import blake3
 import psycopg
 
-from ..errors import StorageError
+from ..errors import ExecutionLocked, OwnershipLost, StorageError
 from ..ids import lock_name
 from .postgres_connection import PostgresConnections
 from .postgres_rows import Connection
 
 __all__ = ["PostgresLocks", "lock_key"]
+
+log = logging.getLogger("unbroken")
 
 _HOLDER = (
     "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -40,6 +55,13 @@ _HELD_BY = (
     "AND granted AND objsubid = 1 AND pid = %s"
 )
 _APPLICATION_PID = re.compile(r"unbroken pid (\d+)")
+_GUARD = (
+    "SELECT set_config('idle_in_transaction_session_timeout', %s, true), "
+    "(SELECT COUNT(*) FROM (SELECT 1 FROM executions WHERE execution_id = ANY(%s::text[]) "
+    "FOR KEY SHARE) rows)"
+)
+_BARRIER = "SELECT 1 FROM executions WHERE execution_id = %s FOR UPDATE"
+_BEATS_PER_LEASE = 4
 
 
 def lock_key(name: str, namespace: str = "") -> int:
@@ -62,7 +84,8 @@ def lock_key(name: str, namespace: str = "") -> int:
 
 
 class PostgresLocks(PostgresConnections):
-    """Cross-machine ownership of ``PostgresStorage``: ``try_lock`` and ``unlock``."""
+    """Cross-machine ownership of ``PostgresStorage``: ``try_lock``, ``unlock``, ``watch``,
+    ``barrier`` and ``fence``."""
 
     def __init__(
         self, url: str, *, create: bool = True, min_size: int = 1, max_size: int = 8
@@ -70,16 +93,38 @@ class PostgresLocks(PostgresConnections):
         super().__init__(url, create=create, min_size=min_size, max_size=max_size)
         self._lock_mutex = threading.Lock()
         self._lock_conn: Connection | None = None
-        self._held: set[int] = set()
+        self._held: dict[int, str] = {}  # key -> lock name, on the current lock session
+        # Lapsed with an earlier session: writes are refused. The value says whether its
+        # owner has let go (only then may this storage take it again).
+        self._lost: dict[int, bool] = {}
         self._namespace = ""
         self._lock_pid = 0
+        self._lease_ms = 0
+        self._on_lost: Callable[[list[str]], None] | None = None
+        self._beat_stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def watch(self, lease_secs: float, on_lost: Callable[[list[str]], None]) -> None:
+        """Hold locks on a lease of ``lease_secs`` and call ``on_lost(names)`` (from any
+        thread) when locks lapse with their session. Starts the heartbeat."""
+        with self._lock_mutex:
+            self._lease_ms = max(int(lease_secs * 1000), 1000)
+            self._on_lost = on_lost
+            if self._lock_conn is not None:
+                self._apply_lease(self._lock_conn)
+            if self._beat is None:
+                self._beat = threading.Thread(
+                    target=self._heartbeat, name="unbroken-lock-heartbeat", daemon=True
+                )
+                self._beat.start()
 
     def try_lock(self, name: str) -> int | None:
         """Take the session advisory lock of ``name`` (hex; its first 8 bytes are the key).
 
         A lock is held once: taking one this storage already holds fails like taking one
         held elsewhere (as a second ``flock`` of a lock file does), so one ``unlock`` never
-        releases a lock two callers think they own.
+        releases a lock two callers think they own. A lock lost with its session counts as
+        held here until its owner calls ``unlock``.
 
         Returns:
             ``None`` when the lock is now held here; otherwise the pid its holder put in
@@ -88,93 +133,204 @@ class PostgresLocks(PostgresConnections):
 
         Raises:
             ValueError: ``name`` is not a lock name.
-            StorageError: the storage is closed, or the lock connection failed (every lock
-                this storage held is then released).
+            StorageError: the storage is closed, or the server cannot be reached.
         """
         lock_key(name)  # validate before any I/O
-        with self._lock_mutex:
-            conn = self._lock_connection("try_lock")
-            key = lock_key(name, self._namespace)
-            if key in self._held:
-                return os.getpid()
-            try:
-                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-                if row is not None and row[0]:
-                    self._held.add(key)
-                    return None
-                return self._holder(conn, key)
-            except psycopg.Error as exc:
-                raise self._locks_lost("try_lock", exc) from None
+        lost: list[str] = []
+        try:
+            with self._lock_mutex:
+                conn, lost = self._lock_connection("try_lock")
+                key = lock_key(name, self._namespace)
+                if key in self._held or self._lost.get(key) is False:
+                    return os.getpid()  # a lapsed lock stays ours until its owner lets go
+                try:
+                    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                    if row is not None and row[0]:
+                        self._held[key] = name
+                        self._lost.pop(key, None)
+                        return None
+                    return self._holder(conn, key)
+                except psycopg.Error as exc:
+                    lost += self._lose_session()
+                    raise self._failure("try_lock", exc) from None
+        finally:
+            self._report(lost)
 
     def unlock(self, name: str) -> None:
-        """Release the lock of ``name`` if this storage holds it.
+        """Release the lock of ``name`` if this storage holds it; forget it if it lapsed.
+
+        Never raises for a failed lock connection: the lock is gone with its session.
 
         Raises:
             ValueError: ``name`` is not a lock name.
-            StorageError: the lock connection failed (every lock this storage held, this
-                one included, is released).
         """
         lock_key(name)
+        lost: list[str] = []
         with self._lock_mutex:
             key = lock_key(name, self._namespace)
+            if key in self._lost:
+                # Still refused to writes: entries its run queued may not have drained.
+                self._lost[key] = True
+                return
             if key not in self._held or self._lock_conn is None:
                 return
             try:
                 self._lock_conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            except psycopg.Error as exc:
-                raise self._locks_lost("unlock", exc) from None
-            self._held.discard(key)
+            except psycopg.Error:
+                lost = self._lose_session()
+                self._lost[key] = True
+                lost = [n for n in lost if n != name]
+            else:
+                del self._held[key]
+        self._report(lost)
+
+    def lapsed(self, name: str) -> bool:
+        """Whether the lock ``name`` was lost with a session and not yet given back.
+
+        Raises:
+            ValueError: ``name`` is not a lock name.
+        """
+        # No mutex: a dict lookup is atomic, and the event loop must not wait on a
+        # heartbeat stuck in the network.
+        return self._lost.get(lock_key(name, self._namespace)) is False
+
+    def barrier(self, execution_id: str, timeout_secs: float | None = None) -> None:
+        """After taking ``execution_id``'s lock: wait out any write of its previous owner
+        still in flight (``FOR UPDATE`` on its row), so the journal read next is final.
+
+        Raises:
+            ExecutionLocked: the previous owner's write held the row past the timeout
+                (the lease by default).
+            StorageError: PostgreSQL failed.
+        """
+        ms = int((timeout_secs * 1000) if timeout_secs is not None else self._lease_ms or 10_000)
+        try:
+            with self._write("barrier") as conn:
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{ms}ms",))
+                conn.execute(_BARRIER, (execution_id,))
+        except StorageError as exc:
+            if "55P03" in str(exc) or "lock_not_available" in str(exc):
+                raise ExecutionLocked(execution_id, 0) from None
+            raise
 
     def fence(self, conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
         """Refuse a write for an execution whose lock this storage took but no longer has.
 
-        Runs inside the write's transaction: an owner whose lock session ended (a network
-        partition, a server restart) must not write for an execution another process may
-        now own. Executions this storage never locked (operator tools) pass.
+        Runs inside the write's transaction, first: the rows are locked ``FOR KEY SHARE``
+        (see the module docstring), then the lock session must hold each lock. An owner
+        whose lock session ended (a partition, a server restart, a lapsed lease) must not
+        write for an execution another process may own now. Executions this storage never
+        locked (operator tools) pass.
 
         Raises:
-            StorageError: ownership of one of them was lost; the transaction rolls back.
+            OwnershipLost: ownership of one of them was lost; the transaction rolls back.
         """
         with self._lock_mutex:
-            mine = {eid: lock_key(lock_name(eid), self._namespace) for eid in execution_ids}
-            mine = {eid: key for eid, key in mine.items() if key in self._held}
+            mine: dict[str, int] = {}
+            for eid in execution_ids:
+                key = lock_key(lock_name(eid), self._namespace)
+                if key in self._lost:
+                    raise OwnershipLost(op, eid)
+                if key in self._held:
+                    mine[eid] = key
             pid = self._lock_pid
+            lease = f"{self._lease_ms}ms" if self._lease_ms else "0"
         if not mine:
             return
+        conn.execute(_GUARD, (lease, list(mine)))
         rows = conn.execute(_HELD_BY, (pid,)).fetchall()
         held = {((hi << 32) | lo) for hi, lo in rows}
         for eid, key in mine.items():
             if key & 0xFFFF_FFFF_FFFF_FFFF not in held:
-                raise StorageError(
-                    op,
-                    f"ownership of execution {eid!r} was lost (its lock session ended); "
-                    "nothing was written",
-                )
+                raise OwnershipLost(op, eid)
 
     def close(self) -> None:
         """Close the pool and the lock connection, releasing every lock. Idempotent."""
+        self._beat_stop.set()
+        beat, self._beat = self._beat, None
+        if beat is not None and beat is not threading.current_thread():
+            beat.join(5)
         super().close()
         with self._lock_mutex:
             self._drop_lock_connection()
+            self._held.clear()
+            self._lost.clear()
 
-    def _lock_connection(self, op: str) -> Connection:
-        """The lock connection, opened on first use (caller holds ``_lock_mutex``)."""
+    # -- the lock session ------------------------------------------------------------
+
+    def _lock_connection(self, op: str) -> tuple[Connection, list[str]]:
+        """The lock connection, opened on first use or after the last one failed (whose
+        locks are then lost: their names come back second). Caller holds ``_lock_mutex``."""
         self._require(op)
         conn = self._lock_conn
+        lost: list[str] = []
         if conn is not None and (conn.closed or conn.broken):
-            if self._held:
-                raise self._locks_lost(op, None)
-            self._drop_lock_connection()
+            lost = self._lose_session()
             conn = None
         if conn is None:
-            conn = self._lock_conn = self._connect(op)
+            conn = self._connect(op)
             try:
                 row = conn.execute("SELECT current_schema()").fetchone()
+                self._apply_lease(conn)
             except psycopg.Error as exc:
-                raise self._locks_lost(op, exc) from None
+                with suppress(psycopg.Error):
+                    conn.close()
+                raise self._failure(op, exc) from None
+            self._lock_conn = conn
             self._namespace = str(row[0]) if row and row[0] else ""
             self._lock_pid = conn.info.backend_pid
-        return conn
+        return conn, lost
+
+    def _apply_lease(self, conn: Connection) -> None:
+        """End the session if it stays silent for a lease (PostgreSQL 14 and newer)."""
+        if not self._lease_ms:
+            return
+        try:
+            conn.execute(
+                "SELECT set_config('idle_session_timeout', %s, false)", (f"{self._lease_ms}ms",)
+            )
+        except psycopg.errors.UndefinedObject:
+            log.warning(
+                "this PostgreSQL has no idle_session_timeout (it needs 14 or newer): a paused "
+                "owner keeps its executions until its connection ends"
+            )
+
+    def _heartbeat(self) -> None:
+        """Touch the lock session a few times per lease; report locks lost with it."""
+        while not self._beat_stop.wait(max(self._lease_ms / 1000 / _BEATS_PER_LEASE, 0.05)):
+            lost: list[str] = []
+            with self._lock_mutex:
+                conn = self._lock_conn
+                if conn is None:
+                    continue
+                try:
+                    conn.execute("SELECT 1")
+                except psycopg.Error:
+                    lost = self._lose_session()
+            self._report(lost)
+
+    def _lose_session(self) -> list[str]:
+        """The lock session failed: its locks are gone. Remember them as lost; their names.
+        Caller holds ``_lock_mutex``."""
+        held = dict(self._held)
+        self._drop_lock_connection()
+        self._held.clear()
+        self._lost.update(dict.fromkeys(held, False))
+        return list(held.values())
+
+    def _report(self, names: list[str]) -> None:
+        """Tell the watcher which locks were lost (outside ``_lock_mutex``)."""
+        if names:
+            log.warning(
+                "the PostgreSQL lock session ended; ownership of %d execution(s) is lost",
+                len(names),
+            )
+        callback = self._on_lost
+        if names and callback is not None:
+            try:
+                callback(names)
+            except Exception:
+                log.exception("the lost-ownership callback failed")
 
     def _holder(self, conn: Connection, key: int) -> int:
         """The pid in the ``application_name`` of the session holding ``key``, or 0."""
@@ -183,23 +339,14 @@ class PostgresLocks(PostgresConnections):
         match = _APPLICATION_PID.fullmatch(str(row[0])) if row else None
         return int(match[1]) if match else 0
 
-    def _locks_lost(self, op: str, exc: psycopg.Error | None) -> StorageError:
-        """Drop the failed lock connection; the error says its locks are gone."""
-        self._drop_lock_connection()
-        cause = f" ({self._detail(op, exc)})" if exc is not None else ""
-        return StorageError(
-            op, f"the lock connection failed and every lock this storage held is released{cause}"
-        )
-
     def _drop_lock_connection(self) -> None:
         """Close the lock connection (caller holds ``_lock_mutex``)."""
         conn, self._lock_conn = self._lock_conn, None
-        held, self._held = self._held, set()
         if conn is not None:
             # The server ends a closed session asynchronously: release the locks first so
             # they are free when close returns. On a broken connection this fails, and the
             # locks are released with the session anyway.
             with suppress(psycopg.Error):
-                if held and not conn.broken:
+                if self._held and not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock_all()")
                 conn.close()
