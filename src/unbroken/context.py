@@ -50,6 +50,11 @@ __all__ = ["Context", "StepOutcome"]
 log = logging.getLogger("unbroken")
 audit = logging.getLogger("unbroken.audit")
 
+_LABELS: dict[EntryKind | EffectClass, str] = {
+    member: member.value for enum in (EntryKind, EffectClass) for member in enum
+}
+"""The stored string of each entry kind and effect class (``.value`` costs a lookup)."""
+
 
 @dataclass(slots=True)
 class _Call:
@@ -490,17 +495,32 @@ class Context:
         if not self._acks(call):
             self._buffer(call, kind, value)
             return
-        payload = self._seal(call.step_id, call.desc.name, call.key, kind, value)
         try:
-            await self._run.writer.append_acked(self._entry(call, kind, payload))
+            await self._run.writer.append_acked(self._outcome(call, kind, value))
         except JournalUnavailable:
             self._degraded(call)  # the operation ran: hand its value back
 
     def _buffer(self, call: _Call, kind: EntryKind, value: Any) -> None:
         """Journal an outcome for the next group commit (INV-4 orders it before any later
         acknowledged entry)."""
-        payload = self._seal(call.step_id, call.desc.name, call.key, kind, value)
-        self._run.writer.append_buffered(self._entry(call, kind, payload))
+        self._run.writer.append_buffered(self._outcome(call, kind, value))
+
+    def _outcome(self, call: _Call, kind: EntryKind, value: Any) -> JournalEntry:
+        """A step outcome's sealed journal row (every step makes one: written out, not
+        layered)."""
+        run, desc, step_id, label = self._run, call.desc, call.step_id, _LABELS[kind]
+        payload = run.payloads.seal_at(
+            value,
+            lambda: f"the {label} of step {step_id} ({desc.name!r})",  # only for an error
+            run.execution_id,
+            run.generation,
+            step_id,
+            label,
+            call.key,
+        )
+        effect = _LABELS[desc.effect]
+        eid, generation, key, at = run.execution_id, run.generation, call.key, now_ms()
+        return JournalEntry(eid, generation, step_id, kind, desc.name, effect, key, payload, at)
 
     def _entry(self, call: _Call, kind: EntryKind, payload: bytes | None) -> JournalEntry:
         desc = call.desc

@@ -226,6 +226,19 @@ class Payloads:
             EncodeError: the codec cannot encode the value.
             PayloadTooLarge: the encoded value is over ``max_payload_bytes`` (INV-11).
         """
+        return self.seal_at(value, what, execution_id, generation, step_id, kind, idem_key)
+
+    def seal_at(
+        self,
+        value: Any,
+        what: str | Callable[[], str],
+        execution_id: str,
+        generation: int,
+        step_id: int,
+        kind: str,
+        idem_key: bytes,
+    ) -> bytes:
+        """``seal`` with positional arguments (the step path calls it once per step)."""
         try:
             data = codec.encode(value)
         except EncodeError:

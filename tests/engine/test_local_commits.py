@@ -122,6 +122,26 @@ def test_append_signs_the_high_water_mark_in_one_statement(storage: SqliteStorag
     assert storage.count_outcomes("e") == 3
 
 
+def test_batches_of_any_size_keep_their_order_and_return_the_last_seq(
+    storage: SqliteStorage, db: Path
+) -> None:
+    step, last = 0, 0
+    for size in (1, 2, 3, 63, 64, 65, 100, 127, 128, 129, 300):
+        batch = [_entry(step + i) for i in range(size)]
+        step += size
+        seq = storage.append(batch)
+        assert seq == last + size
+        last = seq
+    assert _journal(db) == [(i + 1, i, "result") for i in range(step)]
+
+
+def test_a_bad_row_anywhere_in_a_batch_inserts_none_of_it(storage: SqliteStorage) -> None:
+    storage.append([_entry(0)])
+    with pytest.raises(StorageError, match="already exists"):
+        storage.append([_entry(i) for i in range(1, 70)] + [_entry(0)])
+    assert [e.step_id for e in storage.read_segment("e", 0, 0, 100)] == [0]
+
+
 def test_a_signer_that_fails_rolls_the_append_back(storage: SqliteStorage) -> None:
     storage.append([_entry(0)], _sign)
 

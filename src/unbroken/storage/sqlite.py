@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from itertools import islice
 from typing import Any
 
 from ..errors import ExecutionCanceled, UnknownExecution
@@ -24,7 +23,7 @@ from .base import Claimant, Signer, outcomes_by_execution
 from .rules import claim_in_order
 from .sql_reads import SqlReads
 from .sqlite_retention import SqliteRetention
-from .sqlite_rows import INSERT_ENTRY, insert_params, signing
+from .sqlite_rows import insert_entries, signing
 from .sqlite_waits import SqliteWaits
 
 __all__ = ["SqliteStorage"]
@@ -269,14 +268,11 @@ def _insert_entries(
 ) -> int:
     """Insert the rows and re-sign the high-water marks they move, inside the caller's
     transaction; return the last ``seq``."""
-    last = len(entries) - 1
-    if last:
-        conn.executemany(INSERT_ENTRY, map(insert_params, islice(entries, last)))
-    seq = conn.execute(INSERT_ENTRY, insert_params(entries[last])).lastrowid
+    seq = insert_entries(conn, entries)
     if signer is not None:
         counts = outcomes_by_execution(entries)
         if counts:
-            now = entries[last].created_at_ms
+            now = entries[-1].created_at_ms
             signing.signer = signer
             try:
                 for eid, added in counts.items():
@@ -285,7 +281,7 @@ def _insert_entries(
                         conn.execute(_INSERT_INTEGRITY, (eid, added, signer(eid, added), now))
             finally:
                 signing.signer = None
-    return int(seq or 0)
+    return seq
 
 
 def _execution(row: Sequence[Any]) -> ExecutionRecord:

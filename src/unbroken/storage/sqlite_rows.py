@@ -22,6 +22,7 @@ __all__ = [
     "add_functions",
     "chunks",
     "entry_from_row",
+    "insert_entries",
     "insert_entry",
     "insert_params",
     "marks",
@@ -95,6 +96,37 @@ def add_functions(conn: sqlite3.Connection) -> None:
 def insert_entry(conn: sqlite3.Connection, entry: JournalEntry) -> None:
     """Insert one journal row inside the caller's write transaction."""
     conn.execute(INSERT_ENTRY, insert_params(entry))
+
+
+_ROWS_PER_INSERT = 64
+"""Rows per multi-row ``INSERT`` (704 parameters: under every SQLite's limit)."""
+
+_INSERT_ROWS = {
+    n: INSERT_ENTRY + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+    for n in (64, 32, 16, 8, 4, 2, 1)
+}
+"""Multi-row inserts of 64, 32, ... 1 rows: any batch is a few of them, and the connection's
+statement cache keeps all seven prepared."""
+
+
+def insert_entries(conn: sqlite3.Connection, entries: Sequence[JournalEntry]) -> int:
+    """Insert journal rows inside the caller's write transaction; return the last ``seq``.
+
+    Multi-row statements rather than ``executemany``: one statement per 64 rows (one
+    ``AUTOINCREMENT`` update, one call into SQLite with the GIL released) instead of one
+    per row.
+    """
+    seq: int | None = None
+    start, total = 0, len(entries)
+    while start < total:
+        left = total - start
+        size = _ROWS_PER_INSERT if left >= _ROWS_PER_INSERT else 1 << (left.bit_length() - 1)
+        params: list[Any] = []
+        for entry in entries[start : start + size]:
+            params.extend(insert_params(entry))
+        seq = conn.execute(_INSERT_ROWS[size], params).lastrowid
+        start += size
+    return int(seq or 0)
 
 
 def entry_from_row(row: Sequence[Any]) -> JournalEntry:
