@@ -150,7 +150,9 @@ def test_many_storages_starting_one_execution_at_once_create_it_once(url: str) -
     try:
         for trial in range(10):
             eid = f"race-{trial}"
-            results = run_concurrently(8, lambda i: stores[i % 4].create_execution(eid, "wf", b"", i))
+            results = run_concurrently(
+                8, lambda i, eid=eid: stores[i % 4].create_execution(eid, "wf", b"", i)
+            )
             assert sum(created for _, created in results) == 1
             assert len({record.created_at_ms for record, _ in results}) == 1
     finally:
