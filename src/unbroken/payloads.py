@@ -112,7 +112,7 @@ os.register_at_fork(after_in_child=_NONCES.discard)
 class _Sealer:
     """Seals with the current key through libsodium, in ``cipher``'s layout (module doc)."""
 
-    __slots__ = ("_encrypt", "_ffi", "_heads", "_key", "_key_id", "_kinds")
+    __slots__ = ("_decrypt", "_encrypt", "_ffi", "_heads", "_key", "_key_id", "_kinds")
 
     def __init__(self, cipher: XChaChaCipher) -> None:
         # PyNaCl's own binding checks every argument on every call; these are ours.
@@ -120,6 +120,7 @@ class _Sealer:
 
         self._ffi = ffi
         self._encrypt = lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+        self._decrypt = lib.crypto_aead_xchacha20poly1305_ietf_decrypt
         self._key = cipher.current.secret
         self._key_id = bytes((cipher.current.key_id,))
         self._heads: dict[str, bytes] = {}
@@ -188,6 +189,20 @@ class _Sealer:
         if status != 0:
             raise RuntimeError("libsodium refused to seal a payload")
         return b"".join((self._key_id, nonce, self._ffi.buffer(out, size)[:]))
+
+    def open(self, blob: bytes, associated: bytes) -> bytes | None:
+        """The plaintext of a blob sealed under the current key, or ``None`` (another key,
+        too short, or not authentic: the cipher then says which, and raises)."""
+        if len(blob) < SEAL_OVERHEAD or blob[0] != self._key_id[0]:
+            return None
+        size = len(blob) - SEAL_OVERHEAD
+        out = self._ffi.new("unsigned char[]", size or 1)
+        status = self._decrypt(
+            out, self._ffi.NULL, self._ffi.NULL, blob[1 + NONCE_BYTES :],
+            len(blob) - 1 - NONCE_BYTES, associated, len(associated),
+            blob[1 : 1 + NONCE_BYTES], self._key,
+        )
+        return self._ffi.buffer(out, size)[:] if status == 0 else None
 
 
 class Payloads:
@@ -267,8 +282,11 @@ class Payloads:
             return None
         if len(blob) > self._read_ceiling:
             raise PayloadTooLarge(len(blob), self._read_ceiling, f"stored {what}")
-        if self._cipher is not None:
-            blob = self._cipher.open(blob, aad(execution_id, generation, step_id, kind, idem_key))
+        sealer = self._sealer
+        if sealer is not None and self._cipher is not None:
+            where = sealer.aad(execution_id, generation, step_id, kind, idem_key)
+            plain = sealer.open(blob, where)
+            blob = plain if plain is not None else self._cipher.open(blob, where)
         return codec.decode(blob)
 
     def reveal(self, blob: bytes | None, **where: Any) -> str | None:

@@ -124,6 +124,10 @@ def test_a_server_restart_mid_run_loses_no_committed_step(queue: Queue) -> None:
         capture_output=True,
         timeout=120,
     )
+    ready = time.monotonic() + 30
+    while _count(queue, "completed", "small") is None:  # accepting connections again
+        assert time.monotonic() < ready, "the server did not come back"
+        time.sleep(0.1)
     assert (_count(queue, "completed", "small") or 0) < total, "the restart came too late"
     _wait_for(queue, "small", total, workers)
     for proc in workers:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unbroken.cipher import SEAL_OVERHEAD, Key, XChaChaCipher, aad, control_fields
-from unbroken.errors import EncodeError, PayloadTooLarge, ReplayIntegrity
+from unbroken.errors import DecodeError, EncodeError, PayloadTooLarge, ReplayIntegrity
 from unbroken.journal import EntryKind, JournalEntry
 from unbroken.payloads import Payloads
 
@@ -44,6 +44,27 @@ def test_a_sealed_step_value_opens_with_the_cipher_under_its_own_place_inv7() ->
     assert payloads.open(blob, "the result", **_where()) == {"n": 1}
     with pytest.raises(ReplayIntegrity):
         payloads.open(blob, "moved", **_where(step=6))
+
+
+def test_blobs_open_under_the_current_and_the_previous_key_and_fail_closed() -> None:
+    payloads, cipher = _payloads()
+    here = aad("order-42", 1, 5, "result", bytes(range(32)))
+    old = XChaChaCipher(cipher.previous)  # type: ignore[arg-type]  # sealed before a rotation
+    for blob, value in (
+        (payloads.seal("now", "v", **_where()), "now"),
+        (old.seal(b'"before"', here), "before"),
+        (payloads.seal("", "v", **_where()), ""),
+    ):
+        assert payloads.open(blob, "v", **_where()) == value
+    blob = bytearray(payloads.seal("now", "v", **_where()))
+    blob[-1] ^= 1
+    with pytest.raises(ReplayIntegrity, match="failed authentication under key id 7"):
+        payloads.open(bytes(blob), "v", **_where())
+    stranger = XChaChaCipher(Key.generate(9)).seal(b"1", here)
+    with pytest.raises(DecodeError, match="no cipher key registered for key id 9"):
+        payloads.open(stranger, "v", **_where())
+    with pytest.raises(DecodeError, match="shorter"):
+        payloads.open(b"\x07short", "v", **_where())
 
 
 @settings(max_examples=200, deadline=None)
