@@ -13,6 +13,7 @@ of that database, dropped afterwards. ``UNBROKEN_KEY`` is set to a fresh key whe
 - ``guarded_step_us``: wall time per fresh guarded (``COST_BEARING``) step, two
   acknowledged appends each;
 - ``idempotent_step_us``: wall time per fresh idempotent step (buffered, group committed);
+- ``acked_step_us``: the same with ``journal_ack_every_step``: one acknowledged append each;
 - ``empty_workflow_ms``: start→result of a workflow with no steps, sequentially.
 """
 
@@ -42,6 +43,7 @@ from unbroken.journal import EntryKind, JournalEntry
 from unbroken.storage.postgres import PostgresStorage
 
 GUARDED = Step.guarded("paid", Intent.COST_BEARING)
+ACK_EVERY_STEP: dict[str, Any] = {"journal_ack_every_step": True}
 
 
 def _op(i: int) -> int:
@@ -70,8 +72,8 @@ def _fresh_schema(url: str) -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
-def _engine(url: str) -> Engine:
-    engine = Engine(url)
+def _engine(url: str, **settings: Any) -> Engine:
+    engine = Engine(url, **settings)
 
     @engine.workflow(name="guarded_steps")
     async def guarded_steps(ctx: Context, n: int) -> int:
@@ -131,8 +133,8 @@ def append_one_us(url: str, n: int) -> float:
             storage.close()
 
 
-async def _per_step_us(url: str, workflow: str, n: int) -> float:
-    async with _engine(url) as engine:
+async def _per_step_us(url: str, workflow: str, n: int, **settings: Any) -> float:
+    async with _engine(url, **settings) as engine:
         await engine.run(workflow, 10)  # warm-up
         start = time.perf_counter()
         await engine.run(workflow, n)
@@ -181,6 +183,10 @@ def run(url: str, quick: bool, repeats: int) -> dict[str, Any]:
         ),
         "idempotent_step_us": _measure(
             in_schema(lambda u: _per_step_us(u, "idempotent_steps", n_idem)), repeats
+        ),
+        "acked_step_us": _measure(
+            in_schema(lambda u: _per_step_us(u, "idempotent_steps", n_guarded, **ACK_EVERY_STEP)),
+            repeats,
         ),
         "empty_workflow_ms": _measure(in_schema(lambda u: _empty_ms(u, n_empty)), repeats),
     }

@@ -165,14 +165,16 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             ExecutionCanceled: the execution was canceled (INV-16').
             UnknownExecution: no such execution.
         """
-        with self._write("reopen_execution") as conn:
+        with self._transaction("reopen_execution") as conn:
+            self.fence(conn, "reopen_execution", (execution_id,))
             conn.execute(
                 "UPDATE executions SET status = 'running', finalized_at = NULL, "
                 "output = NULL, error_type = NULL, error = NULL, updated_at = %s "
                 "WHERE execution_id = %s AND status IN ('completed', 'failed', 'aborted')",
                 (now_ms, execution_id),
             )
-            row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
+            cursor = conn.execute(_SELECT_EXECUTION, (execution_id,))
+        row = cursor.fetchone()
         if row is None:
             raise UnknownExecution(execution_id)
         record = _execution(row)
@@ -209,13 +211,14 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         Raises:
             UnknownExecution: no such execution.
         """
-        with self._write("abort_generation") as conn:
+        with self._transaction("abort_generation") as conn:
+            self.fence(conn, "abort_generation", (execution_id,))
             row = conn.execute(
                 "UPDATE executions SET generation = generation + 1, updated_at = %s "
                 "WHERE execution_id = %s AND generation = %s RETURNING generation",
                 (now_ms, execution_id, generation),
             ).fetchone()
-            if row is None:
+            if row is None:  # read anew: a concurrent abort may just have moved it
                 row = conn.execute(
                     "SELECT generation FROM executions WHERE execution_id = %s", (execution_id,)
                 ).fetchone()

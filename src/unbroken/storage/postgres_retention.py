@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import StorageError
 from ..journal import EntryKind, JournalEntry, PruneReport, RetentionPolicy
 from .postgres_locks import PostgresLocks
-from .postgres_rows import Connection, insert_entries
+from .postgres_rows import Connection, append_statement
 from .rules import PHASES, Phase, active_phases, count_excess, take_to_fit, ttl_cutoffs
 
 __all__ = ["PostgresRetention", "Removed", "delete_executions", "select_batch"]
@@ -192,7 +192,8 @@ class PostgresRetention(PostgresLocks):
         """
         if EntryKind(checkpoint.kind) is not EntryKind.CHECKPOINT:
             raise ValueError("fold needs an entry of kind checkpoint")
-        with self._write("fold") as conn:
+        with self._transaction("fold") as conn:
+            self.fence(conn, "fold", (checkpoint.execution_id,))
             replaced = delete_replaced_rows(conn, checkpoint.execution_id, replaced_seqs)
             if replaced != checkpoint.folded:
                 raise StorageError(
@@ -200,7 +201,7 @@ class PostgresRetention(PostgresLocks):
                     f"the checkpoint folds {checkpoint.folded} outcomes but the replaced rows "
                     f"hold {replaced}",
                 )
-            insert_entries(conn, [checkpoint])
+            conn.execute(*append_statement([checkpoint]))
 
     def read_checkpoints(self, execution_id: str, generation: int) -> list[JournalEntry]:
         """The checkpoint rows of one generation, by ``seq``."""

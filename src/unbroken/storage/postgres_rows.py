@@ -37,7 +37,6 @@ __all__ = [
     "append_statement",
     "bump_marks",
     "entry_from_row",
-    "insert_entries",
     "is_stale_mark",
     "last_seq",
     "sign_marks",
@@ -234,11 +233,6 @@ def last_seq(cursor: psycopg.Cursor[tuple[Any, ...]]) -> int:
     """The ``seq`` an insert statement returned, 0 if none."""
     row = cursor.fetchone()
     return int(row[0]) if row and row[0] is not None else 0
-
-
-def insert_entries(conn: Connection, entries: Sequence[JournalEntry]) -> int:
-    """Insert journal rows inside the caller's transaction; return the last ``seq``."""
-    return last_seq(conn.execute(*append_statement(entries)))
 
 
 def bump_marks(conn: Connection, added: Mapping[str, int], now_ms: int) -> dict[str, int]:

@@ -1,8 +1,9 @@
 """PostgreSQL promises and timers: what a waiting execution waits on (layer: storage).
 
 Each promise and timer is a row of its own table plus a ``control`` row in the journal,
-inserted together in one transaction that first locks the execution's row, so two
-engines cannot both claim one step's control slot. Settling a promise or firing a timer is
+inserted together in one fenced transaction that first locks the execution's row, so two
+engines cannot both claim one step's control slot; its checks go out together and cost one
+round trip. Settling a promise or firing a timer is
 a guarded ``UPDATE``: PostgreSQL re-checks the guard after waiting for a concurrent
 writer, so the first caller wins.
 """
@@ -17,7 +18,7 @@ from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
 from .base import PROMISES_TOPIC
 from .postgres_locks import PostgresLocks
 from .postgres_queue import notify
-from .postgres_rows import insert_entries
+from .postgres_rows import append_statement
 from .rules import check_control, settled_state
 from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
 
@@ -46,16 +47,20 @@ class PostgresWaits(PostgresLocks):
         noun, columns = (
             ("promise", PROMISE_COLUMNS) if table == "promises" else ("timer", TIMER_COLUMNS)
         )
-        with self._write(op) as conn:
+        slot = (entry.execution_id, entry.generation, entry.step_id)
+        with self._transaction(op) as conn:
+            self.fence(conn, op, (entry.execution_id,))
             # Serialises control inserts per execution: the slot check below stays true.
-            if conn.execute(_LOCK_EXECUTION, (entry.execution_id,)).fetchone() is None:
+            execution = conn.execute(_LOCK_EXECUTION, (entry.execution_id,))
+            taken = conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = %s", (row[0],))
+            held = conn.execute(_CONTROL_EXISTS, slot)
+            if execution.fetchone() is None:
                 raise StorageError(op, "the journal entry names an execution that does not exist")
-            if conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = %s", (row[0],)).fetchone():
+            if taken.fetchone():
                 raise StorageError(op, f"a {noun} with this id already exists")
-            slot = (entry.execution_id, entry.generation, entry.step_id)
-            if conn.execute(_CONTROL_EXISTS, slot).fetchone():
+            if held.fetchone():
                 raise StorageError(op, "a control row already holds this step")
-            insert_entries(conn, [entry])
+            conn.execute(*append_statement([entry]))
             marks = ", ".join(["%s"] * len(row))
             conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", row)
 
