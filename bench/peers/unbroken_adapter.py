@@ -45,7 +45,7 @@ from .common import Env, Skip, now, payload, record, size_label, tagged
 
 RESUME_ID = "resume-me"
 RESUMES = ("resume", "resume_small", "resume_large")
-BULK_BATCH = 5000
+BULK_BATCH = 50_000
 
 GUARDED = Step.guarded("s", Intent.COST_BEARING)
 CLASSES = {"buffered (idempotent)": "s", "acknowledged (guarded)": GUARDED}
