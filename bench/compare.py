@@ -489,7 +489,14 @@ def run_figure(
         if workload in RESUMES and template is None:  # prepared in this run's own store
             prep_params = {"resume_prepare": params[workload]}
             prep = _invoke(
-                ctx, system, "resume_prepare", backend, prep_params, store.workdir, store.url
+                ctx,
+                system,
+                "resume_prepare",
+                backend,
+                prep_params,
+                store.workdir,
+                store.url,
+                store.env(system),
             )
             if not prep.get("ok"):
                 return prep
@@ -549,7 +556,7 @@ def run_all(ctx: Context) -> list[dict[str, Any]]:
                         continue  # its journal lives in the server: prepared per run
                     try:
                         templates[system] = prepare_resume(
-                            ctx, system, backend, plan.params(system, backend, "resume")
+                            ctx, system, backend, plan.params(system, backend, name)
                         )
                     except RuntimeError as exc:
                         plan.errors.append(_err(system, backend, name, str(exc)))
