@@ -216,12 +216,12 @@ class JournalWriter:
     def _inline(
         self, entries: list[JournalEntry], fn: Callable[[Storage], Any] | None = None
     ) -> Any:
-        """Commit the buffered entries, then ``entries`` (one transaction), then run
-        ``fn``, all on this thread; ``_DECLINED`` if the writer is busy, has requests
+        """Append the buffered entries, then ``entries``, then run ``fn``, all in one
+        transaction on this thread; ``_DECLINED`` if the writer is busy, has requests
         queued, is closing, or the database would make this thread wait.
 
         Raises:
-            StorageError: ``fn`` (or the append of ``entries`` alone) failed.
+            StorageError: ``fn`` failed (what was buffered still commits).
         """
         local = self._local
         if local is None or not self._commit.acquire(blocking=False):
@@ -236,40 +236,65 @@ class JournalWriter:
                 self._buffered = 0
                 self._due_now = False
             batch = taken + entries if entries else taken
-            if batch and not self._inline_append(local, batch, taken):
+            try:
+                done = self._inline_commit(local, batch, fn)
+            except BaseException:
+                self._requeue(taken)  # nothing was committed
+                raise
+            if done is None:  # refused, or the batch failed: the thread takes it over
+                self._requeue(taken)
                 return _DECLINED
-            if fn is None:
-                return self.stats.last_seq
-            done, value = local.try_write(fn)
-            return value if done else _DECLINED
+            seq, value, error = done
+            if error is not None:
+                raise error
+            return value if fn is not None else seq
         finally:
             self._commit.release()
 
-    def _inline_append(
-        self, local: LocalWrites, batch: list[JournalEntry], taken: list[JournalEntry]
-    ) -> bool:
-        """One transaction for ``batch``; on refusal or failure the buffered entries go
-        back to the front of the queue, for the thread to commit (or set apart)."""
+    def _inline_commit(
+        self, local: LocalWrites, batch: list[JournalEntry], fn: Callable[[Storage], Any] | None
+    ) -> tuple[int, Any, Exception | None] | None:
+        """One transaction: ``batch``, then ``fn`` (a savepoint after the batch, so its
+        failure leaves the batch to commit); ``None`` if refused or the batch failed."""
         signer = self._signer
+
+        def work(storage: Storage) -> tuple[int, Any, Exception | None]:
+            seq = storage.append(batch, signer) if batch else self.stats.last_seq
+            if fn is None or not batch:
+                return seq, fn(storage) if fn is not None else None, None
+            try:
+                return seq, fn(storage), None
+            except Exception as exc:  # its savepoint is undone; the batch still commits
+                return seq, None, exc
+
         try:
-            done, seq = local.try_write(lambda storage: storage.append(batch, signer))
+            done, result = local.try_write(work)
         except Exception:
-            done, seq = False, None  # the thread retries and sets the bad entry apart
-        if not done:
-            with self._cond:
-                self._items.extendleft(reversed(taken))
-                self._buffered += len(taken)
-            return False
-        self._count(len(batch), int(seq or 0))
+            if not batch:
+                raise  # fn's own failure, with nothing else in the transaction
+            return None  # the thread retries, sets a bad entry apart, then runs fn
+        if not done or result is None:
+            return None
+        if batch:
+            self._count_inline(len(batch), result[0])
+        return result
+
+    def _requeue(self, taken: list[JournalEntry]) -> None:
+        """Put buffered entries back at the front of the queue, in their order."""
+        with self._cond:
+            self._items.extendleft(reversed(taken))
+            self._buffered += len(taken)
+
+    def _count_inline(self, n: int, seq: int) -> None:
+        self._count(n, seq)
         self.stats.inline_commits += 1
         # About a page per row (the idempotency-key index is random) and a few per commit.
-        self._log_pages += len(batch) + 4
+        self._log_pages += n + 4
         if self._log_pages >= _CHECKPOINT_PAGES:
             self._log_pages = 0
             with self._cond:
                 self._checkpoint_due = True
                 self._cond.notify()
-        return True
 
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed."""
@@ -492,6 +517,7 @@ def _new_future() -> asyncio.Future[Any]:
 
 
 def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
+    """Settle a request's future on its loop (from the writer thread)."""
     def apply() -> None:
         if request.future.done():
             return  # the caller timed out and moved on
@@ -502,4 +528,3 @@ def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
 
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
         request.loop.call_soon_threadsafe(apply)
-    """Settle a request's future on its loop (from the writer thread)."""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from unbroken.errors import JournalUnavailable, StorageError
-from unbroken.journal import EntryKind, JournalEntry
+from unbroken.errors import JournalUnavailable, StorageError, UnknownExecution
+from unbroken.journal import EntryKind, ExecutionStatus, JournalEntry
 from unbroken.storage.base import LocalWrites, Storage
 from unbroken.storage.memory import MemoryStorage
 from unbroken.storage.sqlite import SqliteStorage
@@ -101,9 +101,32 @@ def test_try_write_declines_at_once_when_another_connection_writes(
 
     with write_lock_held(db):
         assert storage.try_write(write) == (False, None)  # no 5 s busy wait: declined
-    assert ran == ["before"]  # the call began; its transaction did not
+    assert ran == []  # nothing of it ran
     assert _journal(db) == []
     assert storage.try_write(write) == (True, 1)
+    assert ran == ["before"]
+
+
+def test_try_write_is_one_transaction_whose_later_writes_fail_alone(
+    storage: SqliteStorage, db: Path
+) -> None:
+    def writes(s: SqliteStorage) -> list[int]:
+        s.append([_entry(0)])
+        with pytest.raises(StorageError, match="already exists"):
+            s.append([_entry(1), _entry(0)])  # a savepoint: undone alone
+        s.append([_entry(2)])
+        return [e.step_id for e in s.read_segment("e", 0, 0, 10)]  # sees its own writes
+
+    assert storage.try_write(writes) == (True, [0, 2])
+    assert _steps(db) == [0, 2]
+
+    def fails(s: SqliteStorage) -> None:
+        s.append([_entry(3)])
+        raise RuntimeError("the caller's own error")
+
+    with pytest.raises(RuntimeError, match="own error"):
+        storage.try_write(fails)
+    assert _steps(db) == [0, 2]  # all of it rolled back
 
 
 def test_try_write_passes_on_the_write_s_own_errors(storage: SqliteStorage) -> None:
@@ -203,6 +226,18 @@ async def test_calls_run_inline_after_the_buffered_entries(
     found = await writer.call(lambda s: [e.step_id for e in s.read_segment("e", 0, 0, 10)])
     assert found == [0]
     assert writer.stats.handed_over == 0
+
+
+async def test_a_failed_call_leaves_what_was_buffered_committed(
+    writer: JournalWriter, db: Path
+) -> None:
+    writer.append_buffered(_entry(0))
+    with pytest.raises(UnknownExecution):
+        await writer.call(lambda s: s.reopen_execution("nobody", 0))
+    assert _steps(db) == [0]
+    assert writer.stats.handed_over == 0  # it ran inline, in one transaction with the entry
+    assert await writer.call(lambda s: s.finalize_execution("e", ExecutionStatus.FAILED, 1))
+    assert (await writer.call(lambda s: s.get_execution("e"))).status == "failed"
 
 
 async def test_a_busy_database_hands_the_work_to_the_writer_thread_in_order_inv4(

@@ -4,10 +4,10 @@ Every write runs in an explicit ``BEGIN IMMEDIATE ... COMMIT`` (``ROLLBACK`` on 
 batch is all-or-nothing and two processes never interleave half-written batches. Reads are
 single statements in autocommit mode. ``open`` inspects a database before it writes
 anything: a file that is not SQLite, holds someone else's tables or carries a newer schema
-is refused and left exactly as it was. ``try_write`` runs a write on a connection of its
-own that never waits for the write lock (``busy_timeout = 0``): the journal writer uses it
-to commit on the event loop's thread, and hands the write to its own thread when the lock
-is held elsewhere.
+is refused and left exactly as it was. ``try_write`` runs writes in one transaction on a
+connection of its own that never waits for the write lock (``busy_timeout = 0``): the
+journal writer uses it to commit on the event loop's thread, and hands the work to its
+own thread when the lock is held elsewhere.
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ _INSPECT = (
     "SELECT (SELECT application_id FROM pragma_application_id), "
     "(SELECT user_version FROM pragma_user_version), (SELECT COUNT(*) FROM sqlite_master)"
 )
-
-
-class _WouldWait(Exception):
-    """Internal: ``try_write``'s transaction would have to wait for the write lock."""
 
 
 class _Holder:
@@ -192,8 +188,13 @@ class SqliteConnections:
         weakref.finalize(holder, _release, self._lock, self._connections, conn)
 
     def _conn(self, op: str) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        holder: _Holder | None = getattr(self._local, "holder", None)
+        """This thread's connection, opened on first use (inside ``try_write``: its
+        connection, so reads see the transaction's writes)."""
+        local = self._local
+        nowait: _Nowait | None = getattr(local, "nowait", None)
+        if nowait is not None:
+            return nowait.conn
+        holder: _Holder | None = getattr(local, "holder", None)
         if holder is not None:
             return holder.conn
         with self._lock:
@@ -204,20 +205,21 @@ class SqliteConnections:
         return conn
 
     def _write(self, op: str) -> _Transaction:
-        """This thread's connection inside a ``BEGIN IMMEDIATE`` transaction (inside
-        ``try_write``: the no-wait connection, for the first transaction)."""
-        local = self._local
-        nowait: sqlite3.Connection | None = getattr(local, "nowait", None)
+        """This thread's connection inside a ``BEGIN IMMEDIATE`` transaction; inside
+        ``try_write``, part of its transaction (a savepoint after its first write)."""
+        nowait: _Nowait | None = getattr(self._local, "nowait", None)
         if nowait is not None:
-            local.nowait = None  # only the first transaction may be declined
-            return _Transaction(nowait, op, nowait=True)
+            nested = nowait.writes > 0  # a later write may fail alone; the first, with all
+            nowait.writes += 1
+            return _Transaction(nowait.conn, op, begin=_SAVEPOINT if nested else None)
         return _Transaction(self._conn(op), op)
 
     def try_write(self, fn: Callable[[Any], T]) -> tuple[bool, T | None]:
-        """Run ``fn(self)`` now unless its first write transaction would wait for another
-        connection's write lock: ``(True, result)``, or ``(False, None)`` with nothing
-        written. Exceptions of ``fn`` propagate; a later transaction of ``fn`` waits
-        as usual.
+        """Run ``fn(self)`` in one write transaction, now, unless another connection holds
+        the write lock: ``(True, result)`` once committed, or ``(False, None)`` with
+        nothing run. ``fn``'s own transactions become part of this one (its second and
+        later ones savepoints, so a failed one is undone alone); reads see its writes. An
+        exception out of ``fn`` rolls everything back and propagates.
 
         Raises:
             StorageError: the storage is not open, or SQLite failed.
@@ -226,14 +228,27 @@ class SqliteConnections:
             return False, None
         try:
             conn = self._nowait or self._open_nowait()
-            local = self._local
-            local.nowait = conn
             try:
-                return True, fn(self)
-            except _WouldWait:
-                return False, None
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                if (getattr(exc, "sqlite_errorname", None) or "").startswith("SQLITE_BUSY"):
+                    return False, None  # another connection writes: nothing was run
+                raise _storage_error("try_write", exc) from exc
+            local = self._local
+            local.nowait = _Nowait(conn)
+            try:
+                result = fn(self)
+            except BaseException:
+                _rollback(conn)
+                raise
             finally:
                 local.nowait = None
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise _storage_error("try_write", exc) from exc
+            return True, result
         finally:
             self._nowait_lock.release()
 
@@ -260,8 +275,12 @@ class SqliteConnections:
 
     @contextmanager
     def _snapshot(self, op: str) -> Iterator[sqlite3.Connection]:
-        """This thread's connection inside a read transaction: one consistent snapshot."""
+        """This thread's connection inside a read transaction: one consistent snapshot
+        (inside ``try_write``, its write transaction already is one)."""
         conn = self._conn(op)
+        if conn.in_transaction:
+            yield conn
+            return
         with _transaction(conn, op, "BEGIN DEFERRED"):
             yield conn
 
@@ -282,29 +301,44 @@ class SqliteConnections:
 # -- helpers --------------------------------------------------------------------------
 
 
+class _Nowait:
+    """``try_write``'s transaction, as the thread running it sees it."""
+
+    __slots__ = ("conn", "writes")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.writes = 0
+
+
+_SAVEPOINT = ("SAVEPOINT unbroken_write", "RELEASE unbroken_write", "ROLLBACK TO unbroken_write")
+_TOP = ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")
+
+
 class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` on a connection; ``ROLLBACK`` and re-raise on
-    any error, ``sqlite3`` errors as ``StorageError(op)`` with the cause chained. With
-    ``nowait``, a write lock held elsewhere raises ``_WouldWait`` before anything runs.
+    any error, ``sqlite3`` errors as ``StorageError(op)`` with the cause chained.
 
+    Inside ``try_write``'s transaction it is a savepoint (``begin=_SAVEPOINT``), or
+    nothing of its own (``begin=None``: it commits or fails with the whole).
     A class rather than a generator: it wraps every journal append.
     """
 
-    __slots__ = ("_conn", "_nowait", "_op")
+    __slots__ = ("_conn", "_op", "_sql")
 
-    def __init__(self, conn: sqlite3.Connection, op: str, *, nowait: bool = False) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, op: str, begin: tuple[str, str, str] | None = _TOP
+    ) -> None:
         self._conn = conn
         self._op = op
-        self._nowait = nowait
+        self._sql = begin
 
     def __enter__(self) -> sqlite3.Connection:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            name = getattr(exc, "sqlite_errorname", None) or ""
-            if self._nowait and name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-                raise _WouldWait() from None
-            raise _storage_error(self._op, exc) from exc
+        if self._sql is not None:
+            try:
+                self._conn.execute(self._sql[0])
+            except sqlite3.Error as exc:
+                raise _storage_error(self._op, exc) from exc
         return self._conn
 
     def __exit__(
@@ -313,17 +347,29 @@ class _Transaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        conn = self._conn
+        conn, sql = self._conn, self._sql
         if exc_type is None:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as error:
-                _rollback(conn)
-                raise _storage_error(self._op, error) from error
+            if sql is not None:
+                try:
+                    conn.execute(sql[1])
+                except sqlite3.Error as error:
+                    _undo(conn, sql)
+                    raise _storage_error(self._op, error) from error
             return
-        _rollback(conn)
+        if sql is not None:
+            _undo(conn, sql)
         if isinstance(exc, sqlite3.Error):
             raise _storage_error(self._op, exc) from exc
+
+
+def _undo(conn: sqlite3.Connection, sql: tuple[str, str, str]) -> None:
+    """Roll the transaction, or the savepoint, back (and release the savepoint)."""
+    if sql is _TOP:
+        _rollback(conn)
+        return
+    with suppress(sqlite3.Error):  # the enclosing transaction reports what went wrong
+        conn.execute(sql[2])
+        conn.execute(sql[1])
 
 
 @contextmanager
