@@ -282,6 +282,15 @@ class PostgresConnections:
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
 
+    def _execute(self, op: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run one writing statement, committed on its own (one round trip); its rows."""
+        with self._writing(op) as conn:
+            try:
+                cursor = conn.execute(query, params)
+                return cursor.fetchall() if cursor.description else []
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+
     @contextmanager
     def _writing(self, op: str) -> Iterator[Connection]:
         """The writer connection, or a pooled one while another thread writes on it."""

@@ -53,6 +53,20 @@ _EXECUTION_COLUMNS = (
     "execution_id, workflow, status, generation, inputs, output, error_type, error, "
     "created_at, updated_at, finalized_at, queue"
 )
+_SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s"
+# The new row and True (its queue's workers hear of it at commit), or the existing one and
+# False. A row inserted by a transaction that committed after this statement's snapshot is
+# neither: it is read again (_SELECT_EXECUTION).
+_ENQUEUE = (
+    "WITH created AS (INSERT INTO executions (execution_id, workflow, status, inputs, "
+    "created_at, updated_at, queue, lock_key) VALUES (%(id)s, %(wf)s, 'running', %(in)s, "
+    "%(now)s, %(now)s, %(queue)s, %(key)s) ON CONFLICT (execution_id) DO NOTHING "
+    f"RETURNING {_EXECUTION_COLUMNS}), "
+    "notified AS MATERIALIZED (SELECT pg_notify(%(channel)s, queue) FROM created) "
+    f"SELECT {_EXECUTION_COLUMNS}, (SELECT COUNT(*) FROM notified) = 1 FROM created UNION ALL "
+    f"SELECT {_EXECUTION_COLUMNS}, false FROM executions WHERE execution_id = %(id)s "
+    "AND NOT EXISTS (SELECT 1 FROM created)"
+)
 # Keys of every granted one-bigint advisory lock in this database, as signed bigints.
 _HELD = (
     "SELECT (l.classid::bigint << 32) | l.objid::bigint FROM pg_locks l "
@@ -84,24 +98,23 @@ class PostgresQueue(PostgresLocks):
     ) -> tuple[ExecutionRecord, bool]:
         """Insert a ``running`` execution waiting in ``queue`` unless the id exists, and
         notify the queue's workers; return ``(row, created)``."""
-        with self._write("enqueue_execution") as conn:
-            key = lock_key(lock_name(execution_id), self._namespace_of(conn))
-            cursor = conn.execute(
-                "INSERT INTO executions (execution_id, workflow, status, inputs, created_at, "
-                "updated_at, queue, lock_key) VALUES (%s, %s, 'running', %s, %s, %s, %s, %s) "
-                "ON CONFLICT (execution_id) DO NOTHING",
-                (execution_id, workflow, inputs, now_ms, now_ms, queue, key),
-            )
-            created = cursor.rowcount == 1
-            if created:
-                notify(conn, WORK_TOPIC, queue)
-            row = conn.execute(
-                f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s",
-                (execution_id,),
-            ).fetchone()
-        if row is None:  # pruned between the two statements
-            raise StorageError("enqueue_execution", "the execution was deleted meanwhile")
-        return ExecutionRecord(row[0], row[1], ExecutionStatus(row[2]), *row[3:]), created
+        op = "enqueue_execution"
+        with self._writing(op) as conn:
+            try:
+                key = lock_key(lock_name(execution_id), self._namespace_of(conn))
+                params = {
+                    "id": execution_id, "wf": workflow, "in": inputs, "now": now_ms,
+                    "queue": queue, "key": key, "channel": CHANNEL_PREFIX + WORK_TOPIC,
+                }  # fmt: skip
+                row = conn.execute(_ENQUEUE, params).fetchone()
+                if row is None:  # created by a transaction younger than the statement
+                    found = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
+                    row = None if found is None else (*found, False)
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+        if row is None:  # pruned meanwhile
+            raise StorageError(op, "the execution was deleted meanwhile")
+        return ExecutionRecord(row[0], row[1], ExecutionStatus(row[2]), *row[3:-1]), bool(row[-1])
 
     def claim_queued(
         self,
@@ -165,11 +178,6 @@ class PostgresQueue(PostgresLocks):
         schema and the queue's name (a collision only serialises two queues' claims)."""
         data = self._namespace_of(conn).encode("utf-8") + b"\0" + queue.encode("utf-8")
         return int.from_bytes(blake3.blake3(data).digest(length=4), "big", signed=True)
-
-
-def notify(conn: Connection, topic: str, payload: str) -> None:
-    """``NOTIFY unbroken_<topic>`` with ``payload``, delivered when the transaction commits."""
-    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL_PREFIX + topic, payload))
 
 
 class PostgresListener:

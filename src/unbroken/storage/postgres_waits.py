@@ -17,7 +17,7 @@ from ..errors import StorageError
 from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
 from .base import PROMISES_TOPIC
 from .postgres_locks import PostgresLocks
-from .postgres_queue import notify
+from .postgres_queue import CHANNEL_PREFIX
 from .postgres_rows import append_statement
 from .rules import check_control, settled_state
 from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
@@ -25,6 +25,12 @@ from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
 __all__ = ["PostgresWaits"]
 
 _LOCK_EXECUTION = "SELECT 1 FROM executions WHERE execution_id = %s FOR NO KEY UPDATE"
+# A row when the promise was pending; its waiter's engine hears of it at commit.
+_SETTLE = (
+    "WITH settled AS (UPDATE promises SET state = %s, payload = %s, settled_at = %s "
+    "WHERE promise_id = %s AND state = 'pending' RETURNING promise_id) "
+    "SELECT pg_notify(%s, promise_id)::text FROM settled"
+)
 _CONTROL_EXISTS = (
     "SELECT 1 FROM journal WHERE execution_id = %s AND generation = %s AND step_id = %s "
     "AND kind = 'control' LIMIT 1"
@@ -89,16 +95,8 @@ class PostgresWaits(PostgresLocks):
             ValueError: ``state`` is ``pending``.
         """
         settled = settled_state(state)
-        with self._write("settle_promise") as conn:
-            cursor = conn.execute(
-                "UPDATE promises SET state = %s, payload = %s, settled_at = %s "
-                "WHERE promise_id = %s AND state = 'pending'",
-                (settled.value, payload, now_ms, promise_id),
-            )
-            if cursor.rowcount != 1:
-                return False
-            notify(conn, PROMISES_TOPIC, promise_id)  # its waiter's engine wakes at once
-            return True
+        values = (settled.value, payload, now_ms, promise_id, CHANNEL_PREFIX + PROMISES_TOPIC)
+        return bool(self._execute("settle_promise", _SETTLE, values))
 
     def promise_states(self, promise_ids: Sequence[str]) -> dict[str, PromiseState]:
         """The state of each promise that exists (one query for any number of ids)."""
@@ -128,8 +126,9 @@ class PostgresWaits(PostgresLocks):
 
     def fire_timer(self, timer_id: str, now_ms: int) -> bool:
         """Mark a timer fired; ``False`` if it was already fired or is unknown."""
-        with self._write("fire_timer") as conn:
-            cursor = conn.execute(
-                "UPDATE timers SET fired = 1 WHERE timer_id = %s AND fired = 0", (timer_id,)
-            )
-            return cursor.rowcount == 1
+        rows = self._execute(
+            "fire_timer",
+            "UPDATE timers SET fired = 1 WHERE timer_id = %s AND fired = 0 RETURNING 1",
+            (timer_id,),
+        )
+        return bool(rows)
