@@ -15,6 +15,7 @@ call). Like the default executor, the pool grows while every thread is busy, up 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import functools
@@ -166,7 +167,7 @@ class _Inbox:
     __slots__ = ("__weakref__", "_items", "_lock", "_loop", "_signaled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)  # the pool's map of inboxes must not keep loops alive
         self._lock = threading.Lock()
         self._items: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         self._signaled = False
@@ -177,8 +178,10 @@ class _Inbox:
             if self._signaled:
                 return  # the loop has been woken and has not drained yet
             self._signaled = True
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._drain)
+        loop = self._loop()
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         with self._lock:
@@ -205,6 +208,7 @@ class StepThreads:
     def __init__(self, max_workers: int | None = None, idle_secs: float = 60.0) -> None:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._all_done = threading.Condition(self._lock)
         self._threads = 0
         self._outstanding = 0  # submitted and not finished
         self._max = max_workers or min(32, (os.cpu_count() or 1) + 4)
@@ -248,12 +252,23 @@ class StepThreads:
                 value, exc = None, error
             with self._lock:
                 self._outstanding -= 1
+                if not self._outstanding:
+                    self._all_done.notify_all()
             inbox.post(future, value, exc)
             del inbox, future, ctx, fn, value, exc  # nothing of the job outlives it
 
 
+    def wait_idle(self) -> None:
+        """Block until no step function is running (at exit, as the default executor's
+        shutdown does: a process does not end in the middle of a sync operation)."""
+        with self._all_done:
+            while self._outstanding:
+                self._all_done.wait()
+
+
 _STEP_THREADS = StepThreads()
 """One pool per process, like a loop's default executor (results go to each job's loop)."""
+atexit.register(_STEP_THREADS.wait_idle)
 
 
 def start_operation(

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +21,7 @@ import unbroken
 from unbroken import Context, Engine, Step, StepFailed
 from unbroken.config import load_config
 from unbroken.journal import EntryKind, JournalEntry
-from unbroken.runtime import StepThreads
+from unbroken.runtime import _STEP_THREADS, StepThreads, start_operation
 from unbroken.storage import Signer
 from unbroken.storage.memory import MemoryStorage
 
@@ -126,6 +130,42 @@ async def test_a_cancelled_step_s_late_result_is_dropped() -> None:
     future.cancel()
     release.set()
     assert await pool.run(lambda: "next") == "next"  # the late result went nowhere
+
+
+def test_event_loops_that_ran_sync_steps_are_not_kept_alive() -> None:
+    def sync_step() -> int:
+        return 1
+
+    async def once() -> int:
+        result: int = await start_operation(sync_step, (), {})
+        return result
+
+    for _ in range(5):
+        assert asyncio.run(once()) == 1
+    gc.collect()
+    assert not list(_STEP_THREADS._inboxes)
+
+
+def test_the_process_ends_only_after_a_running_sync_operation(tmp_path: Path) -> None:
+    marker = tmp_path / "finished"
+    script = f"""
+import asyncio, time
+from pathlib import Path
+from unbroken.runtime import start_operation
+
+def slow():
+    time.sleep(0.3)
+    Path({str(marker)!r}).write_text("done")
+
+async def main():
+    asyncio.ensure_future(start_operation(slow, (), {{}}))
+    await asyncio.sleep(0.05)  # the operation is running; the program ends here
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "done"
 
 
 # -- every step acknowledged ----------------------------------------------------------------
