@@ -160,11 +160,16 @@ class Server:
         raise AssertionError("unreachable")
 
     def drop(self, name: str) -> None:
-        try:
-            with self._admin() as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        except psycopg.Error:
-            pass  # best effort: the run is over either way
+        """Drop database ``name``, retrying while the server restarts (best effort: the
+        run is over either way)."""
+        for attempt in range(6):
+            try:
+                with self._admin() as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+                return
+            except psycopg.Error:
+                if attempt < 5:
+                    time.sleep(1.0)
 
 
 @dataclass
