@@ -6,6 +6,7 @@ These run when ``UNBROKEN_TEST_POSTGRES_URL`` is set.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -173,3 +174,18 @@ def test_writes_from_many_threads_at_once_all_commit_with_exact_marks(
     run_concurrently(6, write)
     for i in range(6):
         assert opened.read_integrity(f"e{i}") == (30, f"e{i}:30".encode())
+
+
+def test_refused_writes_leave_the_writer_connection_usable_and_the_log_quiet(
+    opened: PostgresStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    create(opened, "a")
+    with caplog.at_level(logging.WARNING):
+        for step in range(20):
+            opened.append([entry("a", step)], signer=signer)
+            with pytest.raises(StorageError, match="already exists"):
+                opened.append([entry("a", step)], signer=signer)
+            with pytest.raises(StorageError, match="does not exist"):
+                opened.append([entry("unknown", step)], signer=signer)
+    assert opened.read_integrity("a") == (20, b"a:20")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []

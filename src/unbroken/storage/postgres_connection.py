@@ -268,17 +268,26 @@ class PostgresConnections:
         """
         with self._writing(op) as conn:
             try:
+                failed: psycopg.Error | None = None
                 try:
                     with conn.pipeline():
                         conn.execute("BEGIN")
-                        yield conn
-                        conn.execute("COMMIT")
+                        try:
+                            yield conn
+                            conn.execute("COMMIT")
+                        except psycopg.Error as exc:  # a statement failed, read meanwhile
+                            failed = exc
+                except pg_errors.PipelineAborted:  # how the statements skipped since report
+                    if failed is None:
+                        raise
                 finally:
                     # After a failed statement the server skipped the rest, COMMIT included.
                     # A connection left mid-transaction is re-opened before its next use.
                     if not conn.broken and conn.info.transaction_status != _IDLE:
                         with suppress(psycopg.Error):
                             conn.rollback()
+                if failed is not None:
+                    raise failed
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
 
