@@ -165,7 +165,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             ExecutionCanceled: the execution was canceled (INV-16').
             UnknownExecution: no such execution.
         """
-        with self._transaction("reopen_execution") as conn:
+        with self._write("reopen_execution") as conn:
             self.fence(conn, "reopen_execution", (execution_id,))
             conn.execute(
                 "UPDATE executions SET status = 'running', finalized_at = NULL, "
@@ -196,7 +196,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         status = ExecutionStatus(status)
         finalized_at = now_ms if status.is_terminal else None
         values = (status.value, output, error_type, error, now_ms, finalized_at, execution_id)
-        with self._transaction("finalize_execution") as conn:
+        with self._write("finalize_execution") as conn:
             self.fence(conn, "finalize_execution", (execution_id,))
             cursor = conn.execute(_FINALIZE, (*values, CHANNEL_PREFIX + WORK_TOPIC))
         if status.is_terminal:
@@ -211,7 +211,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         Raises:
             UnknownExecution: no such execution.
         """
-        with self._transaction("abort_generation") as conn:
+        with self._write("abort_generation") as conn:
             self.fence(conn, "abort_generation", (execution_id,))
             row = conn.execute(
                 "UPDATE executions SET generation = generation + 1, updated_at = %s "
@@ -286,7 +286,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             return 0
         added = outcomes_by_execution(entries) if signer is not None else {}
         if signer is None or not added:
-            with self._transaction("append") as conn:
+            with self._write("append") as conn:
                 self.fence(conn, "append", sorted({e.execution_id for e in entries}))
                 cursor = conn.execute(*append_statement(entries))
             return last_seq(cursor)
@@ -317,7 +317,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         counts = {eid: stored[eid] + n for eid, n in added.items()}
         marks = [Mark(eid, n, signer(eid, n), stored[eid]) for eid, n in counts.items()]
         statement = append_statement(entries, marks)
-        with self._transaction("append") as conn:
+        with self._write("append") as conn:
             self.fence(conn, "append", sorted({e.execution_id for e in entries}))
             cursor = conn.execute(*statement)
         self._counts.remember(counts)
@@ -327,7 +327,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         self, entries: Sequence[JournalEntry], signer: Signer, added: Mapping[str, int]
     ) -> int:
         """Insert the batch, add its outcomes to the stored counts, sign what they became."""
-        with self._transaction("append") as conn:
+        with self._write("append") as conn:
             self.fence(conn, "append", sorted({e.execution_id for e in entries}))
             cursor = conn.execute(*append_statement(entries))
             counts = bump_marks(conn, added, entries[-1].created_at_ms)
@@ -343,12 +343,12 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
 
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
-        with self._write("add_key_verifier") as conn:
-            conn.execute(
-                "INSERT INTO keys (key_id, verifier, created_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (key_id) DO NOTHING",
-                (key_id, verifier, now_ms),
-            )
+        self._execute(
+            "add_key_verifier",
+            "INSERT INTO keys (key_id, verifier, created_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (key_id) DO NOTHING",
+            (key_id, verifier, now_ms),
+        )
 
     def count_sealed(self, key_id: int) -> int:
         """Stored blobs and MACs whose first byte names ``key_id``."""

@@ -3,10 +3,11 @@
 Writes run on one connection of their own, outside the pool: the engine makes them from
 a single writer thread, so that connection is nearly always free, and a write that finds
 it busy (another thread is writing) takes a pooled one instead. Each write is one
-transaction (``BEGIN ... COMMIT``, ``ROLLBACK`` on any error); ``_transaction`` pipelines
-it, sending statements without waiting for each other's replies, so a write costs a round
-trip per result it must see before it commits, plus the commit. Reads are single
-statements in autocommit mode on pooled connections.
+transaction (``BEGIN ... COMMIT``, ``ROLLBACK`` on any error), pipelined: its statements
+are sent without waiting for each other's replies, so it costs a round trip per result it
+must see before it commits, plus the commit; a single statement is sent on its own,
+committed in one round trip. Reads are single statements in autocommit mode on pooled
+connections.
 
 A connection is checked before each use without a round trip (a session the server ended,
 by a restart or ``pg_terminate_backend``, has left its last message and end-of-file on the
@@ -248,16 +249,6 @@ class PostgresConnections:
 
     @contextmanager
     def _write(self, op: str) -> Iterator[Connection]:
-        """A writing connection inside one transaction, committed when the block ends."""
-        with self._writing(op) as conn:
-            try:
-                with conn.transaction():
-                    yield conn
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
-
-    @contextmanager
-    def _transaction(self, op: str) -> Iterator[Connection]:
         """A writing connection inside one pipelined transaction, committed when the block
         ends.
 

@@ -45,7 +45,7 @@ _TOTAL_BYTES = (
     "+ COALESCE(OCTET_LENGTH(error), 0)), 0) FROM executions) "
     "+ (SELECT COALESCE(SUM(OCTET_LENGTH(payload)), 0) FROM promises)"
 )
-_CHILD_TABLES = ("journal", "promises", "timers", "integrity")
+_OTHER_CHILD_TABLES = ("promises", "timers", "integrity")
 _UNLIMITED = 1 << 62
 _MIN_INT64 = -(1 << 63)
 
@@ -133,16 +133,19 @@ def delete_executions(conn: Connection, execution_ids: Sequence[str]) -> int:
     if not execution_ids:
         return 0
     ids = list(execution_ids)
-    journal_rows = 0
-    for table in _CHILD_TABLES:
-        cursor = conn.execute(f"DELETE FROM {table} WHERE execution_id = ANY(%s::text[])", (ids,))
-        if table == "journal":
-            journal_rows = cursor.rowcount
+    journal = conn.execute(
+        "WITH gone AS (DELETE FROM journal WHERE execution_id = ANY(%s::text[]) RETURNING 1) "
+        "SELECT COUNT(*) FROM gone",
+        (ids,),
+    )
+    for table in _OTHER_CHILD_TABLES:
+        conn.execute(f"DELETE FROM {table} WHERE execution_id = ANY(%s::text[])", (ids,))
     conn.execute(
         "DELETE FROM executions WHERE execution_id = ANY(%s::text[]) AND status != 'running'",
         (ids,),
     )
-    return journal_rows
+    row = journal.fetchone()
+    return int(row[0]) if row else 0
 
 
 def delete_replaced_rows(conn: Connection, execution_id: str, seqs: Sequence[int]) -> int:
@@ -192,7 +195,7 @@ class PostgresRetention(PostgresLocks):
         """
         if EntryKind(checkpoint.kind) is not EntryKind.CHECKPOINT:
             raise ValueError("fold needs an entry of kind checkpoint")
-        with self._transaction("fold") as conn:
+        with self._write("fold") as conn:
             self.fence(conn, "fold", (checkpoint.execution_id,))
             replaced = delete_replaced_rows(conn, checkpoint.execution_id, replaced_seqs)
             if replaced != checkpoint.folded:

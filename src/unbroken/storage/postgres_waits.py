@@ -54,7 +54,7 @@ class PostgresWaits(PostgresLocks):
             ("promise", PROMISE_COLUMNS) if table == "promises" else ("timer", TIMER_COLUMNS)
         )
         slot = (entry.execution_id, entry.generation, entry.step_id)
-        with self._transaction(op) as conn:
+        with self._write(op) as conn:
             self.fence(conn, op, (entry.execution_id,))
             # Serialises control inserts per execution: the slot check below stays true.
             execution = conn.execute(_LOCK_EXECUTION, (entry.execution_id,))
