@@ -8,15 +8,14 @@ always sees a contiguous committed prefix. Acknowledged work that is not confirm
 (INV-12, FR-DE-11). The thread is supervised: if its loop dies it logs, re-reads
 ``MAX(seq)`` and starts again (FR-DE-12).
 
-On local storage (``LocalWrites``: SQLite, whose commits cost microseconds) the event
-loop's thread commits itself while the writer is idle: an acknowledged append or a call
-takes the commit mutex without blocking, commits everything buffered before it in the
-same transaction, and returns at once; a due group commit of buffered entries runs on the
-loop from a timer. When the mutex is taken, requests are already queued, or the database's
-write lock is held by another connection, the work goes to the writer thread as before, so
-the event loop never waits for a lock. Both paths take the mutex before they take work off
-the queue, so commits keep the order of the queue. A network database (PostgreSQL) keeps
-every commit on the writer thread, and the event loop awaits a future the thread resolves.
+On local storage (``LocalWrites``: SQLite) the event loop's thread commits itself while
+the writer is idle: an acknowledged append or a call takes the commit mutex without
+blocking and commits everything queued before it in the same transaction; due buffered
+entries are committed from a loop timer. Tasks that ask after another task committed in
+the same loop iteration join one group commit at its end. When the mutex is taken or
+another connection holds the database's write lock, the work goes to the writer thread,
+so the loop never waits for a lock; both take the mutex before the queue, keeping its
+order. PostgreSQL and ``memory://`` keep every commit on the writer thread.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ T = TypeVar("T")
 class _Request:
     """Acknowledged work: a journal entry to append, or a storage call to make."""
 
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop | None  # None: the caller's own work, done inline
+    future: asyncio.Future[Any] | None
     entry: JournalEntry | None = None
     call: Callable[[Storage], Any] | None = None
 
@@ -62,20 +61,13 @@ class _Stats:
     restarts: int = 0
     resume_seq: int = 0
     last_seq: int = 0
-    inline_commits: int = 0
-    """Commits made on the caller's thread (local storage, writer idle)."""
-    handed_over: int = 0
-    """Acknowledged appends and calls that found the writer busy and went to its thread."""
-    checkpoints: int = 0
-    """Log checkpoints the thread ran for the inline commits."""
+    inline_commits: int = 0  # made on the caller's thread (local storage)
+    handed_over: int = 0  # acknowledged work that found the writer busy: to its thread
+    checkpoints: int = 0  # log checkpoints the thread ran for the inline commits
 
 
-_CHECKPOINT_PAGES = 1000
-"""Inline commits leave checkpoints to the thread, asked for about every this many log
-pages (SQLite's own automatic checkpoint threshold)."""
-
-_DECLINED: Any = object()
-"""``_inline_*``: the work could not be done on this thread now."""
+_CHECKPOINT_PAGES = 1000  # log pages between checkpoints (SQLite's own default)
+_DECLINED: Any = object()  # ``_inline``: the work cannot be done on this thread now
 
 
 class JournalWriter:
@@ -112,6 +104,8 @@ class JournalWriter:
         self._log_pages = 0  # estimated log pages written inline since the last checkpoint
         self._replies: list[tuple[_Request, Any, BaseException | None]] = []  # the thread's
         self._checkpoint_due = False
+        self._owner: asyncio.Task[Any] | None = None  # committed inline this loop iteration
+        self._group_scheduled = False
 
     @property
     def commits_inline(self) -> bool:
@@ -173,7 +167,7 @@ class JournalWriter:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
-        if self._inline([]) is _DECLINED:
+        if self._inline(None) is _DECLINED:
             self._hand_over_buffered()
 
     def _hand_over_buffered(self) -> None:
@@ -191,51 +185,77 @@ class JournalWriter:
             JournalUnavailable: not confirmed within ``ack_timeout_ms``.
             StorageError: the database refused the entry.
         """
-        if self._local is not None and self._ready:
-            done = self._inline([entry])
-            if done is not _DECLINED:
-                return int(done)
-            self.stats.handed_over += 1
-        seq: int = await self._submit(_Request(asyncio.get_running_loop(), _new_future(), entry))
+        request = _Request(asyncio.get_running_loop(), _new_future(), entry)
+        seq: int = await self._acknowledged(request)
         return seq
 
     async def call(self, fn: Callable[[Storage], T]) -> T:
         """Run ``fn(storage)`` after flushing what is buffered: on the writer thread, or on
         this one (local storage, writer idle)."""
-        if self._local is not None and self._ready:
-            done = self._inline([], fn)
-            if done is not _DECLINED:
-                value: T = done
-                return value
-            self.stats.handed_over += 1
-        result: T = await self._submit(
-            _Request(asyncio.get_running_loop(), _new_future(), call=fn)
-        )
+        request = _Request(asyncio.get_running_loop(), _new_future(), call=fn)
+        result: T = await self._acknowledged(request)
         return result
 
+    async def _acknowledged(self, request: _Request) -> Any:
+        """Inline when idle; in the group commit at this loop iteration's end when another
+        task committed inline in it; else on the writer thread."""
+        if self._local is not None and self._ready:
+            task = asyncio.current_task()
+            if self._owner is None:
+                self._owner = task
+                asyncio.get_running_loop().call_soon(self._next_iteration)
+            elif self._owner is not task:
+                return await self._join_group(request)
+            done = self._inline(request.entry, request.call)
+            if done is not _DECLINED:
+                return done
+            self.stats.handed_over += 1
+        return await self._submit(request)
+
+    def _next_iteration(self) -> None:  # a new loop iteration: whoever asks first goes inline
+        self._owner = None
+
+    async def _join_group(self, request: _Request) -> Any:
+        with self._cond:
+            if self._closing:
+                raise JournalUnavailable(self.ack_timeout_ms)
+            self._items.append(request)
+            self._requests += 1
+        if not self._group_scheduled:
+            self._group_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_group)
+        return await self._reply_of(request)
+
+    def _flush_group(self) -> None:
+        self._group_scheduled = False
+        if self._inline(None) is _DECLINED:
+            with self._cond:
+                self._cond.notify()  # requests are queued: the thread commits them
+
     def _inline(
-        self, entries: list[JournalEntry], fn: Callable[[Storage], Any] | None = None
+        self, entry: JournalEntry | None, fn: Callable[[Storage], Any] | None = None
     ) -> Any:
-        """Append the buffered entries, then ``entries``, then run ``fn``, all in one
-        transaction on this thread; ``_DECLINED`` if the writer is busy, has requests
-        queued, is closing, or the database would make this thread wait.
+        """Commit what is queued, then ``entry``, then run ``fn``, all in one transaction
+        on this thread; ``_DECLINED`` if the writer is busy, is closing, or the database
+        would make this thread wait (the thread then takes the queue over, in order).
 
         Raises:
-            StorageError: ``fn`` failed (what was buffered still commits).
+            StorageError: ``fn`` failed (what was queued before it still commits).
         """
         local = self._local
         if local is None or not self._commit.acquire(blocking=False):
             return _DECLINED
         try:
             with self._cond:
-                if self._closing or self._requests:
-                    return _DECLINED  # the thread drains in order; never jump ahead
-                # No request is queued: every item is a buffered entry.
-                taken = cast("list[JournalEntry]", list(self._items))
-                self._items.clear()
-                self._buffered = 0
-                self._due_now = False
-            batch = taken + entries if entries else taken
+                if self._closing:
+                    return _DECLINED
+                requests = self._requests
+                items = self._take_locked()
+            if requests:
+                return self._inline_group(local, items, _Request(None, None, entry, fn))
+            # Only buffered entries are queued: a plain group commit, no savepoints.
+            taken = cast("list[JournalEntry]", items)
+            batch = [*taken, entry] if entry is not None else taken
             try:
                 done = self._inline_commit(local, batch, fn)
             except BaseException:
@@ -276,17 +296,53 @@ class JournalWriter:
         if not done or result is None:
             return None
         if batch:
-            self._count_inline(len(batch), result[0])
+            self._count(len(batch), result[0])
+            self._inline_done(len(batch))
         return result
 
-    def _requeue(self, taken: list[JournalEntry]) -> None:
-        """Put buffered entries back at the front of the queue, in their order."""
-        with self._cond:
-            self._items.extendleft(reversed(taken))
-            self._buffered += len(taken)
+    def _inline_group(
+        self, local: LocalWrites, items: list[JournalEntry | _Request], own: _Request
+    ) -> Any:
+        """Queued requests too: ``_process`` (the thread's) in one transaction, each write
+        a savepoint, so one refused entry or failed call is set apart as on the thread."""
+        saved = (self.stats.commits, self.stats.entries, self.stats.last_seq)
+        mine = own.entry is not None or own.call is not None
+        work: list[JournalEntry | _Request] = [*items, own] if mine else items
+        try:
+            done, _ = local.try_write(lambda storage: self._process(work), isolate=True)
+        except Exception:
+            done = False
+        if not done:
+            self.stats.commits, self.stats.entries, self.stats.last_seq = saved
+            self._replies.clear()
+            self._requeue(items)
+            return _DECLINED
+        self._inline_done(self.stats.entries - saved[1])
+        replies, self._replies = self._replies, []
+        value, error = None, None
+        for request, result, exc in replies:
+            if request is own:
+                value, error = result, exc
+            elif request.future is not None and not request.future.done():
+                if exc is None:
+                    request.future.set_result(result)
+                else:
+                    request.future.set_exception(exc)
+        if error is not None:
+            raise error
+        return value
 
-    def _count_inline(self, n: int, seq: int) -> None:
-        self._count(n, seq)
+    def _requeue(self, items: list[JournalEntry] | list[JournalEntry | _Request]) -> None:
+        """Put taken items back at the front of the queue, in their order."""
+        with self._cond:
+            self._items.extendleft(reversed(items))
+            for item in items:
+                if isinstance(item, JournalEntry):
+                    self._buffered += 1
+                else:
+                    self._requests += 1
+
+    def _inline_done(self, n: int) -> None:
         self.stats.inline_commits += 1
         # About a page per row (the idempotency-key index is random) and a few per commit.
         self._log_pages += n + 4
@@ -307,6 +363,10 @@ class JournalWriter:
             self._items.append(request)
             self._requests += 1
             self._cond.notify()
+        return await self._reply_of(request)
+
+    async def _reply_of(self, request: _Request) -> Any:
+        assert request.future is not None
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation that arrives just as the reply does.
@@ -387,12 +447,15 @@ class JournalWriter:
     def _take(self) -> list[JournalEntry | _Request]:
         """Everything queued, in order (the caller holds the commit mutex)."""
         with self._cond:
-            items = list(self._items)
-            self._items.clear()
-            self._buffered = 0
-            self._requests = 0
-            self._due_now = False
-            return items
+            return self._take_locked()
+
+    def _take_locked(self) -> list[JournalEntry | _Request]:
+        items = list(self._items)
+        self._items.clear()
+        self._buffered = 0
+        self._requests = 0
+        self._due_now = False
+        return items
 
     def _process(self, items: list[JournalEntry | _Request]) -> None:
         """Commit everything taken in one transaction, acknowledged entries included (a
@@ -518,13 +581,16 @@ def _new_future() -> asyncio.Future[Any]:
 
 def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
     """Settle a request's future on its loop (from the writer thread)."""
+    future, loop = request.future, request.loop
+    assert future is not None and loop is not None
+
     def apply() -> None:
-        if request.future.done():
+        if future.done():
             return  # the caller timed out and moved on
         if exc is not None:
-            request.future.set_exception(exc)
+            future.set_exception(exc)
         else:
-            request.future.set_result(value)
+            future.set_result(value)
 
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-        request.loop.call_soon_threadsafe(apply)
+        loop.call_soon_threadsafe(apply)

@@ -306,3 +306,55 @@ async def test_the_thread_checkpoints_the_log_of_inline_commits(
     assert writer.stats.checkpoints >= 1
     assert writer.stats.handed_over == 0
     assert len(_steps(db)) == 300
+
+
+# -- concurrent acknowledgements: one group commit ---------------------------------------
+
+
+async def test_concurrent_acked_appends_share_a_transaction(
+    writer: JournalWriter, db: Path
+) -> None:
+    writer.append_buffered(_entry(0))
+    before = writer.stats.inline_commits
+    seqs = await asyncio.gather(
+        *(writer.append_acked(_entry(i, EntryKind.INTENT)) for i in range(1, 101))
+    )
+    assert _steps(db) == list(range(101))  # every one, in the order they were appended
+    assert all(seq >= step for seq, step in zip(seqs, range(2, 102), strict=True))
+    assert writer.stats.inline_commits - before <= 3  # not one commit per task
+    assert writer.stats.handed_over == 0
+
+
+async def test_one_failure_in_a_group_is_set_apart(writer: JournalWriter, db: Path) -> None:
+    await writer.append_acked(_entry(0))
+
+    async def create(n: int) -> object:
+        return await writer.call(lambda s: s.create_execution(f"x{n}", "wf", b"", 0))
+
+    outcomes = await asyncio.gather(
+        writer.append_acked(_entry(1)),
+        writer.append_acked(_entry(0)),  # a second result for step 0: refused alone
+        writer.call(lambda s: s.reopen_execution("nobody", 0)),  # fails alone
+        *(create(n) for n in range(5)),
+        writer.append_acked(_entry(2)),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], StorageError)
+    assert isinstance(outcomes[2], UnknownExecution)
+    assert not any(isinstance(o, BaseException) for o in outcomes[:1] + outcomes[3:])
+    assert _steps(db) == [0, 1, 2]
+    for n in range(5):
+        assert await writer.call(lambda s, n=n: s.get_execution(f"x{n}")) is not None
+
+
+async def test_a_group_the_busy_database_refuses_goes_to_the_thread_in_order(
+    writer: JournalWriter, db: Path
+) -> None:
+    with write_lock_held(db):
+        acks = asyncio.gather(
+            *(writer.append_acked(_entry(i, EntryKind.INTENT)) for i in range(20))
+        )
+        await asyncio.sleep(0.05)
+        assert _journal(db) == []
+    await acks
+    assert _steps(db) == list(range(20))

@@ -118,13 +118,17 @@ class LocalWrites(Protocol):
     commit stays on the writer thread.
     """
 
-    def try_write(self, fn: Callable[[Any], T]) -> tuple[bool, T | None]:
-        """Run ``fn(self)`` now, unless its first write transaction would have to wait
-        for another connection's lock.
+    def try_write(
+        self, fn: Callable[[Any], T], *, isolate: bool = False
+    ) -> tuple[bool, T | None]:
+        """Run ``fn(self)`` in one write transaction, now, unless another connection
+        holds the write lock.
 
-        Returns ``(True, result)``, or ``(False, None)`` when the lock is held elsewhere
-        (nothing was written). Exceptions of ``fn`` propagate. Its commits leave moving
-        the log into the database to ``checkpoint``.
+        Returns ``(True, result)`` once committed, or ``(False, None)`` when the lock is
+        held elsewhere (nothing ran). ``fn``'s own writes nest in the transaction: its
+        second and later ones (every one with ``isolate``) fail alone, without undoing
+        the others. An exception out of ``fn`` rolls everything back and propagates. Its
+        commits leave moving the log into the database to ``checkpoint``.
         """
         ...
 

@@ -209,17 +209,21 @@ class SqliteConnections:
         ``try_write``, part of its transaction (a savepoint after its first write)."""
         nowait: _Nowait | None = getattr(self._local, "nowait", None)
         if nowait is not None:
-            nested = nowait.writes > 0  # a later write may fail alone; the first, with all
+            # A later write may fail alone; the first fails with all, unless isolated.
+            nested = nowait.isolate or nowait.writes > 0
             nowait.writes += 1
             return _Transaction(nowait.conn, op, begin=_SAVEPOINT if nested else None)
         return _Transaction(self._conn(op), op)
 
-    def try_write(self, fn: Callable[[Any], T]) -> tuple[bool, T | None]:
+    def try_write(
+        self, fn: Callable[[Any], T], *, isolate: bool = False
+    ) -> tuple[bool, T | None]:
         """Run ``fn(self)`` in one write transaction, now, unless another connection holds
         the write lock: ``(True, result)`` once committed, or ``(False, None)`` with
         nothing run. ``fn``'s own transactions become part of this one (its second and
-        later ones savepoints, so a failed one is undone alone); reads see its writes. An
-        exception out of ``fn`` rolls everything back and propagates.
+        later ones savepoints, every one with ``isolate``, so a failed one is undone
+        alone); reads see its writes. An exception out of ``fn`` rolls everything back
+        and propagates.
 
         Raises:
             StorageError: the storage is not open, or SQLite failed.
@@ -235,7 +239,7 @@ class SqliteConnections:
                     return False, None  # another connection writes: nothing was run
                 raise _storage_error("try_write", exc) from exc
             local = self._local
-            local.nowait = _Nowait(conn)
+            local.nowait = _Nowait(conn, isolate)
             try:
                 result = fn(self)
             except BaseException:
@@ -304,10 +308,11 @@ class SqliteConnections:
 class _Nowait:
     """``try_write``'s transaction, as the thread running it sees it."""
 
-    __slots__ = ("conn", "writes")
+    __slots__ = ("conn", "isolate", "writes")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, isolate: bool) -> None:
         self.conn = conn
+        self.isolate = isolate
         self.writes = 0
 
 
