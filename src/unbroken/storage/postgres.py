@@ -57,15 +57,11 @@ _EXECUTION_COLUMNS = (
     "created_at, updated_at, finalized_at, queue"
 )
 _SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s"
-# The new row and True, or the existing one and False. A row inserted by a transaction that
-# committed after this statement's snapshot is neither: it is read again (_SELECT_EXECUTION).
+# The new row, or none when the id exists (then it is read with _SELECT_EXECUTION).
 _CREATE = (
-    "WITH created AS (INSERT INTO executions (execution_id, workflow, status, inputs, "
-    "created_at, updated_at) VALUES (%(id)s, %(wf)s, 'running', %(in)s, %(now)s, %(now)s) "
-    f"ON CONFLICT (execution_id) DO NOTHING RETURNING {_EXECUTION_COLUMNS}) "
-    f"SELECT {_EXECUTION_COLUMNS}, true FROM created UNION ALL "
-    f"SELECT {_EXECUTION_COLUMNS}, false FROM executions WHERE execution_id = %(id)s "
-    "AND NOT EXISTS (SELECT 1 FROM created)"
+    "INSERT INTO executions (execution_id, workflow, status, inputs, created_at, updated_at) "
+    "VALUES (%s, %s, 'running', %s, %s, %s) "
+    f"ON CONFLICT (execution_id) DO NOTHING RETURNING {_EXECUTION_COLUMNS}"
 )
 # A row (its queue) when this call set the status; a queued execution's end frees a slot
 # of its queue, which its workers hear of when the transaction commits.
@@ -137,21 +133,20 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
     ) -> tuple[ExecutionRecord, bool]:
         """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
         op = "create_execution"
-        params = {"id": execution_id, "wf": workflow, "in": inputs, "now": now_ms}
         with self._writing(op) as conn:
             try:
+                params = (execution_id, workflow, inputs, now_ms, now_ms)
                 row = conn.execute(_CREATE, params).fetchone()
-                if row is None:  # created by a transaction younger than the statement
-                    found = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
-                    row = None if found is None else (*found, False)
+                created = row is not None
+                if row is None:  # it exists: the callers' rarer case costs a round trip more
+                    row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
         if row is None:  # pruned meanwhile
             raise StorageError(op, "the execution was deleted meanwhile")
-        created = bool(row[-1])
         if created:
             self._counts.remember({execution_id: 0})  # no outcome yet, so no mark
-        return _execution(row[:-1]), created
+        return _execution(row), created
 
     def get_execution(self, execution_id: str) -> ExecutionRecord | None:
         """The execution row, or ``None``."""
