@@ -77,7 +77,17 @@ class Run:
     """Its ownership lapsed (the lock session ended): it stops without finalizing."""
 
     async def drive(self) -> None:
-        """Run the workflow until it ends; settle ``future``; release ownership."""
+        """Run the workflow until it ends, release ownership, then settle ``future``: who
+        sees the outcome can take the execution over at once."""
+        public = self.future
+        self.future = asyncio.get_running_loop().create_future()
+        try:
+            await self._drive()
+        finally:
+            outcome, self.future = self.future, public
+            _transfer(outcome, public)
+
+    async def _drive(self) -> None:
         try:
             output = await self._generations()
         except (Stopped, asyncio.CancelledError):
@@ -101,7 +111,17 @@ class Run:
         finally:
             if self.lost:
                 await self._drain()
+            await self._release()
+
+    async def _release(self) -> None:
+        """Give ownership back; a database lock is released off the event loop (and is
+        released even if this task is cancelled meanwhile)."""
+        if not self.lock.remote:
             self.lock.release()
+            return
+        done = asyncio.get_running_loop().run_in_executor(None, self.lock.release)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(done)
 
     async def _drain(self) -> None:
         """Before giving up a lapsed ownership: let the writer take what this run queued
@@ -234,3 +254,20 @@ class Run:
                 raise ExecutionCanceled(services.execution_id)
             if row is not None:
                 raise ExecutionFailed(services.execution_id, "a concurrent finalize", row.status)
+
+
+def _transfer(outcome: asyncio.Future[Any], public: asyncio.Future[Any]) -> None:
+    """Settle ``public`` as ``outcome`` was (cancelled if it never was)."""
+    if public.done():
+        return
+    if not outcome.done() or outcome.cancelled():
+        public.cancel()
+        return
+    error = outcome.exception()
+    if error is None:
+        public.set_result(outcome.result())
+        return
+    public.set_exception(error)
+    if isinstance(error, ExecutionCanceled):
+        public.exception()  # retrieved: a canceled run needs no one to await it
+

@@ -103,7 +103,7 @@ class Launcher:
                 owned.release()
             self.results.pop(eid, None)
             return
-        lock = owned if owned is not None else self._ownership.acquire(eid)
+        lock = owned if owned is not None else await self._acquire(eid)
         try:
             row, replaying = await self._claim(wf, eid, inputs, row)
             if row is None:
@@ -113,6 +113,20 @@ class Launcher:
             self._launch(wf, row, replaying, lock, future)
         except BaseException:
             lock.release()
+            raise
+
+    async def _acquire(self, eid: str) -> OwnedLock:
+        """Take ownership; on a shared database (round trips) off the event loop."""
+        if not self._ownership.remote:
+            return self._ownership.acquire(eid)
+        pending = asyncio.get_running_loop().run_in_executor(None, self._ownership.acquire, eid)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # Cancelled while the thread takes the lock: wait for it, then give it back.
+            await asyncio.wait({pending})
+            if not pending.cancelled() and pending.exception() is None:
+                pending.result().release()
             raise
 
     async def _claim(

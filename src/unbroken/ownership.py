@@ -42,11 +42,15 @@ _registry: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictiona
 class OwnedLock:
     """Ownership of one execution, held until ``release`` (or the end of a ``with``)."""
 
-    __slots__ = ("_on_release", "execution_id")
+    __slots__ = ("_on_release", "execution_id", "remote")
 
-    def __init__(self, execution_id: str, on_release: Callable[[], None]) -> None:
+    def __init__(
+        self, execution_id: str, on_release: Callable[[], None], *, remote: bool = False
+    ) -> None:
         self.execution_id = execution_id
         self._on_release: Callable[[], None] | None = on_release
+        self.remote = remote
+        """Whether releasing it is a database round trip (keep it off the event loop)."""
 
     @property
     def held(self) -> bool:
@@ -141,6 +145,11 @@ class Ownership:
             return _acquire_session(self._session, execution_id, barrier)
         return self._acquire_in_process(execution_id)
 
+    @property
+    def remote(self) -> bool:
+        """Whether taking and giving back ownership are database round trips."""
+        return self._session is not None
+
     def watch(self, lease_secs: float, on_lost: Callable[[list[str]], None]) -> None:
         """With session locks: lose them after ``lease_secs`` of silence, and call
         ``on_lost(lock_names)`` (from any thread) when they lapse. Otherwise nothing: file
@@ -198,7 +207,7 @@ def _acquire_session(session: SessionLocks, execution_id: str, barrier: bool) ->
         except BaseException:
             session.unlock(name)
             raise
-    return OwnedLock(execution_id, lambda: session.unlock(name))
+    return OwnedLock(execution_id, lambda: session.unlock(name), remote=True)
 
 
 def _acquire_file(lock_dir: Path, execution_id: str) -> OwnedLock:
