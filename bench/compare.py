@@ -205,6 +205,17 @@ def postgres_problem() -> str | None:
     return None
 
 
+def wait_for_postgres(backend: str, timeout: float = 60.0) -> None:
+    """After a failed run on PostgreSQL: wait until the server answers again (it may be
+    restarting), then a little longer for it to settle."""
+    if backend != "postgres":
+        return
+    deadline = time.monotonic() + timeout
+    while postgres_problem() is not None and time.monotonic() < deadline:
+        time.sleep(1.0)
+    time.sleep(2.0)
+
+
 def create_db(template: str | None = None) -> str:
     name = f"bench_{uuid.uuid4().hex[:12]}"
     tmpl = f' TEMPLATE "{template}"' if template else ""
@@ -513,6 +524,7 @@ def prepare_resume(ctx: Context, system: str, backend: str, params: dict[str, An
     try:
         return _prepare_resume(ctx, system, backend, params)
     except RuntimeError:  # once more: the database server is shared and may restart
+        wait_for_postgres(backend)
         return _prepare_resume(ctx, system, backend, params)
 
 
@@ -587,6 +599,7 @@ def run_all(ctx: Context) -> list[dict[str, Any]]:
                         if not out.get("ok") and "skipped" not in out:
                             # once more: the database server is shared and may restart
                             _progress(system, name, backend, rep, warmup, out)
+                            wait_for_postgres(backend)
                             t0 = time.monotonic()
                             out = run_figure(ctx, system, name, backend, params, template)
                         out["seconds"] = time.monotonic() - t0
