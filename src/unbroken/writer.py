@@ -185,18 +185,18 @@ class JournalWriter:
             JournalUnavailable: not confirmed within ``ack_timeout_ms``.
             StorageError: the database refused the entry.
         """
-        request = _Request(asyncio.get_running_loop(), _new_future(), entry)
-        seq: int = await self._acknowledged(request)
+        seq: int = await self._acknowledged(entry, None)
         return seq
 
     async def call(self, fn: Callable[[Storage], T]) -> T:
         """Run ``fn(storage)`` after flushing what is buffered: on the writer thread, or on
         this one (local storage, writer idle)."""
-        request = _Request(asyncio.get_running_loop(), _new_future(), call=fn)
-        result: T = await self._acknowledged(request)
+        result: T = await self._acknowledged(None, fn)
         return result
 
-    async def _acknowledged(self, request: _Request) -> Any:
+    async def _acknowledged(
+        self, entry: JournalEntry | None, fn: Callable[[Storage], Any] | None
+    ) -> Any:
         """Inline when idle; in the group commit at this loop iteration's end when another
         task committed inline in it; else on the writer thread."""
         if self._local is not None and self._ready:
@@ -205,12 +205,12 @@ class JournalWriter:
                 self._owner = task
                 asyncio.get_running_loop().call_soon(self._next_iteration)
             elif self._owner is not task:
-                return await self._join_group(request)
-            done = self._inline(request.entry, request.call)
+                return await self._join_group(_request(entry, fn))
+            done = self._inline(entry, fn)
             if done is not _DECLINED:
                 return done
             self.stats.handed_over += 1
-        return await self._submit(request)
+        return await self._submit(_request(entry, fn))
 
     def _next_iteration(self) -> None:  # a new loop iteration: whoever asks first goes inline
         self._owner = None
@@ -575,8 +575,9 @@ def _noop(_: Storage) -> None:
     return None
 
 
-def _new_future() -> asyncio.Future[Any]:
-    return asyncio.get_running_loop().create_future()
+def _request(entry: JournalEntry | None, fn: Callable[[Storage], Any] | None) -> _Request:
+    loop = asyncio.get_running_loop()
+    return _Request(loop, loop.create_future(), entry, fn)
 
 
 def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
