@@ -2,8 +2,9 @@
 
 ``PostgresStorage`` is the PostgreSQL backend of the ``Storage`` protocol, for many engine
 processes on many machines sharing one database. It is assembled from parts named for what
-they hold: ``postgres_connection`` (the pool, the schema check, transactions),
-``postgres_schema`` (the tables), ``postgres_rows`` (journal inserts), ``postgres_locks``
+they hold: ``postgres_connection`` (the writer connection and the read pool, the schema
+check, transactions), ``postgres_schema`` (the tables), ``postgres_rows`` (journal inserts
+and high-water marks), ``postgres_locks``
 (ownership through advisory locks), ``postgres_queue`` (queued work and
 ``LISTEN/NOTIFY``), ``postgres_waits`` (promises and timers) and
 ``postgres_retention`` (checkpoint folds and pruning); the methods here are the
@@ -87,8 +88,8 @@ _STEPS_OF_CURRENT_GENERATION = (
 
 
 class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention):
-    """The PostgreSQL backend of the ``Storage`` protocol: a psycopg connection pool on
-    one database, tables in the connection's current schema.
+    """The PostgreSQL backend of the ``Storage`` protocol: a writer connection and a
+    psycopg connection pool on one database, tables in the connection's current schema.
 
     Beyond the protocol it offers ``try_lock(name)`` and ``unlock(name)``: session
     advisory locks for cross-machine ownership, released by the server when their owner's
