@@ -4,11 +4,10 @@
 processes on many machines sharing one database. It is assembled from parts named for what
 they hold: ``postgres_connection`` (the writer connection and the read pool, the schema
 check, transactions), ``postgres_schema`` (the tables), ``postgres_rows`` (journal inserts
-and high-water marks), ``postgres_locks``
-(ownership through advisory locks), ``postgres_queue`` (queued work and
-``LISTEN/NOTIFY``), ``postgres_waits`` (promises and timers) and
-``postgres_retention`` (checkpoint folds and pruning); the methods here are the
-executions, the journal and its integrity.
+and high-water marks), ``postgres_locks`` (ownership through advisory locks),
+``postgres_queue`` (queued work and ``LISTEN/NOTIFY``), ``postgres_waits`` (promises and
+timers) and ``postgres_retention`` (checkpoint folds and pruning); the methods here are
+the executions, the journal and its integrity.
 
 Where SQLite relies on ``BEGIN IMMEDIATE`` serialising writers, this backend relies on
 single guarded statements (``UPDATE ... WHERE status = 'running'``, ``INSERT ... ON
