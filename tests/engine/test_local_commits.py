@@ -5,6 +5,7 @@ timeout (INV-12, FR-DE-11) and close semantics kept."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
@@ -358,3 +359,46 @@ async def test_a_group_the_busy_database_refuses_goes_to_the_thread_in_order(
         assert _journal(db) == []
     await acks
     assert _steps(db) == list(range(20))
+
+
+async def test_interleaved_work_on_both_paths_keeps_every_task_s_order_inv4(
+    writer: JournalWriter, db: Path
+) -> None:
+    """Tasks append buffered and acknowledged entries while another connection now and
+    then holds the write lock: each acknowledgement returns only once it and everything
+    its task appended before it are committed, on whichever path it took."""
+    rng = random.Random(7)
+    storage_steps = iter(range(100_000))
+    committed_at_ack: list[bool] = []
+
+    async def task(eid: str) -> list[int]:
+        mine: list[int] = []
+        for _ in range(30):
+            step = next(storage_steps)
+            mine.append(step)
+            if rng.random() < 0.6:
+                writer.append_buffered(_entry(step, eid=eid))
+            else:
+                await writer.append_acked(_entry(step, EntryKind.INTENT, eid=eid))
+                rows = {s for _, s, _ in _journal(db)}
+                committed_at_ack.append(set(mine) <= rows)
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)
+        return mine
+
+    async def contend() -> None:
+        for _ in range(10):
+            await asyncio.sleep(rng.random() / 200)
+            with write_lock_held(db):
+                await asyncio.sleep(rng.random() / 200)
+
+    for n in range(4):
+        await writer.call(lambda s, n=n: s.create_execution(f"t{n}", "wf", b"", 0))
+    *orders, _ = await asyncio.gather(*(task(f"t{n}") for n in range(4)), contend())
+    await writer.flush()
+    journal = _journal(db)
+    position = {step: i for i, (_, step, _) in enumerate(journal)}
+    assert sorted(position) == sorted(s for order in orders for s in order)
+    for order in orders:
+        assert [position[s] for s in order] == sorted(position[s] for s in order)
+    assert committed_at_ack and all(committed_at_ack)
