@@ -12,6 +12,8 @@ several repetitions (the machine is shared: medians, not means, and min/max besi
   ``FULL``: two acknowledged commits each (intent, result);
 - wall time per idempotent step under ``journal_ack_every_step`` (one acknowledged commit
   each), on ``NORMAL`` and ``FULL``;
+- wall time per guarded step of 1,000 run at once (``asyncio.gather`` in one workflow):
+  their acknowledgements are group committed;
 - buffered journal appends per second through the writer (pre-built entries, group
   committed, then flushed);
 - steps per second of 500 concurrent executions of 10 async idempotent steps each;
@@ -82,6 +84,11 @@ def _engine(db: Path, **settings: Any) -> Engine:
     async def guarded_steps(ctx: Context, n: int) -> int:
         for i in range(n):
             await ctx.step(GUARDED, _sync_op, i)
+        return n
+
+    @engine.workflow(name="guarded_parallel_steps")
+    async def guarded_parallel_steps(ctx: Context, n: int) -> int:
+        await asyncio.gather(*(ctx.step(GUARDED, _async_op, i) for i in range(n)))
         return n
 
     @engine.workflow(name="guarded_async_steps")
@@ -228,6 +235,7 @@ def _workloads(quick: bool, fresh_db: Callable[[], Path]) -> dict[str, Callable[
         "guarded_step_us": steps("guarded_steps", n_acked, {}),
         "guarded_step_async_us": steps("guarded_async_steps", n_acked, {}),
         "guarded_step_async_full_us": steps("guarded_async_steps", n_full, FULL),
+        "guarded_parallel_1000_us": steps("guarded_parallel_steps", 1000, {}),
         "ack_every_step_async_us": steps("async_steps", n_acked, ACKED),
         "ack_every_step_async_full_us": steps("async_steps", n_full, {**ACKED, **FULL}),
         "buffered_appends_per_s": lambda: asyncio.run(
