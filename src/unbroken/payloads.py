@@ -112,15 +112,21 @@ os.register_at_fork(after_in_child=_NONCES.discard)
 class _Sealer:
     """Seals with the current key through libsodium, in ``cipher``'s layout (module doc)."""
 
-    __slots__ = ("_decrypt", "_encrypt", "_ffi", "_heads", "_key", "_key_id", "_kinds")
+    __slots__ = (
+        "_cipher", "_decrypt", "_encrypt", "_ffi", "_heads", "_key", "_key_id", "_kinds"
+    )
 
     def __init__(self, cipher: XChaChaCipher) -> None:
-        # PyNaCl's own binding checks every argument on every call; these are ours.
-        from nacl._sodium import ffi, lib
-
-        self._ffi = ffi
-        self._encrypt = lib.crypto_aead_xchacha20poly1305_ietf_encrypt
-        self._decrypt = lib.crypto_aead_xchacha20poly1305_ietf_decrypt
+        # PyNaCl's own binding checks every argument on every call; these are ours. Its
+        # cffi module is private: without it, sealing goes through the cipher.
+        try:
+            from nacl._sodium import ffi, lib
+        except ImportError:
+            ffi = lib = None
+        self._cipher = cipher
+        self._ffi: Any = ffi
+        self._encrypt = getattr(lib, "crypto_aead_xchacha20poly1305_ietf_encrypt", None)
+        self._decrypt = getattr(lib, "crypto_aead_xchacha20poly1305_ietf_decrypt", None)
         self._key = cipher.current.secret
         self._key_id = bytes((cipher.current.key_id,))
         self._heads: dict[str, bytes] = {}
@@ -179,6 +185,8 @@ class _Sealer:
 
     def seal(self, plaintext: bytes, associated: bytes) -> bytes:
         """``key_id ‖ nonce ‖ ciphertext ‖ tag`` under the current key."""
+        if self._encrypt is None:
+            return self._cipher.seal(plaintext, associated)
         nonce = _NONCES.take()
         size = len(plaintext) + TAG_BYTES
         out = self._ffi.new("unsigned char[]", size)
@@ -193,7 +201,7 @@ class _Sealer:
     def open(self, blob: bytes, associated: bytes) -> bytes | None:
         """The plaintext of a blob sealed under the current key, or ``None`` (another key,
         too short, or not authentic: the cipher then says which, and raises)."""
-        if len(blob) < SEAL_OVERHEAD or blob[0] != self._key_id[0]:
+        if self._decrypt is None or len(blob) < SEAL_OVERHEAD or blob[0] != self._key_id[0]:
             return None
         size = len(blob) - SEAL_OVERHEAD
         out = self._ffi.new("unsigned char[]", size or 1)

@@ -5,6 +5,7 @@ that still name the value (INV-5, INV-11)."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -173,3 +174,14 @@ def test_without_a_key_values_are_stored_encoded_only() -> None:
     assert payloads.seal({"a": 1}, "v", **_where()) == b'{"a":1}'
     entry = JournalEntry("e", 0, 1, EntryKind.INTENT, "s", "idempotent", b"k", None, 0)
     assert payloads.entry_mac(entry) is None
+
+
+def test_without_pynacl_s_private_binding_sealing_goes_through_the_cipher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cipher = XChaChaCipher(Key.generate(7))
+    monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # the import fails
+    payloads = Payloads(cipher, 1 << 20)
+    blob = payloads.seal({"n": 1}, "v", **_where())
+    assert cipher.open(blob, aad("order-42", 1, 5, "result", bytes(range(32)))) == b'{"n":1}'
+    assert payloads.open(blob, "v", **_where()) == {"n": 1}
