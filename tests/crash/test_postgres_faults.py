@@ -188,7 +188,15 @@ def test_a_worker_paused_past_its_lease_commits_nothing_after_it_resumes(
             for r in rows
         ):
             assert other.poll() is None, queue.stderr(other)
-            assert time.monotonic() < deadline, "the other worker never took over"
+            assert time.monotonic() < deadline, (
+                "the other worker never took over",
+                admin_execute(
+                    "SELECT state, wait_event, left(query, 60) FROM pg_stat_activity "
+                    "WHERE application_name = %s",
+                    (f"unbroken pid {paused.pid}",),
+                ),
+                _log_lines(queue.stderr(other)),
+            )
             time.sleep(0.02)
         assert time.time() - stopped_at > STALE_OWNER_SECS  # not before the lease lapsed
     finally:

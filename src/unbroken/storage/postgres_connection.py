@@ -1,13 +1,11 @@
 """PostgreSQL connections: the pool, the schema check at open, transactions (layer: storage).
 
-Writes run on one connection of their own, outside the pool: the engine makes them from
-a single writer thread, so that connection is nearly always free, and a write that finds
-it busy (another thread is writing) takes a pooled one instead. Each write is one
-transaction (``BEGIN ... COMMIT``, ``ROLLBACK`` on any error), pipelined: its statements
-are sent without waiting for each other's replies, so it costs a round trip per result it
-must see before it commits, plus the commit; a single statement is sent on its own,
-committed in one round trip. Reads are single statements in autocommit mode on pooled
-connections.
+Writes run on one connection of their own, outside the pool (``PostgresLocks`` makes it
+the session that holds the ownership locks, see ``postgres_locks.py``); a write that finds
+it busy takes a pooled one instead. Each write is one transaction (``BEGIN ... COMMIT``,
+``ROLLBACK`` on any error), not pipelined, so a client frozen mid-transaction is cut off by
+the server's idle timeouts; a single statement is committed in one round trip. Reads are
+single statements in autocommit mode on pooled connections.
 
 A connection is checked before each use without a round trip (a session the server ended,
 by a restart or ``pg_terminate_backend``, has left its last message and end-of-file on the
@@ -29,7 +27,7 @@ import os
 import select
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -104,7 +102,7 @@ class PostgresConnections:
         self._max_size = max_size
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Connection] | None = None
-        self._writer_mutex = threading.Lock()
+        self._writer_mutex = threading.RLock()
         self._writer_conn: Connection | None = None
 
     @property
@@ -249,36 +247,18 @@ class PostgresConnections:
 
     @contextmanager
     def _write(self, op: str) -> Iterator[Connection]:
-        """A writing connection inside one pipelined transaction, committed when the block
-        ends.
+        """A writing connection inside one transaction, committed when the block ends.
 
-        Statements in the block are sent at once and their replies read when needed: a
-        fetch waits for the replies up to its own, and the rest (``COMMIT`` included) come
-        back in one round trip when the block ends. A cursor's rows can be fetched after
-        the block. An error of any statement rolls the whole transaction back.
+        Not pipelined: each statement's reply ends with the server ready for the next,
+        so a client that freezes mid-transaction (SIGSTOP, a hung host) is cut off by
+        ``idle_in_transaction_session_timeout`` and its row and advisory locks freed. A
+        pipeline left without its closing sync keeps the server waiting with no timeout
+        at all.
         """
         with self._writing(op) as conn:
             try:
-                failed: psycopg.Error | None = None
-                try:
-                    with conn.pipeline():
-                        conn.execute("BEGIN")
-                        try:
-                            yield conn
-                            conn.execute("COMMIT")
-                        except psycopg.Error as exc:  # a statement failed, read meanwhile
-                            failed = exc
-                except pg_errors.PipelineAborted:  # how the statements skipped since report
-                    if failed is None:
-                        raise
-                finally:
-                    # After a failed statement the server skipped the rest, COMMIT included.
-                    # A connection left mid-transaction is re-opened before its next use.
-                    if not conn.broken and conn.info.transaction_status != _IDLE:
-                        with suppress(psycopg.Error):
-                            conn.rollback()
-                if failed is not None:
-                    raise failed
+                with conn.transaction():
+                    yield conn
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
 
@@ -311,7 +291,7 @@ class PostgresConnections:
         """The writer connection, (re)opened when it is missing or the server ended it
         (caller holds ``_writer_mutex``)."""
         conn = self._writer_conn
-        if conn is not None and not _alive(conn):
+        if conn is not None and not usable(conn):
             self._writer_conn = None
             conn.close()
             conn = None
@@ -439,7 +419,7 @@ def _secrets_of(url: str) -> list[str]:
 _IDLE = pq.TransactionStatus.IDLE
 
 
-def _alive(conn: Connection) -> bool:
+def usable(conn: Connection) -> bool:
     """Whether an idle connection is still usable, without a round trip: a session the
     server ended (a restart, ``pg_terminate_backend``) has left a last message and then
     end-of-file on the socket, which reading reveals."""
@@ -458,7 +438,7 @@ def _alive(conn: Connection) -> bool:
 
 def _check_alive(conn: Connection) -> None:
     """The pool's check of a connection it hands out: one the server ended is replaced."""
-    if not _alive(conn):
+    if not usable(conn):
         raise psycopg.OperationalError("the server ended the session")
 
 

@@ -29,15 +29,15 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 
 import blake3
 import psycopg
 
 from ..errors import ExecutionLocked, OwnershipLost, StorageError
 from ..ids import lock_name
-from .postgres_connection import PostgresConnections
+from .postgres_connection import PostgresConnections, usable
 from .postgres_rows import Connection
 
 __all__ = ["PostgresLocks", "lock_key"]
@@ -62,6 +62,8 @@ _GUARD = (
 )
 _BARRIER = "SELECT 1 FROM executions WHERE execution_id = %s FOR UPDATE"
 _BEATS_PER_LEASE = 4
+_WAIT_FOR_SESSION_SECS = 0.005
+"""How long a write waits for the lock session before taking a pooled connection."""
 
 
 def lock_key(name: str, namespace: str = "") -> int:
@@ -91,7 +93,11 @@ class PostgresLocks(PostgresConnections):
         self, url: str, *, create: bool = True, min_size: int = 1, max_size: int = 8
     ) -> None:
         super().__init__(url, create=create, min_size=min_size, max_size=max_size)
-        self._lock_mutex = threading.Lock()
+        # One re-entrant mutex for the lock session, which is also the writer connection:
+        # a claim takes locks inside its own transaction on it.
+        self._lock_mutex = threading.RLock()
+        self._writer_mutex = self._lock_mutex
+        self._unreported: list[str] = []
         self._lock_conn: Connection | None = None
         self._held: dict[int, str] = {}  # key -> lock name, on the current lock session
         # Lapsed with an earlier session: writes are refused. The value says whether its
@@ -216,33 +222,62 @@ class PostgresLocks(PostgresConnections):
     def fence(self, conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
         """Refuse a write for an execution whose lock this storage took but no longer has.
 
-        Runs inside the write's transaction, first: the rows are locked ``FOR KEY SHARE``
-        (see the module docstring), then the lock session must hold each lock. An owner
-        whose lock session ended (a partition, a server restart, a lapsed lease) must not
-        write for an execution another process may own now. Executions this storage never
-        locked (operator tools) pass.
+        Runs inside the write's transaction, first. On the lock session itself (where
+        writes go unless it is busy) the write commits only while that session, and so
+        every lock it holds, is alive: knowing the lock is held there is enough. On any
+        other connection the rows are locked ``FOR KEY SHARE`` (see the module docstring)
+        and the lock session must hold each lock in ``pg_locks``. Executions this storage
+        never locked (operator tools) pass.
 
         Raises:
             OwnershipLost: ownership of one of them was lost; the transaction rolls back.
         """
-        with self._lock_mutex:
-            mine: dict[str, int] = {}
-            for eid in execution_ids:
-                key = lock_key(lock_name(eid), self._namespace)
-                if key in self._lost:
-                    raise OwnershipLost(op, eid)
-                if key in self._held:
-                    mine[eid] = key
-            pid = self._lock_pid
-            lease = f"{self._lease_ms}ms" if self._lease_ms else "0"
-        if not mine:
+        # No mutex: membership tests are atomic, and the caller may hold it (re-entrant,
+        # but another thread's heartbeat must not wait on a write for this).
+        mine: dict[str, int] = {}
+        for eid in execution_ids:
+            key = lock_key(lock_name(eid), self._namespace)
+            if key in self._lost:
+                raise OwnershipLost(op, eid)
+            if key in self._held:
+                mine[eid] = key
+        if not mine or conn is self._lock_conn:
             return
+        pid = self._lock_pid
+        lease = f"{self._lease_ms}ms" if self._lease_ms else "0"
         conn.execute(_GUARD, (lease, list(mine)))
         rows = conn.execute(_HELD_BY, (pid,)).fetchall()
         held = {((hi << 32) | lo) for hi, lo in rows}
         for eid, key in mine.items():
             if key & 0xFFFF_FFFF_FFFF_FFFF not in held:
                 raise OwnershipLost(op, eid)
+
+    @contextmanager
+    def _writing(self, op: str) -> Iterator[Connection]:
+        """Writes go to the lock session (see ``fence``); while another thread uses it
+        for longer than a moment, to a pooled connection."""
+        pool = self._require(op)
+        if not self._lock_mutex.acquire(timeout=_WAIT_FOR_SESSION_SECS):
+            try:
+                with pool.connection() as conn:
+                    yield conn
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+            return
+        try:
+            conn, lost = self._lock_connection(op)
+            self._unreported.extend(lost)
+            yield conn
+        finally:
+            self._lock_mutex.release()
+            lost, self._unreported = self._unreported, []
+            self._report(lost)
+
+    def _writer_connection(self, op: str) -> Connection:
+        """The lock session (caller holds the mutex)."""
+        conn, lost = self._lock_connection(op)
+        self._unreported.extend(lost)
+        return conn
 
     def close(self) -> None:
         """Close the pool and the lock connection, releasing every lock. Idempotent."""
@@ -264,7 +299,7 @@ class PostgresLocks(PostgresConnections):
         self._require(op)
         conn = self._lock_conn
         lost: list[str] = []
-        if conn is not None and (conn.closed or conn.broken):
+        if conn is not None and not _usable(conn):
             lost = self._lose_session()
             conn = None
         if conn is None:
@@ -285,10 +320,13 @@ class PostgresLocks(PostgresConnections):
         """End the session if it stays silent for a lease (PostgreSQL 14 and newer)."""
         if not self._lease_ms:
             return
+        lease = f"{self._lease_ms}ms"
+        # A session paused inside a transaction is not idle: that needs its own timeout.
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (lease,)
+        )
         try:
-            conn.execute(
-                "SELECT set_config('idle_session_timeout', %s, false)", (f"{self._lease_ms}ms",)
-            )
+            conn.execute("SELECT set_config('idle_session_timeout', %s, false)", (lease,))
         except psycopg.errors.UndefinedObject:
             log.warning(
                 "this PostgreSQL has no idle_session_timeout (it needs 14 or newer): a paused "
@@ -350,3 +388,12 @@ class PostgresLocks(PostgresConnections):
                 if self._held and not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock_all()")
                 conn.close()
+
+
+def _usable(conn: Connection) -> bool:
+    """Whether the lock session can still be used: not closed or broken, and, while idle,
+    not ended by the server (checked without a round trip)."""
+    if conn.closed or conn.broken:
+        return False
+    return conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE or usable(conn)
+
