@@ -13,14 +13,16 @@ after it fell silent, and the server ends the session. Locks lost with their ses
 (a server restart, a network failure, a lapsed lease) are remembered as lost: ``watch``'s
 callback hears their names, and every later write for those executions is refused.
 
-Fencing (``fence``), inside every write's transaction: the execution rows are first
-locked ``FOR KEY SHARE``, then the lock session must still hold each one's lock. A new
-owner that is not claiming through the queue (whose ``FOR UPDATE SKIP LOCKED`` already
-skips rows a writer holds) passes ``barrier`` after taking the lock: ``FOR UPDATE`` on the
-row waits for any write of the previous owner still in flight, which either committed
-before the new owner reads the journal or sees the lock gone and writes nothing. Write
-transactions carry ``idle_in_transaction_session_timeout`` = the lease, so one paused
-mid-way cannot hold a row for longer than that.
+Fencing. Writes run on the lock session itself (it is also the writer connection): a
+transaction there commits only while that session, and with it every lock it holds, is
+alive, so ``fence`` only checks in memory that the lock is held (not lost). Writes are not
+pipelined, so a session frozen mid-transaction is ended by
+``idle_in_transaction_session_timeout`` (= the lease) like an idle one. A write that finds
+the lock session busy runs on a pooled connection, where ``fence`` locks the execution rows
+``FOR KEY SHARE`` and checks ``pg_locks``; a new owner that is not claiming through the
+queue (whose ``FOR UPDATE SKIP LOCKED`` already skips rows a writer holds) passes
+``barrier`` after taking the lock: ``FOR UPDATE`` on the row waits out such a write, which
+either committed before the new owner reads the journal or sees the lock gone.
 """
 
 from __future__ import annotations
