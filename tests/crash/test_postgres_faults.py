@@ -108,8 +108,8 @@ def _outputs(q: Queue, count: int) -> dict[str, list[int]]:
 
 @pytest.mark.skipif(_cluster() is None, reason="needs root and a local pg_ctlcluster")
 def test_a_server_restart_mid_run_loses_no_committed_step(queue: Queue) -> None:
-    total = 400
-    enqueue(queue, total, seconds=0.05)
+    total = 600
+    enqueue(queue, total, seconds=0.1)  # ~6 s of work: the restart lands well inside it
     workers = [queue.start("--concurrency", "16") for _ in range(2)]
     _wait_for(queue, "small", total // 4, workers)
     committed = admin_execute(
