@@ -191,8 +191,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         status = ExecutionStatus(status)
         finalized_at = now_ms if status.is_terminal else None
         values = (status.value, output, error_type, error, now_ms, finalized_at, execution_id)
-        with self._write("finalize_execution") as conn:
-            self.fence(conn, "finalize_execution", (execution_id,))
+        with self._fenced("finalize_execution", (execution_id,)) as conn:
             cursor = conn.execute(_FINALIZE, (*values, CHANNEL_PREFIX + WORK_TOPIC))
         if status.is_terminal:
             self._counts.forget((execution_id,))
@@ -281,8 +280,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             return 0
         added = outcomes_by_execution(entries) if signer is not None else {}
         if signer is None or not added:
-            with self._write("append") as conn:
-                self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+            with self._fenced("append", sorted({e.execution_id for e in entries})) as conn:
                 cursor = conn.execute(*append_statement(entries))
             return last_seq(cursor)
         try:
@@ -312,8 +310,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         counts = {eid: stored[eid] + n for eid, n in added.items()}
         marks = [Mark(eid, n, signer(eid, n), stored[eid]) for eid, n in counts.items()]
         statement = append_statement(entries, marks)
-        with self._write("append") as conn:
-            self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+        with self._fenced("append", sorted({e.execution_id for e in entries})) as conn:
             cursor = conn.execute(*statement)
         self._counts.remember(counts)
         return last_seq(cursor)

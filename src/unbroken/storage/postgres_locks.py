@@ -275,6 +275,38 @@ class PostgresLocks(PostgresConnections):
             lost, self._unreported = self._unreported, []
             self._report(lost)
 
+    @contextmanager
+    def _fenced(self, op: str, execution_ids: Iterable[str]) -> Iterator[Connection]:
+        """A connection for ONE writing statement that commits only while this storage
+        owns every one of ``execution_ids`` it locked. On the lock session the statement
+        runs alone in autocommit, one round trip (its own transaction: atomic, and over
+        before the server waits on the client again); elsewhere it runs in a transaction
+        behind ``fence``.
+
+        Raises:
+            OwnershipLost: ownership of one of them was lost; nothing was written.
+            StorageError: PostgreSQL failed.
+        """
+        ids = list(execution_ids)
+        self._require(op)
+        if not self._lock_mutex.acquire(timeout=_WAIT_FOR_SESSION_SECS):
+            with self._write(op) as conn:
+                self.fence(conn, op, ids)
+                yield conn
+            return
+        try:
+            conn, lost = self._lock_connection(op)
+            self._unreported.extend(lost)
+            self.fence(conn, op, ids)  # in memory only, on the lock session
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+        finally:
+            self._lock_mutex.release()
+            lost, self._unreported = self._unreported, []
+            self._report(lost)
+
     def _writer_connection(self, op: str) -> Connection:
         """The lock session (caller holds the mutex)."""
         conn, lost = self._lock_connection(op)
