@@ -103,6 +103,7 @@ class PostgresConnections:
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Connection] | None = None
         self._writer_mutex = threading.RLock()
+        self._writer_wait_secs = 0.0
         self._writer_conn: Connection | None = None
 
     @property
@@ -273,9 +274,10 @@ class PostgresConnections:
 
     @contextmanager
     def _writing(self, op: str) -> Iterator[Connection]:
-        """The writer connection, or a pooled one while another thread writes on it."""
+        """The writer connection, or a pooled one while another thread has held it for
+        longer than ``_writer_wait_secs``."""
         pool = self._require(op)
-        if not self._writer_mutex.acquire(blocking=False):
+        if not self._writer_mutex.acquire(timeout=self._writer_wait_secs):
             try:
                 with pool.connection() as conn:
                     yield conn
@@ -286,6 +288,10 @@ class PostgresConnections:
             yield self._writer_connection(op)
         finally:
             self._writer_mutex.release()
+            self._after_writing()
+
+    def _after_writing(self) -> None:
+        """Runs once the writer connection is free again (a hook for subclasses)."""
 
     def _writer_connection(self, op: str) -> Connection:
         """The writer connection, (re)opened when it is missing or the server ended it

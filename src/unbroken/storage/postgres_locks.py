@@ -99,6 +99,7 @@ class PostgresLocks(PostgresConnections):
         # a claim takes locks inside its own transaction on it.
         self._lock_mutex = threading.RLock()
         self._writer_mutex = self._lock_mutex
+        self._writer_wait_secs = _WAIT_FOR_SESSION_SECS
         self._unreported: list[str] = []
         self._lock_conn: Connection | None = None
         self._held: dict[int, str] = {}  # key -> lock name, on the current lock session
@@ -255,57 +256,33 @@ class PostgresLocks(PostgresConnections):
                 raise OwnershipLost(op, eid)
 
     @contextmanager
-    def _writing(self, op: str) -> Iterator[Connection]:
-        """Writes go to the lock session (see ``fence``); while another thread uses it
-        for longer than a moment, to a pooled connection."""
-        pool = self._require(op)
-        if not self._lock_mutex.acquire(timeout=_WAIT_FOR_SESSION_SECS):
-            try:
-                with pool.connection() as conn:
-                    yield conn
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
-            return
-        try:
-            conn, lost = self._lock_connection(op)
-            self._unreported.extend(lost)
-            yield conn
-        finally:
-            self._lock_mutex.release()
-            lost, self._unreported = self._unreported, []
-            self._report(lost)
-
-    @contextmanager
     def _fenced(self, op: str, execution_ids: Iterable[str]) -> Iterator[Connection]:
         """A connection for ONE writing statement that commits only while this storage
         owns every one of ``execution_ids`` it locked. On the lock session the statement
         runs alone in autocommit, one round trip (its own transaction: atomic, and over
-        before the server waits on the client again); elsewhere it runs in a transaction
-        behind ``fence``.
+        before the server waits on the client again); on a pooled connection it runs in a
+        transaction behind ``fence``.
 
         Raises:
             OwnershipLost: ownership of one of them was lost; nothing was written.
             StorageError: PostgreSQL failed.
         """
         ids = list(execution_ids)
-        self._require(op)
-        if not self._lock_mutex.acquire(timeout=_WAIT_FOR_SESSION_SECS):
-            with self._write(op) as conn:
-                self.fence(conn, op, ids)
-                yield conn
-            return
-        try:
-            conn, lost = self._lock_connection(op)
-            self._unreported.extend(lost)
-            self.fence(conn, op, ids)  # in memory only, on the lock session
+        with self._writing(op) as conn:
             try:
-                yield conn
+                if conn is self._lock_conn:
+                    self.fence(conn, op, ids)  # in memory only, on the lock session
+                    yield conn
+                    return
+                with conn.transaction():
+                    self.fence(conn, op, ids)
+                    yield conn
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
-        finally:
-            self._lock_mutex.release()
-            lost, self._unreported = self._unreported, []
-            self._report(lost)
+
+    def _after_writing(self) -> None:
+        lost, self._unreported = self._unreported, []
+        self._report(lost)
 
     def _writer_connection(self, op: str) -> Connection:
         """The lock session (caller holds the mutex)."""
