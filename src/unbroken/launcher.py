@@ -10,6 +10,7 @@ One future per execution id serves every caller that attaches in this process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ class Launcher:
                 owned.release()
             self.results.pop(eid, None)
             return
-        lock = owned if owned is not None else await self._acquire(eid)
+        # A row that did not exist a moment ago has no previous owner's write to wait out.
+        lock = owned if owned is not None else await self._acquire(eid, row is not None)
         try:
             row, replaying = await self._claim(wf, eid, inputs, row)
             if row is None:
@@ -115,11 +117,12 @@ class Launcher:
             lock.release()
             raise
 
-    async def _acquire(self, eid: str) -> OwnedLock:
+    async def _acquire(self, eid: str, barrier: bool) -> OwnedLock:
         """Take ownership; on a shared database (round trips) off the event loop."""
+        acquire = functools.partial(self._ownership.acquire, eid, barrier=barrier)
         if not self._ownership.remote:
-            return self._ownership.acquire(eid)
-        pending = asyncio.get_running_loop().run_in_executor(None, self._ownership.acquire, eid)
+            return acquire()
+        pending = asyncio.get_running_loop().run_in_executor(None, acquire)
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:
