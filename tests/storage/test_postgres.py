@@ -518,6 +518,33 @@ def test_enqueue_finalize_and_settle_notify_listeners(opened: PostgresStorage) -
 
 
 @needs_postgres
+def test_a_write_right_after_the_lock_session_is_killed_is_refused_as_ownership_lost(
+    url: str,
+) -> None:
+    """Writes run on the lock session: whether the write notices the dead session before
+    sending or when its statement fails, it is refused as ``OwnershipLost`` and the locks
+    are reported lost."""
+    from unbroken.errors import OwnershipLost
+
+    store = PostgresStorage(url)
+    store.open()
+    reported: list[list[str]] = []
+    store.watch(60.0, reported.append)
+    try:
+        create(store, "owned")
+        assert store.try_lock(lock_name("owned")) is None
+        store.append([entry("owned", 0)])
+        admin_execute("SELECT pg_terminate_backend(%s)", (store._lock_pid,))
+        with pytest.raises(OwnershipLost, match="'owned'"):
+            store.append([entry("owned", 1)])
+        assert reported == [[lock_name("owned")]]
+        with pytest.raises(OwnershipLost):
+            store.finalize_execution("owned", ExecutionStatus.COMPLETED, 5)
+        assert [e.step_id for e in store.read_segment("owned", 0, 0, 10)] == [0]
+    finally:
+        store.close()
+
+
 def test_an_owner_whose_lock_session_ended_cannot_write_for_that_execution(url: str) -> None:
     """Fencing: once the lock session of an owner ends (partition, server-side kill),
     another process may take the execution; the old owner's writes for it are refused."""

@@ -278,7 +278,19 @@ class PostgresLocks(PostgresConnections):
                     self.fence(conn, op, ids)
                     yield conn
             except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
+                failure: StorageError = self._failure(op, exc)
+                if conn is self._lock_conn and conn.broken:
+                    # The lock session died under the write: its locks went with it.
+                    self._unreported.extend(self._lose_session())
+                    failure = self._lost_among(op, ids) or failure
+                raise failure from None
+
+    def _lost_among(self, op: str, execution_ids: Iterable[str]) -> OwnershipLost | None:
+        """``OwnershipLost`` for the first of ``execution_ids`` whose lock was lost."""
+        for eid in execution_ids:
+            if lock_key(lock_name(eid), self._namespace) in self._lost:
+                return OwnershipLost(op, eid)
+        return None
 
     def _after_writing(self) -> None:
         lost, self._unreported = self._unreported, []
