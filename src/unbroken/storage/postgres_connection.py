@@ -425,6 +425,9 @@ def _secrets_of(url: str) -> list[str]:
 _IDLE = pq.TransactionStatus.IDLE
 
 
+_EOF_GRACE_SECS = 0.05
+
+
 def usable(conn: Connection) -> bool:
     """Whether an idle connection is still usable, without a round trip: a session the
     server ended (a restart, ``pg_terminate_backend``) has left a last message and then
@@ -432,11 +435,15 @@ def usable(conn: Connection) -> bool:
     if conn.closed or conn.broken or conn.info.transaction_status != _IDLE:
         return False
     try:
+        wait = 0.0
         for _ in range(3):  # a notice or the server's last message, then end-of-file
-            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+            readable, _, _ = select.select([conn.fileno()], [], [], wait)
             if not readable:
                 return True
             conn.pgconn.consume_input()
+            # Something arrived unasked: a session being ended sends its last message
+            # and then closes; give the close a moment to arrive rather than trust it.
+            wait = _EOF_GRACE_SECS
     except (psycopg.Error, OSError, ValueError):
         return False
     return False  # still more to read: not a connection to trust
