@@ -470,7 +470,9 @@ class Engine:
             run.cancel_requested = True
             run.task.cancel()
             await asyncio.wait({run.task})
-            return run.canceled
+            if run.started:
+                return run.canceled
+            # Cancelled before it began: nothing ran; cancel it as one nobody drives.
         row = await self._read(self._storage.get_execution, execution_id)
         if row is None:
             raise UnknownExecution(execution_id)

@@ -75,10 +75,13 @@ class Run:
     canceled: bool = False
     lost: bool = False
     """Its ownership lapsed (the lock session ended): it stops without finalizing."""
+    started: bool = False
+    """Its task began ``drive`` (a task cancelled before that never runs its cleanup)."""
 
     async def drive(self) -> None:
         """Run the workflow until it ends, release ownership, then settle ``future``: who
         sees the outcome can take the execution over at once."""
+        self.started = True
         public = self.future
         self.future = asyncio.get_running_loop().create_future()
         try:
@@ -88,9 +91,13 @@ class Run:
             _transfer(outcome, public)
 
     async def _drive(self) -> None:
+        stopped = False
         try:
+            if self.lost:
+                raise Stopped()
             output = await self._generations()
         except (Stopped, asyncio.CancelledError):
+            stopped = True
             if self.cancel_requested:
                 await self._canceled()
             elif self.lost:
@@ -109,7 +116,9 @@ class Run:
             if not self.future.done():
                 self.future.set_result(output)
         finally:
-            if self.lost:
+            if self.lost or stopped:
+                # Unfinished: what it queued must land (or be refused) before another
+                # owner can take the execution.
                 await self._drain()
             await self._release()
 

@@ -10,6 +10,7 @@ One future per execution id serves every caller that attaches in this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .errors import ExecutionCanceled, IntegrityViolation, WorkflowMismatch
+from .errors import ExecutionCanceled, IntegrityViolation, OwnershipLost, WorkflowMismatch
 from .execution import ExecutionHandle, Run, Workflow
 from .journal import ExecutionRecord, ExecutionStatus
 from .ownership import OwnedLock, Ownership
@@ -122,14 +123,18 @@ class Launcher:
         acquire = functools.partial(self._ownership.acquire, eid, barrier=barrier)
         if not self._ownership.remote:
             return acquire()
-        pending = asyncio.get_running_loop().run_in_executor(None, acquire)
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(None, acquire)
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:
-            # Cancelled while the thread takes the lock: wait for it, then give it back.
-            await asyncio.wait({pending})
+            # Cancelled while the thread takes the lock: wait for it (through further
+            # cancellations), then give it back off the loop.
+            while not pending.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({pending})
             if not pending.cancelled() and pending.exception() is None:
-                pending.result().release()
+                loop.run_in_executor(None, pending.result().release)
             raise
 
     async def _claim(
@@ -144,6 +149,10 @@ class Launcher:
             if created:
                 self._metrics.executions_started += 1
                 return row, False
+            if self._ownership.remote:  # another process created it meanwhile
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._ownership.barrier, eid
+                )
         row = await self._read(self._storage.get_execution, eid)
         assert row is not None
         future = self.results[eid]
@@ -234,11 +243,31 @@ class Launcher:
         run.task = asyncio.get_running_loop().create_task(
             self._drive(run), name=f"unbroken:{row.execution_id}"
         )
+        run.task.add_done_callback(functools.partial(self._never_started, run))
         if self._ownership.lapsed(row.execution_id):
             # Its lock lapsed while it was being started (the engine stops runs it knows
-            # of when that happens; this one was not one yet).
+            # of when that happens; this one was not one yet): it stops at once.
             run.lost = True
-            run.task.cancel()
+
+    def _never_started(self, run: Run, task: asyncio.Task[None]) -> None:
+        """A run's task cancelled before it began (engine closing, ownership lapsed)
+        runs none of its own cleanup: settle, forget and release here."""
+        if run.started:
+            return
+        eid = run.services.execution_id
+        self.runs.pop(eid, None)
+        if self.results.get(eid) is run.future:
+            del self.results[eid]
+        if not run.future.done():
+            if run.lost or run.cancel_requested:
+                error: Exception = (
+                    ExecutionCanceled(eid) if run.cancel_requested else OwnershipLost("run", eid)
+                )
+                run.future.set_exception(error)
+                run.future.exception()  # retrieved: nobody may be waiting
+            else:
+                run.future.cancel()
+        run.lock.release()  # at once (a rare path): whoever comes next finds it free
 
     async def _drive(self, run: Run) -> None:
         eid = run.services.execution_id

@@ -157,6 +157,12 @@ class Ownership:
         if self._session is not None:
             self._session.watch(lease_secs, on_lost)
 
+    def barrier(self, execution_id: str) -> None:
+        """With session locks, after taking ``execution_id``'s lock without one: wait out
+        a write of its previous owner still in flight. Otherwise nothing."""
+        if self._session is not None:
+            self._session.barrier(execution_id)
+
     def lapsed(self, execution_id: str) -> bool:
         """Whether this process's ownership of the execution lapsed with its database
         session (only session locks lapse; file and in-process locks end with their owner)."""

@@ -47,6 +47,35 @@ async def test_a_running_execution_stops_at_its_next_wait_and_never_resumes(
     assert len(ran) == stopped_at < 100
 
 
+async def test_cancel_right_after_start_before_the_run_began_cancels_and_frees_it(
+    make_engine: EngineFactory,
+) -> None:
+    """``cancel`` straight after ``start`` stops a run whose task never began: the handle
+    says canceled, the row is ``canceled``, and ownership is free (no leaked lock)."""
+    ran: list[int] = []
+    engine = make_engine()
+
+    @engine.workflow(name="wf")
+    async def wf(ctx: Context) -> int:
+        ran.append(1)
+        return int(await ctx.step("a", lambda: 1))
+
+    async with engine:
+        handle = await engine.start(wf, execution_id="early")
+        assert await engine.cancel("early") is True  # no await between: it never began
+        with pytest.raises(ExecutionCanceled):
+            await handle.result()
+        info = await engine.get_execution("early")
+        assert info is not None and info.status == "canceled"
+        assert await engine.run(wf, execution_id="other") == 1  # the engine goes on
+    assert ran == [1]  # only "other" ran
+    again = make_engine()
+    again.workflow(name="wf")(wf)
+    async with again:
+        with pytest.raises(ExecutionCanceled):  # canceled for good, and not locked
+            await again.run(wf, execution_id="early")
+
+
 async def test_cancel_of_an_orphan_and_of_terminal_and_unknown_ids(
     make_engine: EngineFactory,
 ) -> None:

@@ -518,6 +518,36 @@ def test_enqueue_finalize_and_settle_notify_listeners(opened: PostgresStorage) -
 
 
 @needs_postgres
+def test_a_process_with_over_1024_open_files_keeps_its_locks_reads_and_writes(
+    url: str,
+) -> None:
+    """Connections get descriptor numbers above 1024 in a busy server process; checking
+    them must not mistake them for dead ones (which would drop every lock)."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1300:
+        pytest.skip("the open-file limit is too low to push descriptors past 1024")
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    store = PostgresStorage(url)
+    lost: list[list[str]] = []
+    try:
+        store.open()
+        store.watch(60.0, lost.append)
+        create(store, "busy")
+        assert store.try_lock(lock_name("busy")) is None
+        store.append([entry("busy", 0)])
+        assert store.get_execution("busy") is not None
+        assert store.try_lock(lock_name("other")) is None
+        store.append([entry("busy", 1)])
+        assert [e.step_id for e in store.read_segment("busy", 0, 0, 10)] == [0, 1]
+        assert lost == []
+        assert store._lock_conn is not None and store._lock_conn.fileno() >= 1024
+    finally:
+        store.close()
+        for fd in spare:
+            os.close(fd)
+
+
 def test_a_write_right_after_the_lock_session_is_killed_is_refused_as_ownership_lost(
     url: str,
 ) -> None:

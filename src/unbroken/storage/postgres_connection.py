@@ -425,7 +425,7 @@ def _secrets_of(url: str) -> list[str]:
 _IDLE = pq.TransactionStatus.IDLE
 
 
-_EOF_GRACE_SECS = 0.05
+_EOF_GRACE_MS = 50
 
 
 def usable(conn: Connection) -> bool:
@@ -435,15 +435,16 @@ def usable(conn: Connection) -> bool:
     if conn.closed or conn.broken or conn.info.transaction_status != _IDLE:
         return False
     try:
-        wait = 0.0
+        poller = select.poll()  # not select.select: it fails for descriptors >= 1024
+        poller.register(conn.fileno(), select.POLLIN)
+        wait_ms = 0
         for _ in range(3):  # a notice or the server's last message, then end-of-file
-            readable, _, _ = select.select([conn.fileno()], [], [], wait)
-            if not readable:
+            if not poller.poll(wait_ms):
                 return True
             conn.pgconn.consume_input()
             # Something arrived unasked: a session being ended sends its last message
             # and then closes; give the close a moment to arrive rather than trust it.
-            wait = _EOF_GRACE_SECS
+            wait_ms = _EOF_GRACE_MS
     except (psycopg.Error, OSError, ValueError):
         return False
     return False  # still more to read: not a connection to trust

@@ -213,14 +213,17 @@ class PostgresLocks(PostgresConnections):
             StorageError: PostgreSQL failed.
         """
         ms = int((timeout_secs * 1000) if timeout_secs is not None else self._lease_ms or 10_000)
+        # On a pooled connection: waiting here must not hold the lock session, which a
+        # claim holding the row may need to finish.
+        pool = self._require("barrier")
         try:
-            with self._write("barrier") as conn:
+            with pool.connection() as conn, conn.transaction():
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{ms}ms",))
                 conn.execute(_BARRIER, (execution_id,))
-        except StorageError as exc:
-            if "55P03" in str(exc) or "lock_not_available" in str(exc):
-                raise ExecutionLocked(execution_id, 0) from None
-            raise
+        except psycopg.errors.LockNotAvailable:
+            raise ExecutionLocked(execution_id, 0) from None
+        except psycopg.Error as exc:
+            raise self._failure("barrier", exc) from None
 
     def fence(self, conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
         """Refuse a write for an execution whose lock this storage took but no longer has.

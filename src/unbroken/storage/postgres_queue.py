@@ -201,7 +201,10 @@ class PostgresListener:
         if self._closed:
             raise StorageError("listen", "the listener is closed")
         try:
-            ready, _, _ = select.select([self._conn.fileno(), self._wake_r], [], [], timeout)
+            poller = select.poll()  # not select.select: it fails for descriptors >= 1024
+            poller.register(self._conn.fileno(), select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(max(timeout, 0) * 1000)}
             if self._wake_r in ready:
                 with suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
