@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,8 +16,9 @@ from unbroken.errors import StorageError
 from unbroken.ids import lock_name
 from unbroken.journal import EntryKind, ExecutionStatus, RetentionPolicy
 
-from .conftest import admin_execute, needs_postgres, schema_url
+from .conftest import admin_execute, needs_postgres
 from .test_contract import create, entry, key, run_concurrently
+from .test_postgres import opened, signer, url
 
 pytest.importorskip("psycopg")
 
@@ -26,25 +26,7 @@ from unbroken.storage.postgres import PostgresStorage
 
 pytestmark = needs_postgres
 APPLICATION = f"unbroken pid {os.getpid()}"
-
-
-def signer(execution_id: str, count: int) -> bytes:
-    return f"{execution_id}:{count}".encode()
-
-
-@pytest.fixture
-def url(postgres_schema: str) -> str:
-    return schema_url(postgres_schema)
-
-
-@pytest.fixture
-def opened(url: str) -> Iterator[PostgresStorage]:
-    store = PostgresStorage(url)
-    store.open()
-    try:
-        yield store
-    finally:
-        store.close()
+__all__ = ["opened", "url"]  # fixtures shared with test_postgres
 
 
 def end_every_session_of_this_process() -> None:
