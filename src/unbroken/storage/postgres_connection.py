@@ -104,7 +104,6 @@ class PostgresConnections:
         self._pool: ConnectionPool[Connection] | None = None
         self._writer_mutex = threading.RLock()
         self._writer_wait_secs = 0.0
-        self._writer_conn: Connection | None = None
 
     @property
     def lock_dir(self) -> None:
@@ -154,15 +153,12 @@ class PostgresConnections:
             self._pool = pool
 
     def close(self) -> None:
-        """Close the pool, every connection in it and the writer connection. Idempotent."""
+        """Close the pool and every connection in it (the subclass closes its writer
+        connection). Idempotent."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-        with self._writer_mutex:  # waits for a write in flight
-            conn, self._writer_conn = self._writer_conn, None
-        if conn is not None:
-            conn.close()
 
     def _connect_kwargs(self) -> dict[str, Any]:
         """Connection settings on top of the URL's: autocommit (writes open their own
@@ -294,20 +290,9 @@ class PostgresConnections:
         """Runs once the writer connection is free again (a hook for subclasses)."""
 
     def _writer_connection(self, op: str) -> Connection:
-        """The writer connection, (re)opened when it is missing or the server ended it
-        (caller holds ``_writer_mutex``)."""
-        conn = self._writer_conn
-        if conn is not None and not usable(conn):
-            self._writer_conn = None
-            conn.close()
-            conn = None
-        if conn is None:
-            conn = self._connect(op)
-            if self._pool is None:  # closed meanwhile
-                conn.close()
-                raise StorageError(op, "the storage is not open")
-            self._writer_conn = conn
-        return conn
+        """The connection writes go to (caller holds ``_writer_mutex``): ``PostgresLocks``
+        makes it the session that holds the ownership locks."""
+        raise NotImplementedError
 
     @contextmanager
     def _snapshot(self, op: str) -> Iterator[Connection]:
