@@ -224,8 +224,8 @@ class Engine:
         if self._waiters is not None:
             await self._waiters.close()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
-        for task in tasks:
-            task.cancel()
+        for run in self._runs.values():
+            run.stop()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         loop = asyncio.get_running_loop()
@@ -382,7 +382,7 @@ class Engine:
         for eid, run in list(self._runs.items()):
             if run.task is not None and not run.task.done() and lock_name(eid) in names:
                 run.lost = True
-                run.task.cancel()
+                run.stop()
 
     async def _recover_forever(self) -> None:
         """Pick up executions whose owner died while this engine runs, every
@@ -468,11 +468,9 @@ class Engine:
         run = self._runs.get(execution_id)
         if run is not None and run.task is not None and not run.task.done():
             run.cancel_requested = True
-            run.task.cancel()
+            run.stop()
             await asyncio.wait({run.task})
-            if run.started:
-                return run.canceled
-            # Cancelled before it began: nothing ran; cancel it as one nobody drives.
+            return run.canceled
         row = await self._read(self._storage.get_execution, execution_id)
         if row is None:
             raise UnknownExecution(execution_id)

@@ -76,7 +76,15 @@ class Run:
     lost: bool = False
     """Its ownership lapsed (the lock session ended): it stops without finalizing."""
     started: bool = False
-    """Its task began ``drive`` (a task cancelled before that never runs its cleanup)."""
+    """Its task began ``drive``."""
+    stop_requested: bool = False
+
+    def stop(self) -> None:
+        """Stop it at its next await; one whose task has not begun yet stops as it begins
+        (cancelling a task before it starts would skip every cleanup of ``drive``)."""
+        self.stop_requested = True
+        if self.started and self.task is not None and not self.task.done():
+            self.task.cancel()
 
     async def drive(self) -> None:
         """Run the workflow until it ends, release ownership, then settle ``future``: who
@@ -93,7 +101,7 @@ class Run:
     async def _drive(self) -> None:
         stopped = False
         try:
-            if self.lost:
+            if self.stop_requested:
                 raise Stopped()
             output = await self._generations()
         except (Stopped, asyncio.CancelledError):

@@ -19,7 +19,7 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .errors import ExecutionCanceled, IntegrityViolation, OwnershipLost, WorkflowMismatch
+from .errors import ExecutionCanceled, IntegrityViolation, WorkflowMismatch
 from .execution import ExecutionHandle, Run, Workflow
 from .journal import ExecutionRecord, ExecutionStatus
 from .ownership import OwnedLock, Ownership
@@ -243,31 +243,11 @@ class Launcher:
         run.task = asyncio.get_running_loop().create_task(
             self._drive(run), name=f"unbroken:{row.execution_id}"
         )
-        run.task.add_done_callback(functools.partial(self._never_started, run))
         if self._ownership.lapsed(row.execution_id):
             # Its lock lapsed while it was being started (the engine stops runs it knows
-            # of when that happens; this one was not one yet): it stops at once.
+            # of when that happens; this one was not one yet): it stops as it begins.
             run.lost = True
-
-    def _never_started(self, run: Run, task: asyncio.Task[None]) -> None:
-        """A run's task cancelled before it began (engine closing, ownership lapsed)
-        runs none of its own cleanup: settle, forget and release here."""
-        if run.started:
-            return
-        eid = run.services.execution_id
-        self.runs.pop(eid, None)
-        if self.results.get(eid) is run.future:
-            del self.results[eid]
-        if not run.future.done():
-            if run.lost or run.cancel_requested:
-                error: Exception = (
-                    ExecutionCanceled(eid) if run.cancel_requested else OwnershipLost("run", eid)
-                )
-                run.future.set_exception(error)
-                run.future.exception()  # retrieved: nobody may be waiting
-            else:
-                run.future.cancel()
-        run.lock.release()  # at once (a rare path): whoever comes next finds it free
+            run.stop()
 
     async def _drive(self, run: Run) -> None:
         eid = run.services.execution_id
