@@ -285,8 +285,9 @@ class Engine:
         """Start (or attach to) an execution and return its handle at once."""
         launcher = self._require_launcher()
         wf = self._resolve(workflow)
-        eid = new_execution_id() if execution_id is None else validate_execution_id(execution_id)
-        return await launcher.start(wf, eid, args, kwargs)
+        if execution_id is None:
+            return await launcher.start(wf, new_execution_id(), args, kwargs, fresh=True)
+        return await launcher.start(wf, validate_execution_id(execution_id), args, kwargs)
 
     # -- queued work --------------------------------------------------------------------
 

@@ -60,11 +60,14 @@ class Launcher:
         kwargs: dict[str, Any],
         *,
         owned: OwnedLock | None = None,
+        fresh: bool = False,
     ) -> ExecutionHandle:
         """Start, attach to, reopen or resume ``eid``; return its handle at once.
 
         ``owned`` is the execution's ownership lock when the caller already holds it (a
         worker's claim); the run releases it, or this call does if nothing runs.
+        ``fresh`` says ``eid`` was just generated, so no row can exist yet: the read that
+        looks for one is skipped (the insert still refuses an existing id).
         """
         existing = self.results.get(eid)
         if existing is not None:
@@ -74,7 +77,7 @@ class Launcher:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.results[eid] = future
         try:
-            await self._begin(wf, eid, future, args, kwargs, owned)
+            await self._begin(wf, eid, future, args, kwargs, owned, fresh)
         except BaseException as exc:
             self.results.pop(eid, None)
             if not future.done():
@@ -91,9 +94,10 @@ class Launcher:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         owned: OwnedLock | None,
+        fresh: bool,
     ) -> None:
         try:
-            row = await self._read(self._storage.get_execution, eid)
+            row = None if fresh else await self._read(self._storage.get_execution, eid)
             settled = row is not None and self._settled(wf, row, future)
             inputs = b"" if row is not None else self.encode_inputs(eid, args, kwargs)
         except BaseException:
