@@ -158,7 +158,7 @@ class Engine:
             await loop.run_in_executor(self._reader, self._storage.close)
             self._reader.shutdown(wait=False)
             raise
-        self._ownership = ownership_for(self._storage)
+        self._ownership = ownership_for(self._storage, ahead=True)
         cfg = self.config
         self._ownership.watch(
             cfg.stale_owner_secs, functools.partial(self._ownership_lost, loop)
@@ -231,6 +231,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         assert self._writer is not None and self._reader is not None
         await loop.run_in_executor(None, self._writer.close)
+        if self._ownership is not None:
+            await loop.run_in_executor(None, self._ownership.close)
         await loop.run_in_executor(None, self._storage.close)
         self._reader.shutdown(wait=True)
         self._open = False

@@ -123,9 +123,14 @@ class Launcher:
             raise
 
     async def _acquire(self, eid: str, barrier: bool) -> OwnedLock:
-        """Take ownership; on a shared database (round trips) off the event loop."""
-        acquire = functools.partial(self._ownership.acquire, eid, barrier=barrier)
-        if not self._ownership.remote:
+        """Take ownership; on a shared database (round trips) off the event loop. A new
+        execution's lock file is one made ahead: while none is ready, wait for one (the
+        loop runs other executions meanwhile) rather than create it here."""
+        ownership = self._ownership
+        acquire = functools.partial(ownership.acquire, eid, barrier=barrier)
+        if not ownership.remote:
+            while not barrier and ownership.short():
+                await ownership.made()
             return acquire()
         loop = asyncio.get_running_loop()
         pending = loop.run_in_executor(None, acquire)

@@ -2,9 +2,8 @@
 
 Exactly one live process owns an execution at a time. With a lock directory (SQLite) an
 owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel drops
-the lock when the owner's process dies, so an orphan is reclaimable at once. The file holds
-the owner's pid, for error messages only, and is never unlinked: a waiter that opened the
-old inode and a newcomer that created a new one could then both hold "the" lock.
+the lock when the owner's process dies, so an orphan is reclaimable at once (the files are
+``lockfiles.LockDir``'s).
 
 ``flock`` locks belong to an open file description, so a second ``acquire`` of the same id
 in the same process fails too; a forked child inherits the description and the lock.
@@ -18,22 +17,20 @@ Without a lock directory (``memory://``) ownership is in-process: ids conflict w
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-from unbroken.errors import ExecutionLocked, StorageError
+from unbroken.errors import ExecutionLocked
 from unbroken.ids import lock_name
+from unbroken.lockfiles import LockDir
 
 __all__ = ["OwnedLock", "Ownership", "SessionLocks", "ownership_for"]
-
-_PID_BYTES = 32
 
 _registry_guard = threading.Lock()
 _registry: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
@@ -110,6 +107,8 @@ class Ownership:
         scope: with no ``lock_dir``, the object within which ids conflict (held weakly);
             defaults to this ``Ownership`` itself.
         session: a shared database's session locks, used when there is no ``lock_dir``.
+        ahead: with ``lock_dir``, make lock files ahead of need on a thread of their own
+            (an engine's many starts); ``close`` stops it.
     """
 
     def __init__(
@@ -118,8 +117,9 @@ class Ownership:
         *,
         scope: object | None = None,
         session: SessionLocks | None = None,
+        ahead: bool = False,
     ) -> None:
-        self._lock_dir = lock_dir
+        self._files = LockDir(lock_dir, ahead=ahead) if lock_dir is not None else None
         self._scope: object = self if scope is None else scope
         self._session = session
 
@@ -139,11 +139,27 @@ class Ownership:
             ExecutionLocked: another owner holds it (``holder_pid`` 0 when unknown).
             StorageError: the lock directory or file cannot be created or opened.
         """
-        if self._lock_dir is not None:
-            return _acquire_file(self._lock_dir, execution_id)
+        if self._files is not None:
+            fd = self._files.acquire(execution_id)
+            return OwnedLock(execution_id, functools.partial(os.close, fd))
         if self._session is not None:
             return _acquire_session(self._session, execution_id, barrier)
         return self._acquire_in_process(execution_id)
+
+    def short(self) -> bool:
+        """Whether lock files are made ahead and none is ready now (``made`` waits)."""
+        return self._files is not None and self._files.short()
+
+    async def made(self) -> None:
+        """Wait until more lock files were made ahead (or their maker stopped)."""
+        if self._files is not None:
+            await self._files.made()
+
+    def close(self) -> None:
+        """Stop making lock files ahead and close the lock directory (locks still held stay
+        held). Blocking: call it off the event loop."""
+        if self._files is not None:
+            self._files.close()
 
     @property
     def remote(self) -> bool:
@@ -177,8 +193,8 @@ class Ownership:
         Raises:
             StorageError: the lock file exists but cannot be opened.
         """
-        if self._lock_dir is not None:
-            return _file_held(self._lock_dir, execution_id)
+        if self._files is not None:
+            return self._files.held(execution_id)
         if self._session is not None:
             name = lock_name(execution_id)
             if self._session.try_lock(name) is not None:
@@ -216,75 +232,9 @@ def _acquire_session(session: SessionLocks, execution_id: str, barrier: bool) ->
     return OwnedLock(execution_id, lambda: session.unlock(name), remote=True)
 
 
-def _acquire_file(lock_dir: Path, execution_id: str) -> OwnedLock:
-    path = lock_dir / f"{lock_name(execution_id)}.lock"
-    try:
-        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder_pid(fd)
-        os.close(fd)
-        raise ExecutionLocked(execution_id, holder) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    _write_pid(fd)
-    return OwnedLock(execution_id, lambda: os.close(fd))
-
-
-def _file_held(lock_dir: Path, execution_id: str) -> bool:
-    """Whether another open file description holds the lock file (a missing file: no)."""
-    path = lock_dir / f"{lock_name(execution_id)}.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's shared lock
-    return False
-
-
-def _holder_pid(fd: int) -> int:
-    """The holder's pid; it writes it just after taking the lock, so an empty file is
-    re-read a few times (2 ms apart) before the pid is reported unknown (0)."""
-    for _ in range(5):
-        pid = _read_pid(fd)
-        if pid:
-            return pid
-        time.sleep(0.002)
-    return 0
-
-
-def _read_pid(fd: int) -> int:
-    """The pid the holder wrote, or 0 if it cannot be read (being rewritten, garbage)."""
-    try:
-        pid = int(os.pread(fd, _PID_BYTES, 0).decode("ascii").strip())
-    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        return 0
-    return pid if pid > 0 else 0
-
-
-def _write_pid(fd: int) -> None:
-    """Record our pid for others' error messages; the lock does not depend on it."""
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    except OSError:
-        pass
-
-
-def ownership_for(storage: object) -> Ownership:
-    """The ownership a storage supports: lock files, session locks, or in-process."""
+def ownership_for(storage: object, *, ahead: bool = False) -> Ownership:
+    """The ownership a storage supports: lock files, session locks, or in-process;
+    ``ahead``: make lock files ahead of need (see ``Ownership``)."""
     lock_dir = getattr(storage, "lock_dir", None)
     session = storage if isinstance(storage, SessionLocks) else None
-    return Ownership(lock_dir, scope=storage, session=session)
+    return Ownership(lock_dir, scope=storage, session=session, ahead=ahead)

@@ -1,0 +1,350 @@
+"""Lock files of executions on a local file system, INV-15 (layer: engine).
+
+An owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel
+drops the lock when the owner's process dies. The file holds the owner's pid, for error
+messages only, and is never unlinked: a waiter that opened the old inode and a newcomer
+that created a new one could then both hold "the" lock.
+
+The directory is opened once and every file is opened relative to it (no path walk and no
+``mkdir`` per lock). Creating a file allocates an inode, which costs some file systems
+hundreds of µs of kernel time (it depends on how full the inode table's group is); a
+``LockDir`` with ``ahead`` makes files in ``<lock_dir>/.spares`` on a thread of its own,
+and a new lock file is one of them linked into place (``link`` fails if the name exists,
+so an existing lock file is never replaced), its spare name removed later by that thread.
+A spare that is missing (another process tidied it away) only means the file is created
+in place as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+
+from unbroken.errors import ExecutionLocked, StorageError
+from unbroken.ids import lock_name
+
+__all__ = ["LockDir"]
+
+log = logging.getLogger("unbroken")
+
+_PID_BYTES = 32
+_SPARES = ".spares"
+_FIRST_KEEP = 16  # spares kept at first; doubled whenever one was wanted and none was ready
+_MAX_KEEP = 512
+_BATCH = 16  # spares made between two reports to waiting callers
+_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+
+
+class LockDir:
+    """The lock directory of one database, opened on first use and kept open.
+
+    Args:
+        path: the directory (created with mode 0700 if missing).
+        ahead: make spare lock files ahead of need on a thread (``close`` stops it).
+    """
+
+    def __init__(self, path: Path, *, ahead: bool = False) -> None:
+        self.path = path
+        self._ahead = ahead
+        self._guard = threading.Lock()
+        self._handles = _Handles()
+        self._closer = weakref.finalize(self, self._handles.close)
+        if ahead:  # start making them now; an error here is ``acquire``'s to report
+            with contextlib.suppress(OSError):
+                self._open_dir()
+
+    def acquire(self, execution_id: str) -> int:
+        """Take the execution's lock without waiting; return the open file that holds it
+        (closing it gives the lock back).
+
+        Raises:
+            ExecutionLocked: another open file description holds it.
+            StorageError: the directory or file cannot be created or opened.
+        """
+        name = f"{lock_name(execution_id)}.lock"
+        try:
+            fd, made = self._open(name)
+        except OSError as exc:
+            raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            os.close(fd)
+            raise ExecutionLocked(execution_id, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if not made:  # a file made ahead holds our pid already
+            _write_pid(fd)
+        return fd
+
+    def held(self, execution_id: str) -> bool:
+        """Whether another open file description holds the lock (a missing file: no).
+
+        Raises:
+            StorageError: the lock file exists but cannot be opened.
+        """
+        path = self.path / f"{lock_name(execution_id)}.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock
+        return False
+
+    def short(self) -> bool:
+        """Whether spares are made ahead but none is ready now (``made`` waits for one)."""
+        spares = self._spares()
+        return spares is not None and spares.short()
+
+    async def made(self) -> None:
+        """Wait until the spare maker made more (or stopped)."""
+        spares = self._spares()
+        if spares is not None:
+            await spares.made()
+
+    def _spares(self) -> _Spares | None:
+        """The spares, unless this is a forked child (the maker thread stayed behind)."""
+        spares = self._handles.spares
+        return spares if spares is not None and spares.pid == os.getpid() else None
+
+    def close(self) -> None:
+        """Stop making spares, remove those not used, close the directory. Blocking (it
+        waits for the maker's batch in progress): call it off the event loop."""
+        with self._guard:
+            self._handles.close()
+
+    def _open(self, name: str) -> tuple[int, bool]:
+        """The lock file ``name`` opened, and whether it is a spare linked into place."""
+        handles = self._handles
+        dir_fd = handles.dir_fd if handles.dir_fd is not None else self._open_dir()
+        spares = self._spares()
+        spare = spares.take() if spares is not None else None
+        made = False
+        if spares is not None and spare is not None:
+            try:
+                os.link(spare, name, src_dir_fd=spares.dir_fd, dst_dir_fd=dir_fd)
+            except FileExistsError:
+                spares.give_back(spare)  # the lock file exists: open it as it is
+            except OSError:
+                pass  # the spare is gone: create the file in place
+            else:
+                spares.used(spare)
+                made = True
+        try:
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made
+        except FileNotFoundError:  # the directory was removed: make it again, once
+            with self._guard:
+                if handles.dir_fd == dir_fd:
+                    handles.close()
+            return os.open(name, _OPEN, 0o600, dir_fd=self._open_dir()), False
+
+    def _open_dir(self) -> int:
+        with self._guard:
+            handles = self._handles
+            if handles.dir_fd is None:
+                self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if self._ahead:
+                    try:
+                        handles.spares = _Spares(dir_fd)
+                    except OSError as exc:
+                        log.warning("lock files are not made ahead: %s", exc.strerror or exc)
+                handles.dir_fd = dir_fd
+            return handles.dir_fd
+
+
+class _Handles:
+    """What a ``LockDir`` holds open (closed by ``close``, or when it is collected)."""
+
+    __slots__ = ("dir_fd", "spares")
+
+    def __init__(self) -> None:
+        self.dir_fd: int | None = None
+        self.spares: _Spares | None = None
+
+    def close(self) -> None:
+        spares, self.spares = self.spares, None
+        dir_fd, self.dir_fd = self.dir_fd, None
+        if spares is not None:
+            spares.close()
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+class _Spares:
+    """Files in ``<lock_dir>/.spares`` made by a thread of their own, each holding this
+    process's pid (as a lock file does) and named ``<pid>-<n>``, so that a later maker
+    removes those of a dead process."""
+
+    def __init__(self, lock_dir_fd: int) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(_SPARES, 0o700, dir_fd=lock_dir_fd)
+        self.dir_fd = os.open(
+            _SPARES, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=lock_dir_fd
+        )
+        self._ready: deque[str] = deque()
+        self._used: deque[str] = deque()
+        self._keep = _FIRST_KEEP
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.pid = os.getpid()
+        self._names = (f"{self.pid}-{n}" for n in itertools.count())
+        self._pid_text = f"{self.pid}\n".encode("ascii")
+        self._thread = threading.Thread(target=self._run, name="unbroken-locks", daemon=True)
+        self._thread.start()
+
+    def take(self) -> str | None:
+        """A spare's name, or ``None`` if none is ready (the maker is asked for more)."""
+        try:
+            name = self._ready.popleft()
+        except IndexError:
+            name = None
+        if len(self._ready) < self._keep // 2:
+            with self._cond:
+                if name is None:
+                    self._keep = min(self._keep * 2, _MAX_KEEP)
+                self._cond.notify()
+        return name
+
+    def give_back(self, name: str) -> None:
+        self._ready.appendleft(name)
+
+    def used(self, name: str) -> None:
+        """``name`` is linked into place: the maker removes its spare name (here, that
+        would wait for the maker's ``open`` in the same directory)."""
+        self._used.append(name)
+
+    def short(self) -> bool:
+        return not self._ready and not self._closed
+
+    async def made(self) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self._closed or self._ready:
+                return
+            self._waiting.append((loop, future))
+            self._cond.notify()
+        await future
+
+    def close(self) -> None:
+        if self.pid != os.getpid():  # a forked child: the spares are its parent's
+            os.close(self.dir_fd)
+            return
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self._ready.extend(self._used)
+        self._remove(self._ready)
+        os.close(self.dir_fd)
+
+    def _run(self) -> None:
+        try:
+            self._tidy()
+            while self._wait():
+                self._remove(self._used)
+                for _ in range(_BATCH):
+                    name = next(self._names)
+                    fd = os.open(name, _OPEN | os.O_EXCL, 0o600, dir_fd=self.dir_fd)
+                    try:
+                        os.write(fd, self._pid_text)
+                    finally:
+                        os.close(fd)
+                    self._ready.append(name)
+                self._report()
+        except Exception as exc:  # each lock file is then created in place
+            log.warning("lock files are no longer made ahead: %s", exc)
+        finally:
+            with self._cond:
+                self._closed = True
+            self._report()
+
+    def _wait(self) -> bool:
+        with self._cond:
+            while not self._closed and len(self._ready) >= self._keep and not self._waiting:
+                self._cond.wait()
+            return not self._closed
+
+    def _report(self) -> None:
+        with self._cond:
+            waiting, self._waiting = self._waiting, []
+        for loop, future in waiting:
+            with contextlib.suppress(RuntimeError):  # its loop closed: no one waits
+                loop.call_soon_threadsafe(_settle, future)
+
+    def _remove(self, names: deque[str]) -> None:
+        while names:
+            with contextlib.suppress(OSError):
+                os.unlink(names.popleft(), dir_fd=self.dir_fd)
+
+    def _tidy(self) -> None:
+        """Remove the spares of processes that are gone."""
+        for name in os.listdir(self.dir_fd):
+            pid = name.partition("-")[0]
+            if pid.isdigit() and int(pid) != self.pid and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.dir_fd)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours to signal
+        return True
+    return True
+
+
+def _holder_pid(fd: int) -> int:
+    """The holder's pid; it writes it just after taking the lock, so an empty file is
+    re-read a few times (2 ms apart) before the pid is reported unknown (0)."""
+    for _ in range(5):
+        pid = _read_pid(fd)
+        if pid:
+            return pid
+        time.sleep(0.002)
+    return 0
+
+
+def _read_pid(fd: int) -> int:
+    """The pid the holder wrote, or 0 if it cannot be read (being rewritten, garbage)."""
+    try:
+        pid = int(os.pread(fd, _PID_BYTES, 0).decode("ascii").strip())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return 0
+    return pid if pid > 0 else 0
+
+
+def _write_pid(fd: int) -> None:
+    """Record our pid for others' error messages; the lock does not depend on it."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        pass

@@ -1,0 +1,183 @@
+"""INV-15 with lock files made ahead of need (``Ownership(..., ahead=True)``, as an engine
+uses it): a file linked into place is a lock like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import unbroken
+from unbroken import Engine
+from unbroken.errors import ExecutionLocked
+from unbroken.ids import lock_name
+from unbroken.ownership import Ownership
+
+from .test_ownership import EXECUTION, HOLDER
+
+TRY = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from unbroken.errors import ExecutionLocked
+    from unbroken.ownership import Ownership
+
+    try:
+        Ownership(Path(sys.argv[1])).acquire(sys.argv[2]).release()
+    except ExecutionLocked as exc:
+        print("locked", exc.holder_pid)
+    else:
+        print("acquired")
+    """
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(unbroken.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path) -> Path:
+    return tmp_path / "app.db.locks"
+
+
+@pytest.fixture
+def holder(lock_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process that owns EXECUTION through a lock file it created."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock_dir), EXECUTION],
+        stdout=subprocess.PIPE, text=True, env=_env(),
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "locked"
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _try_elsewhere(lock_dir: Path, execution_id: str) -> str:
+    """What another process gets when it tries to own the execution."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRY, str(lock_dir), execution_id],
+        capture_output=True, text=True, env=_env(), timeout=60, check=True,
+    )
+    return done.stdout.strip()
+
+
+def _ready(ownership: Ownership) -> Ownership:
+    async def wait() -> None:
+        while ownership.short():
+            await ownership.made()
+
+    asyncio.run(wait())
+    return ownership
+
+
+def _spares(lock_dir: Path) -> dict[int, str]:
+    return {p.stat().st_ino: p.name for p in (lock_dir / ".spares").iterdir()}
+
+
+def _lock_file(lock_dir: Path, execution_id: str = EXECUTION) -> Path:
+    return lock_dir / f"{lock_name(execution_id)}.lock"
+
+
+def test_inv15_a_lock_file_made_ahead_locks_out_another_process(lock_dir: Path) -> None:
+    ownership = _ready(Ownership(lock_dir, ahead=True))
+    try:
+        spares = _spares(lock_dir)
+        with ownership.acquire(EXECUTION):
+            assert _lock_file(lock_dir).stat().st_ino in spares  # linked, not created
+            assert _lock_file(lock_dir).read_text() == f"{os.getpid()}\n"
+            assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+        assert _try_elsewhere(lock_dir, EXECUTION) == "acquired"
+    finally:
+        ownership.close()
+
+
+def test_inv15_a_file_made_ahead_never_replaces_a_held_lock_file(
+    lock_dir: Path, holder: subprocess.Popen[str]
+) -> None:
+    inode = _lock_file(lock_dir).stat().st_ino
+    ownership = _ready(Ownership(lock_dir, ahead=True))
+    try:
+        spares = _spares(lock_dir)
+        with pytest.raises(ExecutionLocked) as info:
+            ownership.acquire(EXECUTION)
+        assert info.value.holder_pid == holder.pid
+        assert _lock_file(lock_dir).stat().st_ino == inode
+        assert _spares(lock_dir) == spares  # the spare went back unused
+        with ownership.acquire("other"):
+            assert _lock_file(lock_dir, "other").stat().st_ino in spares
+    finally:
+        ownership.close()
+
+
+def test_inv15_a_lock_file_made_ahead_is_never_unlinked(lock_dir: Path) -> None:
+    ownership = _ready(Ownership(lock_dir, ahead=True))
+    try:
+        with ownership.acquire(EXECUTION):
+            inode = _lock_file(lock_dir).stat().st_ino
+        with ownership.acquire(EXECUTION):
+            assert _lock_file(lock_dir).stat().st_ino == inode
+    finally:
+        ownership.close()
+    assert _lock_file(lock_dir).stat().st_ino == inode
+
+
+def test_closing_removes_unused_spares_and_a_dead_process_spares_go_too(
+    lock_dir: Path,
+) -> None:
+    _ready(Ownership(lock_dir, ahead=True)).close()
+    assert _spares(lock_dir) == {}
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (lock_dir / ".spares" / f"{gone.stdout.strip()}-0").touch()
+    ownership = _ready(Ownership(lock_dir, ahead=True))
+    try:
+        assert all(not name.startswith(f"{gone.stdout.strip()}-")
+                   for name in _spares(lock_dir).values())
+    finally:
+        ownership.close()
+
+
+def test_lock_files_are_created_in_place_when_none_can_be_made_ahead(
+    lock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock_dir.mkdir(parents=True)
+    (lock_dir / ".spares").write_text("not a directory")
+    ownership = Ownership(lock_dir, ahead=True)
+    try:
+        assert not ownership.short()  # nothing to wait for
+        with ownership.acquire(EXECUTION):
+            assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        ownership.close()
+    assert "not made ahead" in caplog.text
+
+
+async def test_an_engine_starts_many_executions_on_lock_files_made_ahead(
+    tmp_path: Path,
+) -> None:
+    engine = Engine(f"sqlite:///{tmp_path / 'app.db'}")
+
+    @engine.workflow(name="twice")
+    async def twice(ctx: unbroken.Context, n: int) -> int:
+        return await ctx.step("double", lambda: n * 2)  # type: ignore[no-any-return]
+
+    async with engine:
+        results = await asyncio.gather(*(engine.run("twice", n) for n in range(100)))
+    assert results == [n * 2 for n in range(100)]
+    locks = tmp_path / "app.db.locks"
+    assert len(list(locks.glob("*.lock"))) == 100
+    assert _spares(locks) == {}  # the engine's close removed those not used
