@@ -40,7 +40,7 @@ _PID_BYTES = 32
 _SPARES = ".spares"
 _FIRST_KEEP = 16  # spares kept at first; doubled whenever one was wanted and none was ready
 _MAX_KEEP = 512
-_BATCH = 16  # spares made between two reports to waiting callers
+_BATCH = 16  # spares made between two looks at what is used and wanted
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
 
 
@@ -271,6 +271,8 @@ class _Spares:
                     finally:
                         os.close(fd)
                     self._ready.append(name)
+                    if self._waiting and len(self._ready) >= len(self._waiting):
+                        self._report()  # every waiter is served: no need to wait for more
                 self._report()
         except Exception as exc:  # each lock file is then created in place
             log.warning("lock files are no longer made ahead: %s", exc)
@@ -286,11 +288,18 @@ class _Spares:
             return not self._closed
 
     def _report(self) -> None:
+        """Wake as many waiting callers as there are spares ready (all once closed), each
+        loop's at once: waking every waiter for every batch would cost the loop a task
+        step per waiter per batch."""
         with self._cond:
-            waiting, self._waiting = self._waiting, []
-        for loop, future in waiting:
+            n = len(self._waiting) if self._closed else len(self._ready)
+            woken, self._waiting = self._waiting[:n], self._waiting[n:]
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for loop, future in woken:
+            by_loop.setdefault(loop, []).append(future)
+        for loop, futures in by_loop.items():
             with contextlib.suppress(RuntimeError):  # its loop closed: no one waits
-                loop.call_soon_threadsafe(_settle, future)
+                loop.call_soon_threadsafe(_settle, futures)
 
     def _remove(self, names: deque[str]) -> None:
         while names:
@@ -306,9 +315,10 @@ class _Spares:
                     os.unlink(name, dir_fd=self.dir_fd)
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _settle(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def _alive(pid: int) -> bool:
