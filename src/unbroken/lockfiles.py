@@ -58,9 +58,6 @@ class LockDir:
         self._guard = threading.Lock()
         self._handles = _Handles()
         self._closer = weakref.finalize(self, self._handles.close)
-        if ahead:  # start making them now; an error here is ``acquire``'s to report
-            with contextlib.suppress(OSError):
-                self._open_dir()
 
     def acquire(self, execution_id: str) -> int:
         """Take the execution's lock without waiting; return the open file that holds it
@@ -110,7 +107,11 @@ class LockDir:
         return False
 
     def short(self) -> bool:
-        """Whether spares are made ahead but none is ready now (``made`` waits for one)."""
+        """Whether spares are made ahead but none is ready now (``made`` waits for one).
+        The first call starts the maker (an engine that only resumes never needs one)."""
+        if self._ahead and self._handles.dir_fd is None:
+            with contextlib.suppress(OSError):  # ``acquire`` reports it
+                self._open_dir()
         spares = self._spares()
         return spares is not None and spares.short()
 

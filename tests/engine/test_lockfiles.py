@@ -181,3 +181,9 @@ async def test_an_engine_starts_many_executions_on_lock_files_made_ahead(
     locks = tmp_path / "app.db.locks"
     assert len(list(locks.glob("*.lock"))) == 100
     assert _spares(locks) == {}  # the engine's close removed those not used
+
+
+async def test_an_engine_that_starts_nothing_makes_no_lock_files_ahead(tmp_path: Path) -> None:
+    async with Engine(f"sqlite:///{tmp_path / 'app.db'}"):
+        pass
+    assert not (tmp_path / "app.db.locks" / ".spares").exists()
