@@ -57,6 +57,7 @@ class LockDir:
         self._ahead = ahead
         self._guard = threading.Lock()
         self._handles = _Handles()
+        self._started = False  # the first ``short`` starts making spares
         self._closer = weakref.finalize(self, self._handles.close)
 
     def acquire(self, execution_id: str) -> int:
@@ -109,9 +110,8 @@ class LockDir:
     def short(self) -> bool:
         """Whether spares are made ahead but none is ready now (``made`` waits for one).
         The first call starts the maker (an engine that only resumes never needs one)."""
-        if self._ahead and self._handles.dir_fd is None:
-            with contextlib.suppress(OSError):  # ``acquire`` reports it
-                self._open_dir()
+        if self._ahead and not self._started:
+            self._start_spares()
         spares = self._spares()
         return spares is not None and spares.short()
 
@@ -155,6 +155,7 @@ class LockDir:
             with self._guard:
                 if handles.dir_fd == dir_fd:
                     handles.close()
+                    self._started = False
             return os.open(name, _OPEN, 0o600, dir_fd=self._open_dir()), False
 
     def _open_dir(self) -> int:
@@ -162,14 +163,24 @@ class LockDir:
             handles = self._handles
             if handles.dir_fd is None:
                 self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-                dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                if self._ahead:
-                    try:
-                        handles.spares = _Spares(dir_fd)
-                    except OSError as exc:
-                        log.warning("lock files are not made ahead: %s", exc.strerror or exc)
-                handles.dir_fd = dir_fd
+                handles.dir_fd = os.open(
+                    self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
             return handles.dir_fd
+
+    def _start_spares(self) -> None:
+        try:
+            dir_fd = self._open_dir()
+        except OSError:
+            return  # ``acquire`` reports it
+        with self._guard:
+            if self._started or self._handles.dir_fd != dir_fd:
+                return
+            self._started = True
+            try:
+                self._handles.spares = _Spares(dir_fd)
+            except OSError as exc:
+                log.warning("lock files are not made ahead: %s", exc.strerror or exc)
 
 
 class _Handles:
