@@ -38,7 +38,7 @@ log = logging.getLogger("unbroken")
 
 _PID_BYTES = 32
 _SPARES = ".spares"
-_FIRST_KEEP = 16  # spares kept at first; doubled whenever one was wanted and none was ready
+_FIRST_KEEP = 16  # spares kept at first; more once starts had to wait for one
 _MAX_KEEP = 512
 _BATCH = 16  # spares made between two looks at what is used and wanted
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -255,6 +255,8 @@ class _Spares:
             if self._closed or self._ready:
                 return
             self._waiting.append((loop, future))
+            # Keep as many ready as waited at once: the next burst like it waits for none.
+            self._keep = min(max(self._keep, len(self._waiting)), _MAX_KEEP)
             self._cond.notify()
         await future
 
