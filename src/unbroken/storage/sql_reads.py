@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..journal import EntryKind, JournalEntry, PromiseRecord, PromiseState, StepInfo, TimerRecord
+from .rules import GUARDED
 from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
 
 __all__ = ["PROMISE_COLUMNS", "TIMER_COLUMNS", "SqlReads"]
@@ -68,8 +69,11 @@ class SqlReads:
         ]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
-        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
-        where = "execution_id = ? AND idem_key = ? ORDER BY seq"
+        """Every guarded row of any generation with this idempotency key, by ``seq``
+        (INV-13)."""
+        # The effect term is the predicate of the partial index on (execution, key):
+        # without it the planner cannot use the index.
+        where = f"execution_id = ? AND idem_key = ? AND effect = '{GUARDED}' ORDER BY seq"
         return self._rows("find_by_key", where, (execution_id, idem_key))
 
     def list_steps(self, execution_id: str) -> list[StepInfo]:
