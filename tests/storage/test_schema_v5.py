@@ -20,7 +20,7 @@ from unbroken.storage.schema import APPLICATION_ID, MIGRATIONS
 from unbroken.storage.sqlite import SqliteStorage
 from unbroken.testing import SimulatedCrash, crash_after_step
 
-from .conftest import admin_execute, fresh_schema, needs_postgres, schema_url
+from .conftest import POSTGRES_URL, admin_execute, fresh_schema, needs_postgres, schema_url
 from .test_contract import run_concurrently
 
 GUARDED = Step.guarded("pay", Intent.COST_BEARING)
@@ -294,3 +294,31 @@ def test_postgres_storages_opening_a_version_4_schema_at_once_migrate_it_once() 
         assert admin_execute(f"SELECT value FROM {schema}.unbroken_meta") == [
             (str(SCHEMA_VERSION),)
         ]
+
+
+@needs_postgres
+def test_every_read_of_a_v5_postgres_journal_can_use_its_index(postgres_schema: str) -> None:
+    import psycopg
+
+    from unbroken.storage.postgres import PostgresStorage
+
+    store = PostgresStorage(schema_url(postgres_schema))
+    store.open()
+    store.close()
+    plans = {
+        "idx_journal_idem_key": (
+            "SELECT seq FROM journal WHERE execution_id = 'e' AND idem_key = '\\x00'::bytea "
+            f"AND effect = '{G}' ORDER BY seq"
+        ),
+        "idx_journal_checkpoint": (
+            "SELECT seq FROM journal WHERE execution_id = 'e' AND generation = 0 "
+            "AND kind = 'checkpoint' ORDER BY seq"
+        ),
+    }
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"SET search_path = {postgres_schema}")
+        conn.execute("SET enable_seqscan = off")
+        conn.execute("SET enable_bitmapscan = off")
+        for index, sql in plans.items():
+            plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {sql}").fetchall())
+            assert index in plan, (index, plan)
