@@ -110,24 +110,34 @@ def test_a_version_4_sqlite_database_migrates_in_place_and_keeps_every_row(
     assert "AUTOINCREMENT" not in journal.upper()
 
 
-def test_every_read_of_a_v5_sqlite_journal_uses_its_index(tmp_path: Path) -> None:
+def test_the_reads_of_a_v5_sqlite_journal_use_its_partial_indexes(tmp_path: Path) -> None:
     db = tmp_path / "v5.db"
-    SqliteStorage(db).open()
-    plans = {
-        "find_by_key": (
-            "SELECT seq FROM journal WHERE execution_id = 'e' AND idem_key = x'00' "
-            f"AND effect = '{G}' ORDER BY seq"
-        ),
-        "read_checkpoints": (
-            "SELECT seq FROM journal WHERE execution_id = 'e' AND generation = 0 "
-            "AND kind = 'checkpoint' ORDER BY seq"
-        ),
-    }
-    want = {"find_by_key": "idx_journal_idem_key", "read_checkpoints": "idx_journal_checkpoint"}
-    for op, sql in plans.items():
-        plan = " ".join(row[-1] for row in _raw(db, f"EXPLAIN QUERY PLAN {sql}"))
-        assert f"USING INDEX {want[op]}" in plan, (op, plan)
-        assert "TEMP B-TREE" not in plan, (op, plan)
+    store = SqliteStorage(db)
+    store.open()
+    statements: list[str] = []
+    try:
+        store._conn("test").set_trace_callback(statements.append)
+        reads = {
+            "find_by_key": (lambda: store.find_by_key("e", b"k"), ["idx_journal_idem_key"]),
+            "read_checkpoints": (
+                lambda: store.read_checkpoints("e", 0),
+                ["idx_journal_checkpoint"],
+            ),
+            "count_outcomes": (
+                lambda: store.count_outcomes("e"),
+                ["idx_journal_outcome", "idx_journal_checkpoint"],
+            ),
+        }
+        for op, (read, indexes) in reads.items():
+            statements.clear()
+            read()
+            (sql,) = statements
+            plan = " ".join(row[-1] for row in _raw(db, f"EXPLAIN QUERY PLAN {sql}"))
+            for index in indexes:
+                assert f"USING INDEX {index}" in plan, (op, plan)
+            assert "TEMP B-TREE" not in plan and "SCAN journal" not in plan, (op, plan)
+    finally:
+        store.close()
 
 
 def test_storages_opening_a_version_4_file_at_once_migrate_it_once(tmp_path: Path) -> None:

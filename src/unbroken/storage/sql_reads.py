@@ -108,15 +108,15 @@ class SqlReads:
     def count_outcomes(self, execution_id: str) -> int:
         """``result`` and ``error`` rows of the execution, every generation, plus the
         ``folded`` counts of its checkpoint rows."""
-        # ``generation >= 0`` always holds; it steers SQLite to the (execution, generation,
-        # step) index, which walks the rows about in table order. By the (execution, key)
-        # index it visits them at random: 1,000,000 rows took 3 s instead of 0.12 s.
+        # Two index scans: outcome rows through their partial unique index, which holds
+        # nothing else (1,000,000 rows: 0.1 s; through the (execution, generation, step)
+        # index with a table lookup per row: 0.25 s), and checkpoint rows through theirs.
         rows = self._select(
             "count_outcomes",
-            "SELECT COALESCE(SUM(CASE WHEN kind IN ('result', 'error') THEN 1 "
-            "WHEN kind = 'checkpoint' THEN folded ELSE 0 END), 0) FROM journal "
-            "WHERE execution_id = ? AND generation >= 0",
-            (execution_id,),
+            "SELECT (SELECT COUNT(*) FROM journal WHERE execution_id = ? "
+            "AND kind IN ('result','error')) + (SELECT COALESCE(SUM(folded), 0) FROM journal "
+            "WHERE execution_id = ? AND kind = 'checkpoint')",
+            (execution_id, execution_id),
         )
         return int(rows[0][0])
 
