@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from unbroken import Context, Engine, Intent, Step
 from unbroken.journal import EntryKind, JournalEntry, PromiseState
-from unbroken.storage import postgres_schema
+from unbroken.storage import postgres_schema, sqlite_connection
 from unbroken.storage.base import SCHEMA_VERSION
 from unbroken.storage.schema import APPLICATION_ID, MIGRATIONS
 from unbroken.storage.sqlite import SqliteStorage
@@ -154,6 +156,30 @@ def test_storages_opening_a_version_4_file_at_once_migrate_it_once(tmp_path: Pat
                 store.close()
         assert _raw(db, "SELECT * FROM journal ORDER BY seq") == before
         assert _raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_opening_waits_for_the_write_lock_as_long_as_a_migration_may_hold_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "v4.db"
+    _v4_file(db)
+    _raw(db, "PRAGMA journal_mode = WAL")
+    # Another process migrating a long journal holds the write lock longer than a write
+    # ever waits for it.
+    monkeypatch.setattr(sqlite_connection, "_BUSY_TIMEOUT_MS", 50)
+    with closing(sqlite3.connect(db, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        store = SqliteStorage(db)
+        opening = threading.Thread(target=store.open)
+        opening.start()
+        time.sleep(1.0)  # the opener waits for the lock meanwhile
+        holder.execute("COMMIT")
+        opening.join()
+    try:
+        assert len(store.read_segment("old", 0, 0, 10)) == 5
+    finally:
+        store.close()
+    assert _raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 def test_a_fold_gives_its_checkpoint_a_seq_past_the_rows_it_replaces(tmp_path: Path) -> None:
