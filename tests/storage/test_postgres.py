@@ -162,6 +162,7 @@ def test_the_schema_is_the_sqlite_schema_in_postgres_types(
     assert "UNIQUE" in outcome and "WHERE" in outcome and "'result'" in outcome
     assert "WHERE (effect = 'exactly_once_guarded'" in indexes["idx_journal_idem_key"]
     assert "WHERE (kind = 'checkpoint'" in indexes["idx_journal_checkpoint"]
+    assert "WHERE (queue IS NOT NULL)" in indexes["idx_executions_queue"]
     assert admin_execute(f"SELECT key, value FROM {postgres_schema}.unbroken_meta") == [
         ("schema_version", str(SCHEMA_VERSION))
     ]

@@ -163,6 +163,13 @@ _V5: tuple[str, ...] = (
     CREATE INDEX idx_journal_checkpoint ON journal (execution_id, generation, seq)
     WHERE kind = 'checkpoint'
     """,
+    # Only queued executions are looked up by queue (``queue = ?`` implies the predicate):
+    # creating and finishing any other execution skips this index's page.
+    "DROP INDEX idx_executions_queue",
+    """
+    CREATE INDEX idx_executions_queue ON executions (queue, status, created_at)
+    WHERE queue IS NOT NULL
+    """,
 )
 
 MIGRATIONS: list[tuple[str, ...]] = [_V1, _V2, _V3, _V4, _V5]
