@@ -454,16 +454,21 @@ def test_read_segment_returns_only_the_requested_generation_and_execution(
     assert storage.read_segment("nope", 0, 0, 10) == []
 
 
-def test_find_by_key_returns_rows_of_every_generation_by_seq_inv13(storage: Storage) -> None:
+def test_find_by_key_returns_guarded_rows_of_every_generation_by_seq_inv13(
+    storage: Storage,
+) -> None:
     create(storage)
     create(storage, "other")
     k = key(77)
+    g = "exactly_once_guarded"
     storage.append(
         [
-            entry("ex-1", 4, EntryKind.INTENT, generation=0, idem_key=k, payload=None),
-            entry("ex-1", 4, generation=0, idem_key=key(5)),
-            entry("other", 4, generation=0, idem_key=k),
-            entry("ex-1", 9, generation=1, idem_key=k, payload=b"committed"),
+            entry("ex-1", 4, EntryKind.INTENT, generation=0, idem_key=k, payload=None, effect=g),
+            entry("ex-1", 4, generation=0, idem_key=key(5), effect=g),
+            entry("other", 4, generation=0, idem_key=k, effect=g),
+            # only guarded steps are looked up by key: other rows are not in the key index
+            entry("ex-1", 7, generation=0, idem_key=k, effect="idempotent"),
+            entry("ex-1", 9, generation=1, idem_key=k, payload=b"committed", effect=g),
         ]
     )
     found = storage.find_by_key("ex-1", k)
@@ -559,7 +564,8 @@ def test_outcomes_are_counted_across_generations(storage: Storage) -> None:
 def test_control_entry_macs_round_trip(storage: Storage) -> None:
     storage.create_execution("a", "wf", b"", 1)
     mac = b"\x00" + b"m" * 32
-    storage.append([replace(entry("a", 0, EntryKind.INTENT, payload=None), hmac=mac)])
+    intent = entry("a", 0, EntryKind.INTENT, payload=None, effect="exactly_once_guarded")
+    storage.append([replace(intent, hmac=mac)])
     (row,) = storage.read_segment("a", 0, 0, 10)
     assert row.hmac == mac
     assert storage.find_by_key("a", row.idem_key)[0].hmac == mac

@@ -160,6 +160,9 @@ def test_the_schema_is_the_sqlite_schema_in_postgres_types(
     assert {n for n in indexes if n.startswith("idx_")} == want_indexes
     outcome = indexes["idx_journal_outcome"]
     assert "UNIQUE" in outcome and "WHERE" in outcome and "'result'" in outcome
+    assert "WHERE (effect = 'exactly_once_guarded'" in indexes["idx_journal_idem_key"]
+    assert "WHERE (kind = 'checkpoint'" in indexes["idx_journal_checkpoint"]
+    assert "WHERE (queue IS NOT NULL)" in indexes["idx_executions_queue"]
     assert admin_execute(f"SELECT key, value FROM {postgres_schema}.unbroken_meta") == [
         ("schema_version", str(SCHEMA_VERSION))
     ]

@@ -60,7 +60,7 @@ __all__ = [
     "outcomes_by_execution",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema version this code writes; a database with a higher one is refused."""
 
 Signer = Callable[[str, int], bytes]
@@ -265,7 +265,8 @@ class Storage(Protocol):
         ...
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
-        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
+        """Every guarded row (effect ``exactly_once_guarded``) of any generation with this
+        idempotency key, by ``seq`` (INV-13): only guarded steps are looked up by key."""
         ...
 
     def list_steps(self, execution_id: str) -> list[StepInfo]:

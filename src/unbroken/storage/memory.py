@@ -22,7 +22,7 @@ from .base import Claimant, Signer, outcomes_by_execution
 from .memory_retention import MemoryRetention
 from .memory_tables import OUTCOME_KINDS
 from .memory_waits import MemoryWaits
-from .rules import claim_in_order, outcomes_of
+from .rules import GUARDED, claim_in_order, outcomes_of
 
 __all__ = ["MemoryStorage"]
 
@@ -290,10 +290,12 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
         return rows[: max(limit, 0)]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
-        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
+        """Every guarded row of any generation with this idempotency key, by ``seq``
+        (INV-13)."""
         with self._lock:
             self._check_open("find_by_key")
-            return [e for e in self._journal.get(execution_id, ()) if e.idem_key == idem_key]
+            rows = self._journal.get(execution_id, ())
+            return [e for e in rows if e.idem_key == idem_key and e.effect == GUARDED]
 
     def list_steps(self, execution_id: str) -> list[StepInfo]:
         """Metadata of every journal row of the execution, by ``seq`` (INV-5: no payloads)."""

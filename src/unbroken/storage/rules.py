@@ -3,8 +3,9 @@
 The backends differ in how they find and delete rows (SQL on SQLite, dict scans in memory),
 not in what they decide: which rules pruning runs and in what order, when a terminal
 execution is past its TTL, how far over a cap the store is, which candidates a size cap
-takes, what a promise or timer's journal row must be, what a settled promise is, and
-which queued executions a claim takes where the backend cannot see owners in SQL.
+takes, what a promise or timer's journal row must be, what a settled promise is, which
+rows a key lookup finds, and which queued executions a claim takes where the backend
+cannot see owners in SQL.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from ..effects import EffectClass
 from ..journal import (
     EntryKind,
     ExecutionRecord,
@@ -24,7 +26,12 @@ from ..journal import (
 if TYPE_CHECKING:
     from .base import Claimant
 
+GUARDED = EffectClass.EXACTLY_ONCE_GUARDED.value
+"""The ``effect`` of the rows ``find_by_key`` finds: only guarded steps are looked up by
+key, so only their rows are in the key index."""
+
 __all__ = [
+    "GUARDED",
     "PHASES",
     "Phase",
     "active_phases",

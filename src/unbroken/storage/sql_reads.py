@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..journal import EntryKind, JournalEntry, PromiseRecord, PromiseState, StepInfo, TimerRecord
+from .rules import GUARDED
 from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
 
 __all__ = ["PROMISE_COLUMNS", "TIMER_COLUMNS", "SqlReads"]
@@ -68,8 +69,11 @@ class SqlReads:
         ]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
-        """Every row of any generation with this idempotency key, by ``seq`` (INV-13)."""
-        where = "execution_id = ? AND idem_key = ? ORDER BY seq"
+        """Every guarded row of any generation with this idempotency key, by ``seq``
+        (INV-13)."""
+        # The effect term is the predicate of the partial index on (execution, key):
+        # without it the planner cannot use the index.
+        where = f"execution_id = ? AND idem_key = ? AND effect = '{GUARDED}' ORDER BY seq"
         return self._rows("find_by_key", where, (execution_id, idem_key))
 
     def list_steps(self, execution_id: str) -> list[StepInfo]:
@@ -104,15 +108,15 @@ class SqlReads:
     def count_outcomes(self, execution_id: str) -> int:
         """``result`` and ``error`` rows of the execution, every generation, plus the
         ``folded`` counts of its checkpoint rows."""
-        # ``generation >= 0`` always holds; it steers SQLite to the (execution, generation,
-        # step) index, which walks the rows about in table order. By the (execution, key)
-        # index it visits them at random: 1,000,000 rows took 3 s instead of 0.12 s.
+        # Two index scans: outcome rows through their partial unique index, which holds
+        # nothing else (1,000,000 rows: 0.1 s; through the (execution, generation, step)
+        # index with a table lookup per row: 0.25 s), and checkpoint rows through theirs.
         rows = self._select(
             "count_outcomes",
-            "SELECT COALESCE(SUM(CASE WHEN kind IN ('result', 'error') THEN 1 "
-            "WHEN kind = 'checkpoint' THEN folded ELSE 0 END), 0) FROM journal "
-            "WHERE execution_id = ? AND generation >= 0",
-            (execution_id,),
+            "SELECT (SELECT COUNT(*) FROM journal WHERE execution_id = ? "
+            "AND kind IN ('result','error')) + (SELECT COALESCE(SUM(folded), 0) FROM journal "
+            "WHERE execution_id = ? AND kind = 'checkpoint')",
+            (execution_id, execution_id),
         )
         return int(rows[0][0])
 

@@ -31,6 +31,9 @@ from .sqlite_rows import ENTRY_COLUMNS, add_functions, entry_from_row
 __all__ = ["SqliteConnections"]
 
 _BUSY_TIMEOUT_MS = 5000
+_MIGRATION_WAIT_MS = 600_000
+"""How long ``open`` waits for the write lock to migrate: a migration that rebuilds the
+journal holds it for seconds per million rows, while other processes open the file."""
 
 T = TypeVar("T")
 
@@ -128,10 +131,14 @@ class SqliteConnections:
         _enable_wal(conn)
         if version == SCHEMA_VERSION:
             return
-        with _transaction(conn, "open"):
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            for sql in migration_statements(self._inspect(conn)):
-                conn.execute(sql)
+        conn.execute(f"PRAGMA busy_timeout = {_MIGRATION_WAIT_MS}")
+        try:
+            with _transaction(conn, "open"):
+                # Re-read under the write lock: another process may have migrated meanwhile.
+                for sql in migration_statements(self._inspect(conn)):
+                    conn.execute(sql)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
     def _inspect(self, conn: sqlite3.Connection) -> int:
         """The schema version of an acceptable database; raise for any other."""

@@ -217,6 +217,9 @@ class SqliteRetention(SqliteConnections):
         if EntryKind(checkpoint.kind) is not EntryKind.CHECKPOINT:
             raise ValueError("fold needs an entry of kind checkpoint")
         with self._write("fold") as conn:
+            # Inserted first, so its seq is past the rows it replaces: seqs are not
+            # AUTOINCREMENT, and a seq freed by the delete could otherwise be given again.
+            insert_entry(conn, checkpoint)
             replaced = delete_replaced_rows(conn, checkpoint.execution_id, replaced_seqs)
             if replaced != checkpoint.folded:
                 raise StorageError(
@@ -224,7 +227,6 @@ class SqliteRetention(SqliteConnections):
                     f"the checkpoint folds {checkpoint.folded} outcomes but the replaced rows "
                     f"hold {replaced}",
                 )
-            insert_entry(conn, checkpoint)
 
     def read_checkpoints(self, execution_id: str, generation: int) -> list[JournalEntry]:
         """The checkpoint rows of one generation, by ``seq``."""

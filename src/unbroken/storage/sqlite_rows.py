@@ -112,9 +112,8 @@ statement cache keeps all seven prepared."""
 def insert_entries(conn: sqlite3.Connection, entries: Sequence[JournalEntry]) -> int:
     """Insert journal rows inside the caller's write transaction; return the last ``seq``.
 
-    Multi-row statements rather than ``executemany``: one statement per 64 rows (one
-    ``AUTOINCREMENT`` update, one call into SQLite with the GIL released) instead of one
-    per row.
+    Multi-row statements rather than ``executemany``: one statement per 64 rows (one call
+    into SQLite with the GIL released) instead of one per row.
     """
     seq: int | None = None
     start, total = 0, len(entries)
