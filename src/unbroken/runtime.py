@@ -304,12 +304,12 @@ class StepThreads:
         return inbox
 
     def _submit(self, job: _Job) -> None:
-        self._jobs.put(job)
         with self._lock:
             self._outstanding += 1
             grow = self._outstanding > self._threads and self._threads < self._max
             if grow:
                 self._threads += 1
+        self._jobs.put(job)  # last: the thread it wakes finds the caller about to wait
         if grow:
             threading.Thread(target=self._work, name="unbroken-step", daemon=True).start()
 
