@@ -42,6 +42,8 @@ from .runtime import (
     Stopped,
     enter_step,
     now_ms,
+    retry_operation,
+    running_task,
     start_operation,
 )
 
@@ -113,13 +115,9 @@ class Context:
         self._ack_all = run.config.journal_ack_every_step
         cap = run.config.max_steps_per_execution
         self._fold_at = cap * 9 // 10 if cap else 1 << 62  # no cap check below this step
-        # The task the workflow runs in, which also calls ``cancel_inflight``: its own
-        # steps need no tracking. Another task's are tracked in ``_tasks``.
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        self._owner = asyncio.current_task(self._loop) if self._loop is not None else None
+        # The workflow's task also calls ``cancel_inflight``: only other tasks' steps are
+        # tracked in ``_tasks``.
+        self._loop, self._owner = running_task()
 
     @property
     def execution_id(self) -> str:
@@ -462,7 +460,7 @@ class Context:
 
     async def _execute(self, call: _Call) -> Any:
         """Run the operation (``runtime.start_operation``) with ``unbroken.current_step()``
-        set, retrying per policy (``_retry``), and journal its outcome."""
+        set, retrying per policy (``runtime.retry_operation``), and journal its outcome."""
         try:
             token = enter_step(self._run.execution_id, call.step_id, call.desc.name, call.key, 1)
             try:
@@ -471,16 +469,17 @@ class Context:
                 token.var.reset(token)
         except Exception as first:
             try:
-                value = await self._retry(call, first)
+                value = await retry_operation(
+                    self._run.execution_id, call.step_id, call.desc, call.key, call.fn,
+                    call.args, call.kwargs, first, self._check_alive,
+                )
             except Exception as exc:
                 self._check_alive()
                 record = {"type": type(exc).__name__, "message": str(exc)}
                 await self._journal(call, EntryKind.ERROR, record)
                 await self._fault_after(call.step_id)
-                desc = call.desc
-                raise StepFailed(
-                    desc.name, call.step_id, record["type"], record["message"]
-                ) from exc
+                name, step_id = call.desc.name, call.step_id
+                raise StepFailed(name, step_id, record["type"], record["message"]) from exc
         self._check_alive()
         faults = self._run.faults
         if faults is not None and call.desc.is_guarded and faults.in_window(call.step_id):
@@ -499,26 +498,6 @@ class Context:
         if faults is not None and faults.after_result(step_id):
             await self._run.writer.flush()
             raise SimulatedCrash()
-
-    async def _retry(self, call: _Call, exc: Exception) -> Any:
-        """The attempts after the first failed with ``exc``, while the policy allows;
-        raises the last attempt's exception."""
-        policy = call.desc.retry
-        execution_id = self._run.execution_id
-        attempt = 1
-        while True:
-            if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
-                raise exc
-            self._check_alive()
-            await asyncio.sleep(policy.delay_before(attempt + 1))
-            attempt += 1
-            token = enter_step(execution_id, call.step_id, call.desc.name, call.key, attempt)
-            try:
-                return await start_operation(call.fn, call.args, call.kwargs)
-            except Exception as error:
-                exc = error
-            finally:
-                token.var.reset(token)
 
     def _acks(self, call: _Call) -> bool:
         """Whether the step's outcome is acknowledged (durable) before the step returns:

@@ -39,6 +39,7 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
+from .effects import Step
 from .errors import DecodeError, IntegrityError, PayloadTooLarge, ReplayDivergence
 from .payloads import Payloads
 from .storage import Storage
@@ -57,6 +58,8 @@ __all__ = [
     "current_step",
     "enter_step",
     "now_ms",
+    "retry_operation",
+    "running_task",
     "set_current_step",
     "start_operation",
 ]
@@ -354,6 +357,46 @@ class StepThreads:
 _STEP_THREADS = StepThreads()
 """One pool per process, like a loop's default executor (results go to each job's loop)."""
 atexit.register(_STEP_THREADS.wait_idle)
+
+
+def running_task() -> tuple[asyncio.AbstractEventLoop | None, asyncio.Task[Any] | None]:
+    """The running loop and its current task; ``(None, None)`` off a loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None, None
+    return loop, asyncio.current_task(loop)
+
+
+async def retry_operation(
+    execution_id: str,
+    step_id: int,
+    step: Step,
+    key: bytes,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc: Exception,
+    check: Callable[[], None],
+) -> Any:
+    """The attempts of a step's operation after its first failed with ``exc``, while the
+    step's retry policy allows (``check`` raises when the run must stop first); raises
+    the last attempt's exception."""
+    policy = step.retry
+    attempt = 1
+    while True:
+        if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
+            raise exc
+        check()
+        await asyncio.sleep(policy.delay_before(attempt + 1))
+        attempt += 1
+        token = enter_step(execution_id, step_id, step.name, key, attempt)
+        try:
+            return await start_operation(fn, args, kwargs)
+        except Exception as error:
+            exc = error
+        finally:
+            token.var.reset(token)
 
 
 def start_operation(
