@@ -31,6 +31,7 @@ import os
 import queue
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -408,10 +409,17 @@ def start_operation(
     if code is not None and code.co_flags & inspect.CO_COROUTINE:
         awaitable: Awaitable[Any] = fn(*args, **kwargs)  # plain ``async def``: the fast path
         return awaitable
-    if inspect.iscoroutinefunction(fn):
+    # A plain ``def`` with no attributes set (``inspect.markcoroutinefunction`` sets one)
+    # is sync: no need to ask ``iscoroutinefunction``.
+    plain = type(fn) is types.FunctionType and not fn.__dict__
+    if not plain and inspect.iscoroutinefunction(fn):
         awaitable = fn(*args, **kwargs)
         return awaitable
     return _run_sync(functools.partial(fn, *args, **kwargs))
+
+
+_NEVER_AWAITABLE = frozenset({int, str, float, bool, bytes, type(None), dict, list, tuple})
+"""Result types of sync step functions that ``inspect.isawaitable`` need not look at."""
 
 
 async def _run_sync(fn: Callable[[], Any]) -> Any:
@@ -422,7 +430,8 @@ async def _run_sync(fn: Callable[[], Any]) -> Any:
         result = outcome.value
     else:
         result = await outcome
-    if inspect.isawaitable(result):  # e.g. a lambda that returns a coroutine
+    if type(result) not in _NEVER_AWAITABLE and inspect.isawaitable(result):
+        # e.g. a lambda that returns a coroutine
         result = await result
     return result
 
