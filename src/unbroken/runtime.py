@@ -11,12 +11,13 @@ loop once for every burst of results (``loop.run_in_executor`` costs several tim
 call). Like the default executor, the pool grows while every thread is busy, up to
 ``min(32, cpu_count + 4)`` threads, and a thread idle for a minute ends.
 
-When nothing else on the loop is ready to run and no other sync step function is running,
-the loop's thread would only sleep in its selector until the result's wake-up: it waits
-for the job itself instead, up to half a millisecond (``StepThreads.call``), which saves
-the self-pipe write, the selector's return and a loop iteration, and the GIL hand-overs
-they cost. Still running after that, the job resolves through the inbox as usual. A task
-that got 32 results in a row this way yields once, so the selector is polled now and then.
+When nothing else on the loop is ready to run (no callback, no timer due: the journal's
+group commit is one) and no other sync step function is running, the loop's thread would
+only sleep in its selector until the result's wake-up: it waits for the job itself
+instead, up to half a millisecond (``StepThreads.call``), which saves the self-pipe write,
+the selector's return and a loop iteration, and the GIL hand-overs they cost. Still
+running after that, the job resolves through the inbox as usual. A task that got 32
+results in a row this way yields once, so the selector is polled now and then.
 """
 
 from __future__ import annotations
@@ -272,8 +273,9 @@ class StepThreads:
         return future
 
     def call(self, fn: Callable[[], Any]) -> _Job | asyncio.Future[Any]:
-        """``run``, except that when nothing else on the loop is ready to run and no
-        other sync step function is running, the loop's thread waits for ``fn()`` up to
+        """``run``, except that when nothing else on the loop is ready to run (no callback,
+        no timer due) and no other sync step function is running, the loop's thread waits
+        for ``fn()`` up to
         ``hold_secs``: a finished job comes back itself (``.value``, ``.exc``), with
         neither the loop's wake-up nor its extra iteration.
 
@@ -281,8 +283,15 @@ class StepThreads:
         """
         loop = asyncio.get_running_loop()
         ready = getattr(loop, "_ready", None)
+        timers = getattr(loop, "_scheduled", None)
         inbox = self._inbox(loop)
-        if ready is None or ready or self._outstanding or inbox.holds >= _HOLDS_BEFORE_YIELD:
+        if (
+            ready is None
+            or ready
+            or self._outstanding
+            or inbox.holds >= _HOLDS_BEFORE_YIELD
+            or (timers and timers[0].when() <= loop.time())  # e.g. the journal's flush
+        ):
             inbox.holds = 0
             future: asyncio.Future[Any] = loop.create_future()
             self._submit(_Job(contextvars.copy_context(), fn, inbox, future, None))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import unbroken
-from unbroken import Context, Engine, Step, StepFailed
+from unbroken import Context, Engine, Step, StepFailed, runtime
 from unbroken.config import load_config
 from unbroken.journal import EntryKind, JournalEntry
 from unbroken.runtime import _STEP_THREADS, StepThreads, start_operation
@@ -200,6 +200,28 @@ async def test_fast_sync_steps_in_a_row_still_let_the_loop_poll(
         reader.close()
         writer.close()
     assert seen[-1] - seen[0] >= 200 // 32  # the workflow's task yielded now and then
+
+
+async def test_fast_sync_steps_in_a_row_leave_the_group_commit_on_time(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never a yield for the count of steps: only a due flush timer ends the waiting.
+    monkeypatch.setattr(runtime, "_HOLDS_BEFORE_YIELD", 1 << 30)
+    engine = make_engine(journal_flush_interval_ms=1, journal_max_batch=100_000)
+    commits: list[int] = []
+
+    def op(i: int) -> int:
+        return i
+
+    @engine.workflow
+    async def wf(ctx: Context) -> None:
+        for i in range(400):  # some milliseconds of steps: the 1 ms flush comes due
+            await ctx.step("op", op, i)
+            commits.append(engine._writer.stats.commits)
+
+    async with engine:
+        await engine.run(wf)
+    assert commits[-1] > commits[0]  # group commits ran while the steps did
 
 
 def test_event_loops_that_ran_sync_steps_are_not_kept_alive() -> None:
