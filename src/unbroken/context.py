@@ -297,8 +297,8 @@ class Context:
         return _Call(step_id, desc, key, fn, args, kwargs)
 
     async def _run_step(self, call: _Call, *, recorded: bool) -> Any:
-        # ``current_task(loop)``: without a loop it asks for the running one (a getpid).
-        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        # Given the loop, ``current_task`` need not look the running one up (a getpid).
+        task = asyncio.current_task(self._loop)
         tracked = task is not None and task is not self._owner
         if tracked:
             self._tasks.add(task)  # type: ignore[arg-type]
