@@ -96,6 +96,8 @@ def encode(value: object, *, what: str = "value") -> bytes:
     Raises:
         EncodeError: the value (or something inside it) has no encoding.
     """
+    if type(value) is int and -_BIG < value < _BIG:
+        return b"%d" % value  # the digits JSON writes, without the encoder
     try:
         tree = value if _is_plain(value) else _to_tree(value, what)
         try:
