@@ -53,8 +53,34 @@ _PLAIN_SCALARS = frozenset({str, float, bool, type(None)})
 _BIG = 1 << 1992  # below 600 decimal digits: under every interpreter's int/str limit
 _T = TypeVar("_T")
 _D = TypeVar("_D", dt.datetime, dt.time)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _dumps_ascii = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _make_dumps() -> Callable[[object], str]:
+    """Compact JSON, UTF-8 text, no NaN: ``JSONEncoder.encode`` with its C encoder built
+    once rather than on every call (the same output; ``json`` keeps the C encoder it
+    would build in ``json.encoder.c_make_encoder``)."""
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator: the encoder's own path
+        return encoder.encode
+    # No circular-reference markers: a cycle ends in RecursionError, which ``encode``
+    # reports, instead of ValueError, which it takes for a non-finite float.
+    chunks = make(
+        None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False,
+        False, False,
+    )
+    quote = json.encoder.encode_basestring
+
+    def dumps(tree: object) -> str:
+        if type(tree) is str:
+            return quote(tree)
+        return "".join(chunks(tree, 0))
+
+    return dumps
+
+
+_dumps = _make_dumps()
 
 
 def encode(value: object, *, what: str = "value") -> bytes:
@@ -70,6 +96,8 @@ def encode(value: object, *, what: str = "value") -> bytes:
     Raises:
         EncodeError: the value (or something inside it) has no encoding.
     """
+    if type(value) is int and -_BIG < value < _BIG:
+        return b"%d" % value  # the digits JSON writes, without the encoder
     try:
         tree = value if _is_plain(value) else _to_tree(value, what)
         try:

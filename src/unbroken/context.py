@@ -31,8 +31,8 @@ from .errors import (
     StepCapExceeded,
     StepFailed,
 )
-from .ids import idempotency_key
-from .journal import EntryKind, JournalEntry
+from .ids import step_keys
+from .journal import EntryKind, JournalEntry, new_entry
 from .replay import StepRows
 from .runtime import (
     Diverged,
@@ -42,6 +42,8 @@ from .runtime import (
     Stopped,
     enter_step,
     now_ms,
+    retry_operation,
+    running_task,
     start_operation,
 )
 
@@ -83,10 +85,15 @@ class Context:
     """The handle a workflow gets as its first argument."""
 
     __slots__ = (
+        "_ack_all",
         "_background",
         "_dead",
+        "_derive_key",
+        "_fold_at",
         "_folding",
+        "_loop",
         "_next_step",
+        "_owner",
         "_promise_names",
         "_reader",
         "_replaying",
@@ -104,6 +111,13 @@ class Context:
         self._promise_names: set[str] = set()
         self._folding = False
         self._background: set[asyncio.Task[None]] = set()
+        self._derive_key = step_keys(run.execution_id)
+        self._ack_all = run.config.journal_ack_every_step
+        cap = run.config.max_steps_per_execution
+        self._fold_at = cap * 9 // 10 if cap else 1 << 62  # no cap check below this step
+        # The workflow's task also calls ``cancel_inflight``: only other tasks' steps are
+        # tracked in ``_tasks``.
+        self._loop, self._owner = running_task()
 
     @property
     def execution_id(self) -> str:
@@ -279,17 +293,23 @@ class Context:
             raise InvalidStep(f"step {desc.name!r}: the operation must be callable")
         step_id = self._next_step
         self._next_step = step_id + 1
-        key = idempotency_key(self._run.execution_id, step_id, desc.key_input)
+        key = self._derive_key(step_id, desc.key_input)
         return _Call(step_id, desc, key, fn, args, kwargs)
 
     async def _run_step(self, call: _Call, *, recorded: bool) -> Any:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        # Given the loop, ``current_task`` need not look the running one up (a getpid).
+        task = asyncio.current_task(self._loop)
+        tracked = task is not None and task is not self._owner
+        if tracked:
+            self._tasks.add(task)  # type: ignore[arg-type]
         try:
-            value, replayed = await self._resolve(call)
+            if self._replaying or call.desc.is_guarded or call.step_id >= self._fold_at:
+                value, replayed = await self._resolve(call)
+            else:  # a fresh step far from the cap: what ``_resolve`` comes down to
+                self._check_alive()
+                value, replayed = await self._execute(call), False
         finally:
-            if task is not None:
+            if tracked:
                 self._tasks.discard(task)
         if recorded:
             return StepOutcome(value, replayed, call.step_id, call.key)
@@ -439,23 +459,35 @@ class Context:
         return await self._execute(call)
 
     async def _execute(self, call: _Call) -> Any:
+        """Run the operation (``runtime.start_operation``) with ``unbroken.current_step()``
+        set, retrying per policy (``runtime.retry_operation``), and journal its outcome."""
         try:
-            value = await self._call_with_retry(call)
-        except Exception as exc:
-            self._check_alive()
-            record = {"type": type(exc).__name__, "message": str(exc)}
-            await self._journal(call, EntryKind.ERROR, record)
-            await self._fault_after(call.step_id)
-            desc = call.desc
-            raise StepFailed(desc.name, call.step_id, record["type"], record["message"]) from exc
+            token = enter_step(self._run.execution_id, call.step_id, call.desc.name, call.key, 1)
+            try:
+                value = await start_operation(call.fn, call.args, call.kwargs)
+            finally:
+                token.var.reset(token)
+        except Exception as first:
+            try:
+                value = await retry_operation(
+                    self._run.execution_id, call.step_id, call.desc, call.key, call.fn,
+                    call.args, call.kwargs, first, self._check_alive,
+                )
+            except Exception as exc:
+                self._check_alive()
+                record = {"type": type(exc).__name__, "message": str(exc)}
+                await self._journal(call, EntryKind.ERROR, record)
+                await self._fault_after(call.step_id)
+                name, step_id = call.desc.name, call.step_id
+                raise StepFailed(name, step_id, record["type"], record["message"]) from exc
         self._check_alive()
         faults = self._run.faults
         if faults is not None and call.desc.is_guarded and faults.in_window(call.step_id):
             raise SimulatedCrash()
         if self._acks(call):
             await self._journal(call, EntryKind.RESULT, value)
-        else:
-            self._buffer(call, EntryKind.RESULT, value)  # the hot path: no await
+        else:  # the hot path: no await
+            self._run.writer.append_buffered(self._outcome(call, EntryKind.RESULT, value))
         if faults is not None:
             await self._fault_after(call.step_id)
         return value
@@ -467,29 +499,10 @@ class Context:
             await self._run.writer.flush()
             raise SimulatedCrash()
 
-    async def _call_with_retry(self, call: _Call) -> Any:
-        """Run the operation (``runtime.start_operation``) with ``unbroken.current_step()``
-        set; retry per policy."""
-        policy = call.desc.retry
-        execution_id = self._run.execution_id
-        attempt = 1
-        while True:
-            token = enter_step(execution_id, call.step_id, call.desc.name, call.key, attempt)
-            try:
-                return await start_operation(call.fn, call.args, call.kwargs)
-            except Exception as exc:
-                if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
-                    raise
-            finally:
-                token.var.reset(token)
-            self._check_alive()
-            await asyncio.sleep(policy.delay_before(attempt + 1))
-            attempt += 1
-
     def _acks(self, call: _Call) -> bool:
         """Whether the step's outcome is acknowledged (durable) before the step returns:
         guarded steps always, every step under ``journal_ack_every_step``."""
-        return call.desc.is_guarded or self._run.config.journal_ack_every_step
+        return call.desc.is_guarded or self._ack_all
 
     async def _journal(self, call: _Call, kind: EntryKind, value: Any) -> None:
         if not self._acks(call):
@@ -520,7 +533,7 @@ class Context:
         )
         effect = _LABELS[desc.effect]
         eid, generation, key, at = run.execution_id, run.generation, call.key, now_ms()
-        return JournalEntry(eid, generation, step_id, kind, desc.name, effect, key, payload, at)
+        return new_entry(eid, generation, step_id, kind, desc.name, effect, key, payload, at)
 
     def _entry(self, call: _Call, kind: EntryKind, payload: bytes | None) -> JournalEntry:
         desc = call.desc
@@ -539,17 +552,9 @@ class Context:
         at: int | None = None,
     ) -> JournalEntry:
         run = self._run
-        return JournalEntry(
-            run.execution_id,
-            run.generation,
-            step_id,
-            kind,
-            name,
-            effect,
-            key,
-            payload,
-            now_ms() if at is None else at,
-            hmac=hmac,
+        at = now_ms() if at is None else at
+        return new_entry(
+            run.execution_id, run.generation, step_id, kind, name, effect, key, payload, at, hmac
         )
 
     def _degraded(self, call: _Call) -> None:

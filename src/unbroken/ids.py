@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 
 import blake3
 import uuid6
@@ -35,6 +36,7 @@ __all__ = [
     "new_execution_id",
     "promise_id",
     "resolver_token_hash",
+    "step_keys",
     "timer_id",
     "validate_execution_id",
 ]
@@ -97,6 +99,22 @@ def idempotency_key(execution_id: str, step_id: int, descriptor_input: bytes) ->
     e = execution_id.encode("utf-8")
     data = b"".join((_U32.pack(len(e)), e, _U32.pack(step_id), descriptor_input))
     return blake3.blake3(data, derive_key_context=CONTEXT_IDEMPOTENCY_KEY).digest()
+
+
+def step_keys(execution_id: str) -> Callable[[int, bytes], bytes]:
+    """``idempotency_key`` for the steps of one execution: ``derive(step_id,
+    descriptor_input)``, with the execution's part of the input hashed once (BLAKE3 is a
+    stream: the same key as hashing the whole input)."""
+    e = execution_id.encode("utf-8")
+    base = blake3.blake3(_U32.pack(len(e)) + e, derive_key_context=CONTEXT_IDEMPOTENCY_KEY)
+    pack = _U32.pack
+
+    def derive(step_id: int, descriptor_input: bytes) -> bytes:
+        hasher = base.copy()
+        hasher.update(pack(step_id) + descriptor_input)
+        return hasher.digest()
+
+    return derive
 
 
 def lock_name(execution_id: str) -> str:

@@ -74,35 +74,40 @@ _U32 = struct.Struct("<I")
 
 
 class _Nonces:
-    """Random nonces handed out from a buffer of ``os.urandom`` bytes, each exactly once.
+    """Random nonces cut from a buffer of ``os.urandom`` bytes, each handed out once.
 
     One ``getrandom`` call per 512 nonces instead of one per seal (it also releases the
-    GIL, a hand-over on every step when another thread wants it). A forked child must
-    never reuse its parent's nonces: ``os.register_at_fork`` empties the buffer there.
+    GIL, a hand-over on every step when another thread wants it). The nonces wait in a
+    list: ``list.pop`` is atomic, so no two callers get the same one and taking one needs
+    no lock; refilling does. A forked child must never reuse its parent's nonces:
+    ``os.register_at_fork`` empties the list there.
     """
 
-    __slots__ = ("_buffer", "_lock", "_next")
+    __slots__ = ("_lock", "_pool")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._buffer = b""
-        self._next = 0
+        self._pool: list[bytes] = []
 
     def take(self) -> bytes:
+        try:
+            return self._pool.pop()
+        except IndexError:
+            return self._refill()
+
+    def _refill(self) -> bytes:
         with self._lock:
-            start = self._next
-            end = start + NONCE_BYTES
-            if end > len(self._buffer):
-                self._buffer = os.urandom(NONCE_BYTES * _NONCES_PER_FILL)
-                start, end = 0, NONCE_BYTES
-            self._next = end
-            return self._buffer[start:end]
+            if not self._pool:
+                data = os.urandom(NONCE_BYTES * _NONCES_PER_FILL)
+                self._pool = [
+                    data[i : i + NONCE_BYTES] for i in range(0, len(data), NONCE_BYTES)
+                ]
+        return self.take()
 
     def discard(self) -> None:
-        """Forget the buffer (in a forked child: the parent uses the same bytes)."""
+        """Forget the pool (in a forked child: the parent holds the same nonces)."""
         self._lock = threading.Lock()  # the parent may have held it at the fork
-        self._buffer = b""
-        self._next = 0
+        self._pool = []
 
 
 _NONCES = _Nonces()
@@ -113,7 +118,8 @@ class _Sealer:
     """Seals with the current key through libsodium, in ``cipher``'s layout (module doc)."""
 
     __slots__ = (
-        "_cipher", "_decrypt", "_encrypt", "_ffi", "_heads", "_key", "_key_id", "_kinds"
+        "_bytes", "_cipher", "_decrypt", "_encrypt", "_ffi", "_heads", "_key", "_key_id",
+        "_kinds",
     )
 
     def __init__(self, cipher: XChaChaCipher) -> None:
@@ -125,6 +131,7 @@ class _Sealer:
             ffi = lib = None
         self._cipher = cipher
         self._ffi: Any = ffi
+        self._bytes = ffi.typeof("unsigned char[]") if ffi is not None else None  # parsed once
         self._encrypt = getattr(lib, "crypto_aead_xchacha20poly1305_ietf_encrypt", None)
         self._decrypt = getattr(lib, "crypto_aead_xchacha20poly1305_ietf_decrypt", None)
         self._key = cipher.current.secret
@@ -189,7 +196,7 @@ class _Sealer:
             return self._cipher.seal(plaintext, associated)
         nonce = _NONCES.take()
         size = len(plaintext) + TAG_BYTES
-        out = self._ffi.new("unsigned char[]", size)
+        out = self._ffi.new(self._bytes, size)
         status = self._encrypt(
             out, self._ffi.NULL, plaintext, len(plaintext), associated, len(associated),
             self._ffi.NULL, nonce, self._key,

@@ -90,7 +90,8 @@ class JournalWriter:
         self._items: deque[JournalEntry | _Request] = deque()
         self._buffered = 0
         self._requests = 0
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # the condition's: taken directly where no one waits
+        self._cond = threading.Condition(self._mutex)
         self._closing = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -139,7 +140,7 @@ class JournalWriter:
 
     def append_buffered(self, entry: JournalEntry) -> None:
         """Queue an entry for the next group commit; never blocks, never raises."""
-        with self._cond:
+        with self._mutex:
             if self._closing:
                 self.stats.dropped += 1
                 log.warning("journal writer is closed; a buffered entry was dropped "

@@ -122,6 +122,35 @@ async def test_parallel_group_replays_by_position_after_a_crash(make_engine: Eng
     assert ops.calls == {"q0": 1, "q1": 1, "q2": 1, "tail": 1}
 
 
+async def test_steps_running_in_other_tasks_are_cancelled_with_the_generation(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def hang() -> None:
+        ran.append("hang")
+        await asyncio.Event().wait()
+
+    async def quick() -> str:
+        return "own"
+
+    @engine.workflow
+    async def wf(ctx: Context) -> tuple[str, bool]:
+        other = asyncio.ensure_future(ctx.step("hang", hang))  # a task of its own
+        own = await ctx.step("quick", quick)  # in the workflow's task
+        while not ran:
+            await asyncio.sleep(0)
+        await ctx.cancel_inflight()  # what a divergence or a stop does
+        cancelled = other.cancelled()
+        other.cancel()
+        await asyncio.gather(other, return_exceptions=True)
+        return own, cancelled
+
+    async with engine:
+        assert await engine.run(wf) == ("own", True)
+
+
 async def test_guarded_step_commits_intent_before_result_fr_de_04(
     make_engine: EngineFactory,
 ) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import given, settings
@@ -123,6 +125,19 @@ def test_every_seal_takes_a_fresh_nonce_inv7() -> None:
     payloads, _ = _payloads()
     nonces = {payloads.seal(1, "v", **_where())[1:25] for _ in range(3000)}
     assert len(nonces) == 3000
+
+
+def test_threads_sealing_at_once_never_share_a_nonce_inv7() -> None:
+    payloads, _ = _payloads()
+    start = threading.Barrier(4, timeout=30)
+
+    def seal_many() -> list[bytes]:
+        start.wait()
+        return [payloads.seal(1, "v", **_where())[1:25] for _ in range(2000)]
+
+    with ThreadPoolExecutor(4) as pool:
+        nonces = [n for batch in pool.map(lambda _: seal_many(), range(4)) for n in batch]
+    assert len(set(nonces)) == len(nonces) == 8000
 
 
 def test_a_forked_child_never_reuses_the_parent_s_nonces_inv7() -> None:

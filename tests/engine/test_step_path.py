@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import gc
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 import unbroken
-from unbroken import Context, Engine, Step, StepFailed
+from unbroken import Context, Engine, Step, StepFailed, runtime
 from unbroken.config import load_config
 from unbroken.journal import EntryKind, JournalEntry
 from unbroken.runtime import _STEP_THREADS, StepThreads, start_operation
@@ -130,6 +131,99 @@ async def test_a_cancelled_step_s_late_result_is_dropped() -> None:
     future.cancel()
     release.set()
     assert await pool.run(lambda: "next") == "next"  # the late result went nowhere
+
+
+async def test_a_sync_operation_the_loop_waits_for_gives_its_value_error_and_context() -> None:
+    pool = StepThreads(hold_secs=30)
+    loop_thread = threading.get_ident()
+    REQUEST.set("outer")
+
+    def op() -> tuple[str, bool]:
+        REQUEST.set("inner")  # in the copy only
+        return REQUEST.get(), threading.get_ident() != loop_thread
+
+    def stop() -> None:
+        raise StopIteration
+
+    outcomes = []
+    for fn in (op, stop):
+        job = pool.call(fn)
+        outcomes.append(job if isinstance(job, asyncio.Future) else (job.value, job.exc))
+    # nothing else runs on this loop: the thread waited, so both came back finished
+    assert outcomes[0] == (("inner", True), None)
+    assert isinstance(outcomes[1], tuple) and isinstance(outcomes[1][1], StopIteration)
+    assert REQUEST.get() == "outer"
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await start_operation(stop, (), {})
+
+
+async def test_a_sync_operation_that_outlasts_the_wait_resolves_through_the_loop() -> None:
+    pool = StepThreads()
+    release = threading.Event()
+    job = pool.call(lambda: release.wait(30) and "late")
+    assert isinstance(job, asyncio.Future)  # the loop's thread stopped waiting for it
+    release.set()
+    assert await job == "late"
+
+
+async def test_fast_sync_steps_in_a_row_still_let_the_loop_poll(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+    polled: list[int] = []
+    seen: list[int] = []
+    # Each step makes a socket readable from its thread: only the loop's select sees
+    # that, which needs the workflow's task to yield (a thread waiting for a step does not).
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+
+    def op(i: int) -> int:
+        writer.send(b"x")
+        return i
+
+    def on_readable() -> None:
+        polled.append(len(reader.recv(4096)))
+
+    @engine.workflow
+    async def wf(ctx: Context) -> None:
+        for i in range(200):
+            await ctx.step("op", op, i)
+            seen.append(len(polled))
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(reader, on_readable)
+    try:
+        async with engine:
+            await engine.run(wf)
+    finally:
+        loop.remove_reader(reader)
+        reader.close()
+        writer.close()
+    assert seen[-1] - seen[0] >= 200 // 32  # the workflow's task yielded now and then
+
+
+async def test_fast_sync_steps_in_a_row_leave_the_group_commit_on_time(
+    make_engine: EngineFactory, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend != "sqlite":
+        pytest.skip("only local storage group commits from the loop's timer")
+    # Never a yield for the count of steps: only a due flush timer ends the waiting.
+    monkeypatch.setattr(runtime, "_HOLDS_BEFORE_YIELD", 1 << 30)
+    engine = make_engine(journal_flush_interval_ms=1, journal_max_batch=100_000)
+    commits: list[int] = []
+
+    def op(i: int) -> int:
+        return i
+
+    @engine.workflow
+    async def wf(ctx: Context) -> None:
+        for i in range(400):  # some milliseconds of steps: the 1 ms flush comes due
+            await ctx.step("op", op, i)
+            commits.append(engine._writer.stats.commits)
+
+    async with engine:
+        await engine.run(wf)
+    assert commits[-1] > commits[0]  # group commits ran while the steps did
 
 
 def test_event_loops_that_ran_sync_steps_are_not_kept_alive() -> None:

@@ -338,6 +338,12 @@ def test_plain_json_values_encode_as_themselves(value: object) -> None:
     assert_same(decode(data), value)
 
 
+@given(st.integers(min_value=-(1 << 1992) + 1, max_value=(1 << 1992) - 1))
+def test_an_int_is_its_json_digits(value: int) -> None:
+    assert encode(value) == json.dumps(value).encode()
+    assert decode(encode(value)) == value
+
+
 def test_list_of_ints_is_just_a_json_array() -> None:
     assert encode([1, 2, 3]) == b"[1,2,3]"
 

@@ -14,6 +14,7 @@ from unbroken.ids import (
     idempotency_key,
     lock_name,
     new_execution_id,
+    step_keys,
     validate_execution_id,
 )
 
@@ -37,6 +38,19 @@ def test_idempotency_key_layout_matches_the_spec() -> None:
     data = _u32(len(e)) + e + _u32(7) + _u32(len(n)) + n + _u32(len(c)) + c + fp
     expected = blake3.blake3(data, derive_key_context="unbroken v1 idempotency-key").digest()
     assert idempotency_key("order-42", 7, fingerprint_input("charge", c.decode(), fp)) == expected
+
+
+def test_an_execution_s_step_keys_are_its_idempotency_keys() -> None:
+    derive = step_keys("order-42")
+    assert derive(3, fingerprint_input("charge", "exactly_once_guarded", b"")).hex() == (
+        "f6087b53d831f4644707a9fa4c01df0f041bbe7701a6bf92d5f4e90537004587"
+    )
+    for eid in ("order-42", "é-ünïcode", "x" * 300):
+        derive = step_keys(eid)
+        for step_id in (0, 1, 7, 2**32 - 1):
+            for fp in (b"", b"v2", bytes(range(256))):
+                descriptor = fingerprint_input("load_cart", "idempotent", fp)
+                assert derive(step_id, descriptor) == idempotency_key(eid, step_id, descriptor)
 
 
 def test_step_descriptor_feeds_name_class_and_fingerprint() -> None:
