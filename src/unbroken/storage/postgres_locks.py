@@ -64,6 +64,8 @@ _GUARD = (
 )
 _BARRIER = "SELECT 1 FROM executions WHERE execution_id = %s FOR UPDATE"
 _BEATS_PER_LEASE = 4
+_KEYS_KEPT = 10_000
+"""Executions whose lock key ``fence`` remembers (all are forgotten past that)."""
 _WAIT_FOR_SESSION_SECS = 0.005
 """How long a write waits for the lock session before taking a pooled connection."""
 
@@ -107,6 +109,7 @@ class PostgresLocks(PostgresConnections):
         # owner has let go (only then may this storage take it again).
         self._lost: dict[int, bool] = {}
         self._namespace = ""
+        self._keys: dict[str, tuple[str, int]] = {}  # execution id -> (namespace, lock key)
         self._lock_pid = 0
         self._lease_ms = 0
         self._on_lost: Callable[[list[str]], None] | None = None
@@ -242,7 +245,7 @@ class PostgresLocks(PostgresConnections):
         # but another thread's heartbeat must not wait on a write for this).
         mine: dict[str, int] = {}
         for eid in execution_ids:
-            key = lock_key(lock_name(eid), self._namespace)
+            key = self._key_of(eid)
             if key in self._lost:
                 raise OwnershipLost(op, eid)
             if key in self._held:
@@ -291,9 +294,22 @@ class PostgresLocks(PostgresConnections):
     def _lost_among(self, op: str, execution_ids: Iterable[str]) -> OwnershipLost | None:
         """``OwnershipLost`` for the first of ``execution_ids`` whose lock was lost."""
         for eid in execution_ids:
-            if lock_key(lock_name(eid), self._namespace) in self._lost:
+            if self._key_of(eid) in self._lost:
                 return OwnershipLost(op, eid)
         return None
+
+    def _key_of(self, execution_id: str) -> int:
+        """The lock key of an execution, remembered: ``fence`` runs before every write, and
+        a key costs two BLAKE3 hashes."""
+        namespace = self._namespace
+        known = self._keys.get(execution_id)
+        if known is not None and known[0] == namespace:
+            return known[1]
+        key = lock_key(lock_name(execution_id), namespace)
+        if len(self._keys) >= _KEYS_KEPT:
+            self._keys.clear()
+        self._keys[execution_id] = (namespace, key)
+        return key
 
     def _after_writing(self) -> None:
         lost, self._unreported = self._unreported, []
