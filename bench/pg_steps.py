@@ -14,6 +14,8 @@ of that database, dropped afterwards. ``UNBROKEN_KEY`` is set to a fresh key whe
   acknowledged appends each;
 - ``idempotent_step_us``: wall time per fresh idempotent step (buffered, group committed);
 - ``acked_step_us``: the same with ``journal_ack_every_step``: one acknowledged append each;
+- ``guarded_16_step_us`` and ``acked_16_step_us``: wall time per step of those two with 16
+  executions running at once (what concurrency gains: their appends share statements);
 - ``empty_workflow_ms``: start→result of a workflow with no steps, sequentially.
 """
 
@@ -142,6 +144,17 @@ async def _per_step_us(url: str, workflow: str, n: int, **settings: Any) -> floa
         return (time.perf_counter() - start) / n * 1e6
 
 
+async def _concurrent_per_step_us(
+    url: str, workflow: str, n: int, executions: int, **settings: Any
+) -> float:
+    async with _engine(url, **settings) as engine:
+        await engine.run(workflow, 10)  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(engine.run(workflow, n) for _ in range(executions)))
+        await engine.flush()
+        return (time.perf_counter() - start) / (n * executions) * 1e6
+
+
 async def _empty_ms(url: str, n: int) -> float:
     async with _engine(url) as engine:
         for _ in range(10):  # warm-up
@@ -186,6 +199,18 @@ def run(url: str, quick: bool, repeats: int) -> dict[str, Any]:
         ),
         "acked_step_us": _measure(
             in_schema(lambda u: _per_step_us(u, "idempotent_steps", n_guarded, **ACK_EVERY_STEP)),
+            repeats,
+        ),
+        "guarded_16_step_us": _measure(
+            in_schema(lambda u: _concurrent_per_step_us(u, "guarded_steps", n_guarded // 4, 16)),
+            repeats,
+        ),
+        "acked_16_step_us": _measure(
+            in_schema(
+                lambda u: _concurrent_per_step_us(
+                    u, "idempotent_steps", n_guarded // 4, 16, **ACK_EVERY_STEP
+                )
+            ),
             repeats,
         ),
         "empty_workflow_ms": _measure(in_schema(lambda u: _empty_ms(u, n_empty)), repeats),
