@@ -10,7 +10,9 @@ by key).
 
 ``ReplayReader`` feeds a generation's replay cursor: the checkpoints' folded rows first,
 then the journal's segments, growing from ``replay_segment_steps`` steps to
-``SEGMENT_GROWTH`` times that while the payloads are small (see ``replay``).
+``SEGMENT_GROWTH`` times that while the payloads are small (see ``replay``). Its
+``replayed`` is the replay fast path: the value of a step journaled as one result under
+the caller's key, opened straight from the row storage returned.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any
 
 from .effects import EffectClass
 from .journal import EntryKind, JournalEntry
-from .replay import ReplayCursor, StepRows
+from .replay import ReplayCursor, StepRows, row_of
 from .runtime import RunServices, now_ms
 
-__all__ = ["ReplayReader", "fold", "read_folded"]
+__all__ = ["MISS", "ReplayReader", "fold", "read_folded"]
 
 log = logging.getLogger("unbroken")
 
@@ -39,6 +41,9 @@ _CHECKPOINT_KEY = bytes(32)
 SEGMENT_GROWTH = 16
 """A replay segment grows up to this many times ``replay_segment_steps`` (small payloads)."""
 
+MISS: Any = object()
+"""What ``ReplayReader.replayed`` returns when the full lookup has to decide."""
+
 
 class ReplayReader:
     """Reads one generation's journal into its replay cursor: the checkpoints' folded
@@ -49,7 +54,12 @@ class ReplayReader:
     def __init__(self, run: RunServices) -> None:
         steps = run.config.replay_segment_steps
         self._run = run
-        self._cursor = ReplayCursor(steps, max_segment_steps=steps * SEGMENT_GROWTH)
+        self._cursor = ReplayCursor(
+            steps,
+            max_segment_steps=steps * SEGMENT_GROWTH,
+            execution_id=run.execution_id,
+            generation=run.generation,
+        )
         self._lock = asyncio.Lock()
         self._preloaded = False
 
@@ -62,11 +72,11 @@ class ReplayReader:
         async with self._lock:
             run, cursor = self._run, self._cursor
             if not self._preloaded:
-                cursor.preload(await read_folded(run))
+                cursor.preload([row_of(entry) for entry in await read_folded(run)])
                 self._preloaded = True
             while (from_step := cursor.needs(step_id)) is not None:
                 rows = await run.read(
-                    run.storage.read_segment,
+                    run.storage.read_replay,
                     run.execution_id,
                     run.generation,
                     from_step,
@@ -77,6 +87,24 @@ class ReplayReader:
     def take(self, step_id: int) -> StepRows | None:
         """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""
         return self._cursor.take(step_id)
+
+    def replayed(self, step_id: int, idem_key: bytes) -> Any:
+        """The value of ``step_id`` if the cursor holds it, without reading, as one result
+        row under ``idem_key`` (the row is consumed); else ``MISS`` and nothing changes.
+
+        Raises:
+            IntegrityError, DecodeError, PayloadTooLarge: the row does not open.
+        """
+        cursor = self._cursor
+        if not self._preloaded or cursor.needs(step_id) is not None:
+            return MISS
+        row = cursor.take_result(step_id, idem_key)
+        if row is None:
+            return MISS
+        run = self._run
+        return run.payloads.open_at(
+            row[5], run.execution_id, run.generation, step_id, "result", idem_key
+        )
 
     @property
     def finished(self) -> bool:

@@ -286,10 +286,25 @@ class Payloads:
         idem_key: bytes = b"",
     ) -> Any:
         """Open and decode a stored blob; an oversize one is refused unread (INV-11)."""
+        return self.open_at(blob, execution_id, generation, step_id, kind, idem_key, what)
+
+    def open_at(
+        self,
+        blob: bytes | None,
+        execution_id: str,
+        generation: int,
+        step_id: int,
+        kind: str,
+        idem_key: bytes,
+        what: str | None = None,
+    ) -> Any:
+        """``open`` with positional arguments (replay calls it once per step); ``what``
+        defaults to the kind and step."""
         if blob is None:
             return None
         if len(blob) > self._read_ceiling:
-            raise PayloadTooLarge(len(blob), self._read_ceiling, f"stored {what}")
+            named = what if what is not None else f"{kind} of step {step_id}"
+            raise PayloadTooLarge(len(blob), self._read_ceiling, f"stored {named}")
         sealer = self._sealer
         if sealer is not None and self._cipher is not None:
             where = sealer.aad(execution_id, generation, step_id, kind, idem_key)
@@ -307,14 +322,13 @@ class Payloads:
 
     def open_entry(self, entry: JournalEntry) -> Any:
         """The value of a journal row, opened under the row's own coordinates."""
-        return self.open(
+        return self.open_at(
             entry.payload,
-            f"{entry.kind.value} of step {entry.step_id}",
-            execution_id=entry.execution_id,
-            generation=entry.generation,
-            step_id=entry.step_id,
-            kind=entry.kind.value,
-            idem_key=entry.idem_key,
+            entry.execution_id,
+            entry.generation,
+            entry.step_id,
+            entry.kind.value,
+            entry.idem_key,
         )
 
     def entry_mac(self, entry: JournalEntry) -> bytes | None:
