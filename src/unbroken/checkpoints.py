@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .effects import EffectClass
@@ -49,7 +50,7 @@ class ReplayReader:
     """Reads one generation's journal into its replay cursor: the checkpoints' folded
     rows first, then the segments, each when a lookup needs it."""
 
-    __slots__ = ("_cursor", "_lock", "_preloaded", "_run")
+    __slots__ = ("_cursor", "_lock", "_open_result", "_preloaded", "_run")
 
     def __init__(self, run: RunServices) -> None:
         steps = run.config.replay_segment_steps
@@ -62,6 +63,7 @@ class ReplayReader:
         )
         self._lock = asyncio.Lock()
         self._preloaded = False
+        self._open_result: Callable[[bytes | None, int, bytes], Any] | None = None
 
     def ready(self, step_id: int) -> bool:
         """Whether ``take(step_id)`` can answer without reading."""
@@ -73,6 +75,7 @@ class ReplayReader:
             run, cursor = self._run, self._cursor
             if not self._preloaded:
                 cursor.preload([row_of(entry) for entry in await read_folded(run)])
+                self._open_result = run.payloads.opener(run.execution_id, run.generation, "result")
                 self._preloaded = True
             while (from_step := cursor.needs(step_id)) is not None:
                 rows = await run.read(
@@ -95,16 +98,13 @@ class ReplayReader:
         Raises:
             IntegrityError, DecodeError, PayloadTooLarge: the row does not open.
         """
-        cursor = self._cursor
-        if not self._preloaded or cursor.needs(step_id) is not None:
+        cursor, open_result = self._cursor, self._open_result
+        if open_result is None or cursor.needs(step_id) is not None:
             return MISS
         row = cursor.take_result(step_id, idem_key)
         if row is None:
             return MISS
-        run = self._run
-        return run.payloads.open_at(
-            row[5], run.execution_id, run.generation, step_id, "result", idem_key
-        )
+        return open_result(row[5], step_id, idem_key)
 
     @property
     def finished(self) -> bool:

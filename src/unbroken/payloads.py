@@ -312,6 +312,61 @@ class Payloads:
             blob = plain if plain is not None else self._cipher.open(blob, where)
         return codec.decode(blob)
 
+    def opener(
+        self, execution_id: str, generation: int, kind: str
+    ) -> Callable[[bytes | None, int, bytes], Any]:
+        """``open_row(blob, step_id, idem_key)``: ``open_at`` for the rows of one kind of one
+        generation, with everything but the step and key bound once (replay opens every
+        step through it). A blob it cannot open at once goes through ``open_at``, which
+        raises what ``open`` raises."""
+        slow = self.open_at
+        sealer = self._sealer
+        decrypt = sealer._decrypt if sealer is not None else None
+
+        def open_slowly(blob: bytes | None, step_id: int, idem_key: bytes) -> Any:
+            return slow(blob, execution_id, generation, step_id, kind, idem_key)
+
+        if sealer is None or decrypt is None:
+            return open_slowly
+        # The associated data around step and key, cut from one ``sealer.aad`` built
+        # (and checked) here: ``head ‖ u32 generation ‖ u32 step ‖ label ‖ u8 len ‖ key``.
+        first = sealer.aad(execution_id, generation, 0, kind, b"")
+        tail = 1 + len(kind) + 1
+        head, label = first[: -(8 + tail)], first[-tail:-1]
+        pack_gen_step = _GEN_STEP.pack
+        join = b"".join
+        if join((head, pack_gen_step(generation, 0), label, b"\0")) != first:
+            return open_slowly
+        ffi, null, key = sealer._ffi, sealer._ffi.NULL, sealer._key
+        new, buffer = ffi.new, ffi.buffer
+        key_id = sealer._key_id[0]
+        ceiling = self._read_ceiling
+        decode = codec.decode
+
+        def open_row(blob: bytes | None, step_id: int, idem_key: bytes) -> Any:
+            if (
+                blob is None
+                or not SEAL_OVERHEAD <= len(blob) <= ceiling
+                or blob[0] != key_id
+                or not 0 <= step_id <= 0xFFFFFFFF
+                or len(idem_key) > 255
+            ):
+                return open_slowly(blob, step_id, idem_key)
+            where = join(
+                (head, pack_gen_step(generation, step_id), label, bytes((len(idem_key),)), idem_key)
+            )
+            size = len(blob) - SEAL_OVERHEAD
+            out = new("unsigned char[]", size or 1)
+            status = decrypt(
+                out, null, null, blob[1 + NONCE_BYTES :], len(blob) - 1 - NONCE_BYTES,
+                where, len(where), blob[1 : 1 + NONCE_BYTES], key,
+            )
+            if status != 0:
+                return open_slowly(blob, step_id, idem_key)  # it says why, and raises
+            return decode(buffer(out, size)[:])
+
+        return open_row
+
     def reveal(self, blob: bytes | None, **where: Any) -> str | None:
         """The stored JSON text of a blob (operator ``--reveal`` only)."""
         if blob is None:
