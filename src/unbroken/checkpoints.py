@@ -98,10 +98,10 @@ class ReplayReader:
         Raises:
             IntegrityError, DecodeError, PayloadTooLarge: the row does not open.
         """
-        cursor, open_result = self._cursor, self._open_result
-        if open_result is None or cursor.needs(step_id) is not None:
+        open_result = self._open_result
+        if open_result is None:
             return MISS
-        row = cursor.take_result(step_id, idem_key)
+        row = self._cursor.take_result(step_id, idem_key)
         if row is None:
             return MISS
         return open_result(row[5], step_id, idem_key)

@@ -329,36 +329,36 @@ class Payloads:
         if sealer is None or decrypt is None:
             return open_slowly
         # The associated data around step and key, cut from one ``sealer.aad`` built
-        # (and checked) here: ``head ‖ u32 generation ‖ u32 step ‖ label ‖ u8 len ‖ key``.
-        first = sealer.aad(execution_id, generation, 0, kind, b"")
-        tail = 1 + len(kind) + 1
-        head, label = first[: -(8 + tail)], first[-tail:-1]
-        pack_gen_step = _GEN_STEP.pack
+        # (and checked) here: ``head ‖ u32 generation ‖ u32 step ‖ label ‖ u8 32 ‖ key``
+        # for the 32-byte keys steps have; any other key goes through ``open_at``.
+        first = sealer.aad(execution_id, generation, 0, kind, bytes(32))
+        tail = 1 + len(kind) + 1 + 32
+        before, after = first[: -(4 + tail)], first[-tail:-32]
+        pack_step = _U32.pack
         join = b"".join
-        if join((head, pack_gen_step(generation, 0), label, b"\0")) != first:
+        if join((before, pack_step(0), after, bytes(32))) != first:
             return open_slowly
         ffi, null, key = sealer._ffi, sealer._ffi.NULL, sealer._key
         new, buffer = ffi.new, ffi.buffer
         key_id = sealer._key_id[0]
-        ceiling = self._read_ceiling
+        low, high = SEAL_OVERHEAD, self._read_ceiling
         decode = codec.decode
 
         def open_row(blob: bytes | None, step_id: int, idem_key: bytes) -> Any:
+            size = len(blob) if blob is not None else 0
             if (
                 blob is None
-                or not SEAL_OVERHEAD <= len(blob) <= ceiling
+                or not low <= size <= high
                 or blob[0] != key_id
+                or len(idem_key) != 32
                 or not 0 <= step_id <= 0xFFFFFFFF
-                or len(idem_key) > 255
             ):
                 return open_slowly(blob, step_id, idem_key)
-            where = join(
-                (head, pack_gen_step(generation, step_id), label, bytes((len(idem_key),)), idem_key)
-            )
-            size = len(blob) - SEAL_OVERHEAD
+            where = join((before, pack_step(step_id), after, idem_key))
+            size -= SEAL_OVERHEAD
             out = new("unsigned char[]", size or 1)
             status = decrypt(
-                out, null, null, blob[1 + NONCE_BYTES :], len(blob) - 1 - NONCE_BYTES,
+                out, null, null, blob[1 + NONCE_BYTES :], size + TAG_BYTES,
                 where, len(where), blob[1 : 1 + NONCE_BYTES], key,
             )
             if status != 0:

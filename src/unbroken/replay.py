@@ -148,10 +148,17 @@ class ReplayCursor:
         self._insert(rows)
 
     def take_result(self, step_id: int, idem_key: bytes) -> ReplayRow | None:
-        """Remove and return the step's row if it is the step's only row, a result, under
-        ``idem_key``; otherwise change nothing and return ``None`` (``take`` decides)."""
+        """Remove and return the step's row if no read is needed (``needs``) and it is the
+        step's only row, a result, under ``idem_key``; otherwise change nothing and return
+        ``None`` (``needs`` and ``take`` decide)."""
         row = self._window.get(step_id)
-        if row is None or type(row) is not tuple or row[1] != "result" or row[4] != idem_key:
+        if (
+            row is None
+            or type(row) is not tuple
+            or row[1] != "result"
+            or row[4] != idem_key
+            or (step_id >= self._next and not self._exhausted)  # a read may add rows
+        ):
             return None
         del self._window[step_id]
         return row
