@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from .effects import EffectClass
+from .errors import DecodeError, IntegrityError, PayloadTooLarge
 from .journal import EntryKind, JournalEntry
 from .replay import ReplayCursor, StepRows, row_of
-from .runtime import RunServices, now_ms
+from .runtime import IntegrityAbort, RunServices, now_ms
 
 __all__ = ["MISS", "ReplayReader", "fold", "read_folded"]
 
@@ -50,7 +52,7 @@ class ReplayReader:
     """Reads one generation's journal into its replay cursor: the checkpoints' folded
     rows first, then the segments, each when a lookup needs it."""
 
-    __slots__ = ("_cursor", "_lock", "_open_result", "_preloaded", "_run")
+    __slots__ = ("_cursor", "_fold_at", "_lock", "_open_result", "_preloaded", "_run")
 
     def __init__(self, run: RunServices) -> None:
         steps = run.config.replay_segment_steps
@@ -64,6 +66,9 @@ class ReplayReader:
         self._lock = asyncio.Lock()
         self._preloaded = False
         self._open_result: Callable[[bytes | None, int, bytes], Any] | None = None
+        cap = run.config.max_steps_per_execution
+        self._fold_at = cap * 9 // 10 if cap else sys.maxsize
+        """Where the step cap's checks and fold start: the full lookup's from there on."""
 
     def ready(self, step_id: int) -> bool:
         """Whether ``take(step_id)`` can answer without reading."""
@@ -93,18 +98,23 @@ class ReplayReader:
 
     def replayed(self, step_id: int, idem_key: bytes) -> Any:
         """The value of ``step_id`` if the cursor holds it, without reading, as one result
-        row under ``idem_key`` (the row is consumed); else ``MISS`` and nothing changes.
+        row under ``idem_key`` (the row is consumed); else ``MISS`` and nothing changes:
+        the full lookup decides (divergence, errors, intents, control rows, reads, and
+        the step cap and its fold). It never awaits, so the step needs no task entry.
 
         Raises:
-            IntegrityError, DecodeError, PayloadTooLarge: the row does not open.
+            IntegrityAbort: the row does not open (fail closed, as the full lookup does).
         """
         open_result = self._open_result
-        if open_result is None:
+        if open_result is None or step_id >= self._fold_at:
             return MISS
         row = self._cursor.take_result(step_id, idem_key)
         if row is None:
             return MISS
-        return open_result(row[5], step_id, idem_key)
+        try:
+            return open_result(row[5], step_id, idem_key)
+        except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
+            raise IntegrityAbort(exc) from exc
 
     @property
     def finished(self) -> bool:

@@ -283,8 +283,9 @@ class Context:
         return _Call(step_id, desc, key, fn, args, kwargs)
 
     async def _run_step(self, call: _Call, *, recorded: bool) -> Any:
-        if self._replaying:
-            value = self._replayed(call)
+        if self._replaying:  # the fast path: a lone result under this key (INV-3 holds)
+            self._check_alive()
+            value = self._reader.replayed(call.step_id, call.key)
             if value is not checkpoints.MISS:
                 return StepOutcome(value, True, call.step_id, call.key) if recorded else value
         task = asyncio.current_task()
@@ -343,19 +344,6 @@ class Context:
         return None
 
     # -- replay -------------------------------------------------------------------------
-
-    def _replayed(self, call: _Call) -> Any:
-        """The fast path of a replayed step: its value when the cursor holds it, without
-        reading, as one result under the call's key (INV-3 holds: the key is the check),
-        else ``MISS`` and ``_resolve`` decides. Never awaits, so it needs no task entry."""
-        self._check_alive()
-        cap = self._run.config.max_steps_per_execution
-        if cap and call.step_id >= cap * 9 // 10:
-            return checkpoints.MISS  # the cap and the fold are ``_resolve``'s
-        try:
-            return self._reader.replayed(call.step_id, call.key)
-        except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
-            raise IntegrityAbort(exc) from exc  # fail closed, as ``_resolve`` does
 
     async def _lookup(self, step_id: int) -> StepRows | None:
         reader = self._reader

@@ -194,3 +194,33 @@ async def test_a_crash_after_a_fold_before_the_next_step_committed_replays_and_r
         result = await engine2.run(wf, execution_id="x")
     assert result == [i * 2 for i in range(48)]
     assert calls == Counter({**dict.fromkeys(range(48), 1), 45: 2})
+
+
+async def test_a_resume_under_a_lower_step_cap_stops_at_the_cap_inside_the_journal(
+    make_engine: EngineFactory,
+) -> None:
+    calls: Counter[int] = Counter()
+
+    async def step(i: int) -> int:
+        calls.update([i])
+        return i
+
+    async def wf(ctx: Context) -> int:
+        for i in range(40):
+            await ctx.step("s", step, i)
+        return 40
+
+    engine = make_engine(max_steps_per_execution=0)
+    engine.workflow(name="wf")(wf)
+    async with engine:
+        with crash_after_step(engine, 30), pytest.raises(SimulatedCrash):
+            await engine.run(wf, execution_id="x")
+
+    engine2 = make_engine(max_steps_per_execution=20)  # journaled steps 20..30 are past it
+    engine2.workflow(name="wf")(wf)
+    async with engine2:
+        with pytest.raises(StepCapExceeded, match="step cap of 20"):
+            await engine2.run(wf, execution_id="x")
+        info = await engine2.get_execution("x")
+    assert info is not None and info.status == ExecutionStatus.ABORTED
+    assert calls == Counter(range(31))
