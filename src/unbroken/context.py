@@ -283,11 +283,6 @@ class Context:
         return _Call(step_id, desc, key, fn, args, kwargs)
 
     async def _run_step(self, call: _Call, *, recorded: bool) -> Any:
-        if self._replaying:  # the fast path: a lone result under this key (INV-3 holds)
-            self._check_alive()
-            value = self._reader.replayed(call.step_id, call.key)
-            if value is not checkpoints.MISS:
-                return StepOutcome(value, True, call.step_id, call.key) if recorded else value
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -303,6 +298,10 @@ class Context:
     async def _resolve(self, call: _Call) -> tuple[Any, bool]:
         """Replay, resolve the ambiguous window, find an earlier generation's, or run."""
         self._check_alive()
+        if self._replaying:  # the fast path: a lone result under this key (INV-3 holds)
+            value = self._reader.replayed(call.step_id, call.key)
+            if value is not checkpoints.MISS:
+                return value, True
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
