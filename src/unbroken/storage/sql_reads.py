@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..journal import EntryKind, JournalEntry, PromiseRecord, PromiseState, StepInfo, TimerRecord
-from ..replay import ReplayRow
 from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
 
 __all__ = ["PROMISE_COLUMNS", "TIMER_COLUMNS", "SqlReads"]
@@ -71,8 +70,9 @@ class SqlReads:
 
     def read_replay(
         self, execution_id: str, generation: int, from_step: int, limit: int
-    ) -> list[ReplayRow]:
-        """``read_segment`` less checkpoint rows, as ``ReplayRow`` tuples (no records)."""
+    ) -> list[Any]:
+        """``read_segment`` less checkpoint rows, as ``replay.ReplayRow`` tuples (no
+        records)."""
         # The driver's row tuples are the result: nothing is built per row.
         return self._select(
             "read_replay",
