@@ -76,6 +76,8 @@ class ReplayReader:
 
     async def fill(self, step_id: int) -> None:
         """Read until the cursor can answer ``step_id``."""
+        if self.ready(step_id):
+            return
         async with self._lock:
             run, cursor = self._run, self._cursor
             if not self._preloaded:
@@ -96,9 +98,15 @@ class ReplayReader:
         """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""
         return self._cursor.take(step_id)
 
+    async def lookup(self, step_id: int) -> StepRows | None:
+        """``fill``, then ``take``."""
+        await self.fill(step_id)
+        return self._cursor.take(step_id)
+
     def replayed(self, step_id: int, idem_key: bytes) -> Any:
         """The value of ``step_id`` if the cursor holds it, without reading, as one result
-        row under ``idem_key`` (the row is consumed); else ``MISS`` and nothing changes:
+        row under ``idem_key`` (the row is consumed); else (and before the first ``fill``:
+        a run that does not replay) ``MISS`` and nothing changes:
         the full lookup decides (divergence, errors, intents, control rows, reads, and
         the step cap and its fold). It never awaits, so the step needs no task entry.
 
