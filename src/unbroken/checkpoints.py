@@ -11,7 +11,7 @@ by key).
 ``ReplayReader`` feeds a generation's replay cursor: the checkpoints' folded rows first,
 then the journal's segments, growing from ``replay_segment_steps`` steps to
 ``SEGMENT_GROWTH`` times that while the payloads are small (see ``replay``). Its
-``replayed`` is the replay fast path: the value of a step journaled as one result under
+``replayed`` is the replay fast path: the value of a step whose result is journaled under
 the caller's key, opened straight from the row storage returned.
 """
 
@@ -104,10 +104,10 @@ class ReplayReader:
         return self._cursor.take(step_id)
 
     def replayed(self, step_id: int, idem_key: bytes) -> Any:
-        """The value of ``step_id`` if the cursor holds it, without reading, as one result
-        row under ``idem_key`` (the row is consumed); else (and before the first ``fill``:
-        a run that does not replay) ``MISS`` and nothing changes:
-        the full lookup decides (divergence, errors, intents, control rows, reads, and
+        """The value of ``step_id`` if the cursor holds, without reading, its result row
+        under ``idem_key`` (the step's rows are consumed); else (and before the first
+        ``fill``: a run that does not replay) ``MISS`` and nothing changes: the full
+        lookup decides (divergence, errors, the ambiguous window, control rows, reads, and
         the step cap and its fold). It never awaits, so the step needs no task entry.
 
         Raises:

@@ -299,7 +299,7 @@ class Context:
         """Replay, resolve the ambiguous window, find an earlier generation's, or run."""
         self._check_alive()
         value = self._reader.replayed(call.step_id, call.key)  # MISS unless replaying
-        if value is not checkpoints.MISS:  # the fast path: a lone result under this key
+        if value is not checkpoints.MISS:  # the fast path: a result under this very key
             return value, True
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:

@@ -14,10 +14,10 @@ Rows are grouped per step generically: a step may have an intent, a result or an
 and control rows; a read of ``2 × steps`` rows may cut the last step's group in two, so
 that step is read again with the next segment.
 
-The window holds rows as storage returns them (``ReplayRow`` tuples, no records): most
-steps of a long journal are one result each, and ``take_result`` hands such a row over
-as it is. ``take`` files a step's rows as journal records (``StepRows``) for everything
-else: errors, intents, control rows, divergence.
+The window holds rows as storage returns them (``ReplayRow`` tuples, no records): a
+step replayed from its result (most steps of a long journal) is handed over as that row
+by ``take_result``. ``take`` files a step's rows as journal records (``StepRows``) for
+everything else: errors, the ambiguous window, control rows, divergence.
 """
 
 from __future__ import annotations
@@ -148,20 +148,22 @@ class ReplayCursor:
         self._insert(rows)
 
     def take_result(self, step_id: int, idem_key: bytes) -> ReplayRow | None:
-        """Remove and return the step's row if no read is needed (``needs``) and it is the
-        step's only row, a result, under ``idem_key``; otherwise change nothing and return
-        ``None`` (``needs`` and ``take`` decide)."""
+        """If no read is needed (``needs``) and the step has a result row under
+        ``idem_key``, remove the step's rows and return that one (a result decides the
+        step whatever else it holds, as in ``StepRows``); otherwise change nothing and
+        return ``None`` (``needs`` and ``take`` decide)."""
         row = self._window.get(step_id)
+        if type(row) is list:  # an intent, a control row beside the result
+            row = next((r for r in row if r[1] == "result"), None)
         if (
             row is None
-            or type(row) is not tuple
             or row[1] != "result"
             or row[4] != idem_key
             or (step_id >= self._next and not self._exhausted)  # a read may add rows
         ):
             return None
         del self._window[step_id]
-        return row
+        return row  # type: ignore[no-any-return]
 
     def take(self, step_id: int) -> StepRows | None:
         """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""

@@ -236,3 +236,46 @@ async def test_a_tampered_result_inside_a_segment_aborts_without_running_it(
         info = await engine2.get_execution("t")
     assert info is not None and info.status == "aborted"
     assert calls == Counter(range(n)), "a journaled step ran again"
+
+
+async def test_a_guarded_step_replays_from_its_result_and_a_changed_key_is_divergence(
+    make_engine: EngineFactory,
+) -> None:
+    n, guarded_at = 60, 37
+    calls: Counter[int] = Counter()
+    moved = Step.guarded(
+        "pay", Intent.MONEY_MOVING, on_ambiguous=OnAmbiguous.FAIL, fingerprint=b"v2"
+    )
+
+    def workflow(changed: bool) -> Any:
+        async def wf(ctx: Context) -> list[Any]:
+            out = []
+            for i in range(n):
+                step = (moved if changed else GUARDED) if i == guarded_at else "s"
+                out.append(await ctx.step_recorded(step, _op, calls, i))
+            return [o.was_replayed for o in out]
+
+        return wf
+
+    engine = make_engine()
+    engine.workflow(name="g", on_divergence="fail")(workflow(False))
+    async with engine:
+        for eid in ("same", "changed"):
+            with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
+                await engine.run("g", execution_id=eid)
+    assert calls == Counter({i: 2 for i in range(n)})
+
+    engine2 = make_engine()  # the same code: every step replays, the guarded one too
+    engine2.workflow(name="g", on_divergence="fail")(workflow(False))
+    async with engine2:
+        assert await engine2.run("g", execution_id="same") == [True] * n
+
+    engine3 = make_engine()  # the guarded step's fingerprint changed: its key did
+    engine3.workflow(name="g", on_divergence="fail")(workflow(True))
+    async with engine3:
+        with pytest.raises(ReplayDivergence) as excinfo:
+            await engine3.run("g", execution_id="changed")
+    assert excinfo.value.step_id == guarded_at
+    assert excinfo.value.journaled == ("pay", "exactly_once_guarded")
+    assert "committed guarded effect" in str(excinfo.value)
+    assert calls == Counter({i: 2 for i in range(n)}), "a journaled step ran again"

@@ -105,7 +105,7 @@ def test_any_journal_and_any_lookup_order_within_segments_is_exact(kinds, segmen
         assert all(e.step_id == step and e.name == f"s{step}" for e in got)
 
 
-def test_take_result_hands_over_only_a_lone_result_under_the_key_once_read() -> None:
+def test_take_result_hands_over_a_result_under_the_key_once_read() -> None:
     rows = _journal([[EntryKind.RESULT], [EntryKind.INTENT, EntryKind.RESULT],
                      [EntryKind.ERROR], [EntryKind.CONTROL], [EntryKind.RESULT]])
     cursor = ReplayCursor(segment_steps=10)
@@ -115,9 +115,11 @@ def test_take_result_hands_over_only_a_lone_result_under_the_key_once_read() -> 
     assert cursor.take_result(0, key) is None  # preloaded, but a read could add rows
     _lookup(cursor, rows, 0)  # reads the journal (and takes step 0)
     assert cursor.take_result(4, bytes(31) + b"\x01") is None  # another key: divergence
-    for step in (1, 2, 3):  # several rows, an error, a control row: the full lookup
+    for step in (2, 3):  # an error, a control row: the full lookup
         assert cursor.take_result(step, key) is None
         assert cursor.take(step) is not None
+    assert cursor.take_result(1, key) == row_of(rows[2])  # the result beside the intent
+    assert cursor.take(1) is None  # the step's rows went with it
     row = cursor.take_result(4, key)
     assert row == row_of(rows[-1])
     assert cursor.take_result(4, key) is None and cursor.take(4) is None  # consumed
