@@ -10,21 +10,26 @@ by key).
 
 ``ReplayReader`` feeds a generation's replay cursor: the checkpoints' folded rows first,
 then the journal's segments, growing from ``replay_segment_steps`` steps to
-``SEGMENT_GROWTH`` times that while the payloads are small (see ``replay``).
+``SEGMENT_GROWTH`` times that while the payloads are small (see ``replay``). Its
+``replayed`` is the replay fast path: the value of a step whose result is journaled under
+the caller's key, opened straight from the row storage returned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from .effects import EffectClass
+from .errors import DecodeError, IntegrityError, PayloadTooLarge
 from .journal import EntryKind, JournalEntry
-from .replay import ReplayCursor, StepRows
-from .runtime import RunServices, now_ms
+from .replay import ReplayCursor, StepRows, row_of
+from .runtime import IntegrityAbort, RunServices, now_ms
 
-__all__ = ["ReplayReader", "fold", "read_folded"]
+__all__ = ["MISS", "ReplayReader", "fold", "read_folded"]
 
 log = logging.getLogger("unbroken")
 
@@ -39,19 +44,31 @@ _CHECKPOINT_KEY = bytes(32)
 SEGMENT_GROWTH = 16
 """A replay segment grows up to this many times ``replay_segment_steps`` (small payloads)."""
 
+MISS: Any = object()
+"""What ``ReplayReader.replayed`` returns when the full lookup has to decide."""
+
 
 class ReplayReader:
     """Reads one generation's journal into its replay cursor: the checkpoints' folded
     rows first, then the segments, each when a lookup needs it."""
 
-    __slots__ = ("_cursor", "_lock", "_preloaded", "_run")
+    __slots__ = ("_cursor", "_fold_at", "_lock", "_open_result", "_preloaded", "_run")
 
     def __init__(self, run: RunServices) -> None:
         steps = run.config.replay_segment_steps
         self._run = run
-        self._cursor = ReplayCursor(steps, max_segment_steps=steps * SEGMENT_GROWTH)
+        self._cursor = ReplayCursor(
+            steps,
+            max_segment_steps=steps * SEGMENT_GROWTH,
+            execution_id=run.execution_id,
+            generation=run.generation,
+        )
         self._lock = asyncio.Lock()
         self._preloaded = False
+        self._open_result: Callable[[bytes | None, int, bytes], Any] | None = None
+        cap = run.config.max_steps_per_execution
+        self._fold_at = cap * 9 // 10 if cap else sys.maxsize
+        """Where the step cap's checks and fold start: the full lookup's from there on."""
 
     def ready(self, step_id: int) -> bool:
         """Whether ``take(step_id)`` can answer without reading."""
@@ -59,14 +76,17 @@ class ReplayReader:
 
     async def fill(self, step_id: int) -> None:
         """Read until the cursor can answer ``step_id``."""
+        if self.ready(step_id):
+            return
         async with self._lock:
             run, cursor = self._run, self._cursor
             if not self._preloaded:
-                cursor.preload(await read_folded(run))
+                cursor.preload([row_of(entry) for entry in await read_folded(run)])
+                self._open_result = run.payloads.opener(run.execution_id, run.generation, "result")
                 self._preloaded = True
             while (from_step := cursor.needs(step_id)) is not None:
                 rows = await run.read(
-                    run.storage.read_segment,
+                    run.storage.read_replay,
                     run.execution_id,
                     run.generation,
                     from_step,
@@ -77,6 +97,32 @@ class ReplayReader:
     def take(self, step_id: int) -> StepRows | None:
         """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""
         return self._cursor.take(step_id)
+
+    async def lookup(self, step_id: int) -> StepRows | None:
+        """``fill``, then ``take``."""
+        await self.fill(step_id)
+        return self._cursor.take(step_id)
+
+    def replayed(self, step_id: int, idem_key: bytes) -> Any:
+        """The value of ``step_id`` if the cursor holds, without reading, its result row
+        under ``idem_key`` (the step's rows are consumed); else (and before the first
+        ``fill``: a run that does not replay) ``MISS`` and nothing changes: the full
+        lookup decides (divergence, errors, the ambiguous window, control rows, reads, and
+        the step cap and its fold). It never awaits, so the step needs no task entry.
+
+        Raises:
+            IntegrityAbort: the row does not open (fail closed, as the full lookup does).
+        """
+        open_result = self._open_result
+        if open_result is None or step_id >= self._fold_at:
+            return MISS
+        row = self._cursor.take_result(step_id, idem_key)
+        if row is None:
+            return MISS
+        try:
+            return open_result(row[5], step_id, idem_key)
+        except (IntegrityError, DecodeError, PayloadTooLarge) as exc:
+            raise IntegrityAbort(exc) from exc
 
     @property
     def finished(self) -> bool:

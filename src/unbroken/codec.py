@@ -40,6 +40,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
+from json.scanner import make_scanner
 from typing import Any, TypeVar
 
 from unbroken.errors import DecodeError, EncodeError
@@ -49,11 +50,15 @@ __all__ = ["FORMAT_VERSION", "decode", "encode"]
 FORMAT_VERSION = 1  # the wire format this module writes and reads (module docstring)
 
 _TAG = "$t"
+_TAG_TEXT = f'"{_TAG}"'
 _PLAIN_SCALARS = frozenset({str, float, bool, type(None)})
 _BIG = 1 << 1992  # below 600 decimal digits: under every interpreter's int/str limit
 _T = TypeVar("_T")
 _D = TypeVar("_D", dt.datetime, dt.time)
 _dumps_ascii = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+# typeshed types the scanner's context as the scanner class; any decoder is one
+_scan: Callable[[str, int], tuple[object, int]] = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+"""``json.loads`` without its whitespace scans: ``(value, end)`` of the value at an index."""
 
 
 def _make_dumps() -> Callable[[object], str]:
@@ -131,17 +136,26 @@ def decode(data: bytes) -> object:
     except UnicodeDecodeError as exc:
         raise DecodeError(f"invalid UTF-8 at byte {exc.start} of {len(data)}") from None
     try:
-        tree = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"invalid JSON ({exc.msg} at {exc.pos} of {len(text)})") from None
-    except (ValueError, RecursionError) as exc:
-        raise DecodeError(f"invalid JSON ({type(exc).__name__})") from None
-    if f'"{_TAG}"' not in text:  # fast path: nothing tagged, the JSON value is the value
+        tree, end = _scan(text, 0)  # what the journal holds: one JSON value, no whitespace
+    except (StopIteration, ValueError, RecursionError):
+        end = -1
+    if end != len(text):  # anything else: json.loads decides (and words the error)
+        tree = _loads(text)
+    if _TAG_TEXT not in text:  # fast path: nothing tagged, the JSON value is the value
         return tree
     try:
         return _from_tree(tree)
     except RecursionError:
         raise DecodeError("value nested too deeply") from None
+
+
+def _loads(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"invalid JSON ({exc.msg} at {exc.pos} of {len(text)})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DecodeError(f"invalid JSON ({type(exc).__name__})") from None
 
 
 def _is_plain(value: object) -> bool:

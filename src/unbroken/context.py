@@ -318,6 +318,9 @@ class Context:
     async def _resolve(self, call: _Call) -> tuple[Any, bool]:
         """Replay, resolve the ambiguous window, find an earlier generation's, or run."""
         self._check_alive()
+        value = self._reader.replayed(call.step_id, call.key)  # MISS unless replaying
+        if value is not checkpoints.MISS:  # the fast path: a result under this very key
+            return value, True
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
@@ -361,11 +364,8 @@ class Context:
     # -- replay -------------------------------------------------------------------------
 
     async def _lookup(self, step_id: int) -> StepRows | None:
-        reader = self._reader
-        if not reader.ready(step_id):
-            await reader.fill(step_id)
-        rows_for_step = reader.take(step_id)
-        if rows_for_step is None and reader.finished:
+        rows_for_step = await self._reader.lookup(step_id)
+        if rows_for_step is None and self._reader.finished:
             self._replaying = False  # past the journal's end: no more lookups
         return rows_for_step
 

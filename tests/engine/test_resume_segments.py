@@ -3,14 +3,18 @@ found past them, and memory bounded by the segment, not the journal (ref §4.4, 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import sqlite3
 import tracemalloc
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from unbroken import Context, Intent, OnAmbiguous, ReplayDivergence, Step, StepFailed
+from unbroken.errors import ReplayIntegrity
 from unbroken.testing import SimulatedCrash, crash_after_step
 
 from ..conftest import EngineFactory
@@ -160,3 +164,118 @@ async def test_resume_memory_is_bounded_by_the_segment_not_the_journal(
 
 async def _blob(i: int, size: int) -> str:
     return str(i % 10) * size
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [Step.idempotent("s", fingerprint=b"v2"), Step.at_least_once("s")],
+    ids=["fingerprint", "effect-class"],
+)
+async def test_a_step_changed_only_in_its_key_inside_a_segment_is_divergence_inv3(
+    make_engine: EngineFactory, changed: Step
+) -> None:
+    # Same name at the same position: only the idempotency key tells the steps apart.
+    n, changed_at = 60, 37
+    calls: Counter[int] = Counter()
+    engine = make_engine()
+
+    @engine.workflow(name="keyed", on_divergence="fail")
+    async def original(ctx: Context) -> int:
+        for i in range(n):
+            await ctx.step("s", _op, calls, i)
+        return n
+
+    async with engine:
+        with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
+            await engine.run(original, execution_id="k")
+
+    engine2 = make_engine()
+
+    @engine2.workflow(name="keyed", on_divergence="fail")
+    async def edited(ctx: Context) -> int:
+        for i in range(n):
+            await ctx.step(changed if i == changed_at else "s", _op, calls, i)
+        return n
+
+    async with engine2:
+        with pytest.raises(ReplayDivergence) as excinfo:
+            await engine2.run(edited, execution_id="k")
+    assert excinfo.value.step_id == changed_at
+    assert excinfo.value.journaled == ("s", "idempotent")
+    assert excinfo.value.called == ("s", changed.effect.value)
+    assert calls == Counter(range(n)), "a journaled step ran again"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_tampered_result_inside_a_segment_aborts_without_running_it(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    n, tampered_at = 60, 41
+    calls: Counter[int] = Counter()
+    engine = make_engine()
+
+    @engine.workflow(name="t")
+    async def steps(ctx: Context) -> int:
+        for i in range(n):
+            await ctx.step("s", _op, calls, i)
+        return n
+
+    async with engine:
+        with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
+            await engine.run(steps, execution_id="t")
+    with contextlib.closing(sqlite3.connect(tmp_path / "unbroken.db")) as conn, conn:
+        (blob,) = conn.execute("SELECT payload FROM journal WHERE step_id = ?", (tampered_at,))
+        flipped = bytes([*blob[0][:-1], blob[0][-1] ^ 1])
+        conn.execute("UPDATE journal SET payload = ? WHERE step_id = ?", (flipped, tampered_at))
+
+    engine2 = make_engine()
+    engine2.workflow(name="t")(steps)
+    async with engine2:
+        with pytest.raises(ReplayIntegrity):
+            await engine2.run(steps, execution_id="t")
+        info = await engine2.get_execution("t")
+    assert info is not None and info.status == "aborted"
+    assert calls == Counter(range(n)), "a journaled step ran again"
+
+
+async def test_a_guarded_step_replays_from_its_result_and_a_changed_key_is_divergence(
+    make_engine: EngineFactory,
+) -> None:
+    n, guarded_at = 60, 37
+    calls: Counter[int] = Counter()
+    moved = Step.guarded(
+        "pay", Intent.MONEY_MOVING, on_ambiguous=OnAmbiguous.FAIL, fingerprint=b"v2"
+    )
+
+    def workflow(changed: bool) -> Any:
+        async def wf(ctx: Context) -> list[Any]:
+            out = []
+            for i in range(n):
+                step = (moved if changed else GUARDED) if i == guarded_at else "s"
+                out.append(await ctx.step_recorded(step, _op, calls, i))
+            return [o.was_replayed for o in out]
+
+        return wf
+
+    engine = make_engine()
+    engine.workflow(name="g", on_divergence="fail")(workflow(False))
+    async with engine:
+        for eid in ("same", "changed"):
+            with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
+                await engine.run("g", execution_id=eid)
+    assert calls == Counter({i: 2 for i in range(n)})
+
+    engine2 = make_engine()  # the same code: every step replays, the guarded one too
+    engine2.workflow(name="g", on_divergence="fail")(workflow(False))
+    async with engine2:
+        assert await engine2.run("g", execution_id="same") == [True] * n
+
+    engine3 = make_engine()  # the guarded step's fingerprint changed: its key did
+    engine3.workflow(name="g", on_divergence="fail")(workflow(True))
+    async with engine3:
+        with pytest.raises(ReplayDivergence) as excinfo:
+            await engine3.run("g", execution_id="changed")
+    assert excinfo.value.step_id == guarded_at
+    assert excinfo.value.journaled == ("pay", "exactly_once_guarded")
+    assert "committed guarded effect" in str(excinfo.value)
+    assert calls == Counter({i: 2 for i in range(n)}), "a journaled step ran again"

@@ -156,3 +156,71 @@ async def test_a_long_execution_folds_its_prefix_and_replays_after_a_crash(
         result = await engine.run(wf, execution_id="x")  # replays through the checkpoint
     assert result == [i * 2 for i in range(48)]
     assert set(calls.values()) == {1} and len(calls) == 48
+
+
+async def test_a_crash_after_a_fold_before_the_next_step_committed_replays_and_runs_on(
+    make_engine: EngineFactory,
+) -> None:
+    # The checkpoint row sits at the first step after the folded prefix; that step has no
+    # row of its own yet when the process dies, and runs fresh on resume.
+    calls: Counter[int] = Counter()
+    crash = [True]
+
+    async def step(i: int) -> int:
+        calls.update([i])
+        if i == 45 and crash[0]:
+            await asyncio.sleep(0.3)  # the background fold (started at step 45) lands
+            raise SimulatedCrash()  # the process dies inside step 45
+        return i * 2
+
+    async def wf(ctx: Context) -> list[int]:
+        return [await ctx.step(f"s{i}", step, i) for i in range(48)]
+
+    engine = make_engine(max_steps_per_execution=50)
+    engine.workflow(name="wf")(wf)
+    async with engine:
+        with pytest.raises(SimulatedCrash):
+            await engine.run(wf, execution_id="x")
+        info = await engine.get_execution("x")
+    assert info is not None
+    kinds = Counter((s.kind, s.step_id) for s in info.steps)
+    assert kinds[(EntryKind.CHECKPOINT, 45)] == 1
+    assert not any(step_id == 45 for kind, step_id in kinds if kind != EntryKind.CHECKPOINT)
+
+    crash[0] = False
+    engine2 = make_engine(max_steps_per_execution=50)
+    engine2.workflow(name="wf")(wf)
+    async with engine2:
+        result = await engine2.run(wf, execution_id="x")
+    assert result == [i * 2 for i in range(48)]
+    assert calls == Counter({**dict.fromkeys(range(48), 1), 45: 2})
+
+
+async def test_a_resume_under_a_lower_step_cap_stops_at_the_cap_inside_the_journal(
+    make_engine: EngineFactory,
+) -> None:
+    calls: Counter[int] = Counter()
+
+    async def step(i: int) -> int:
+        calls.update([i])
+        return i
+
+    async def wf(ctx: Context) -> int:
+        for i in range(40):
+            await ctx.step("s", step, i)
+        return 40
+
+    engine = make_engine(max_steps_per_execution=0)
+    engine.workflow(name="wf")(wf)
+    async with engine:
+        with crash_after_step(engine, 30), pytest.raises(SimulatedCrash):
+            await engine.run(wf, execution_id="x")
+
+    engine2 = make_engine(max_steps_per_execution=20)  # journaled steps 20..30 are past it
+    engine2.workflow(name="wf")(wf)
+    async with engine2:
+        with pytest.raises(StepCapExceeded, match="step cap of 20"):
+            await engine2.run(wf, execution_id="x")
+        info = await engine2.get_execution("x")
+    assert info is not None and info.status == ExecutionStatus.ABORTED
+    assert calls == Counter(range(31))

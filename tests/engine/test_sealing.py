@@ -200,3 +200,55 @@ def test_without_pynacl_s_private_binding_sealing_goes_through_the_cipher(
     blob = payloads.seal({"n": 1}, "v", **_where())
     assert cipher.open(blob, aad("order-42", 1, 5, "result", bytes(range(32)))) == b'{"n":1}'
     assert payloads.open(blob, "v", **_where()) == {"n": 1}
+
+
+@given(
+    st.text(max_size=20),
+    st.integers(min_value=0, max_value=0xFFFFFFFF),
+    st.integers(min_value=0, max_value=0xFFFFFFFF),
+    st.sampled_from(KINDS),
+    st.binary(max_size=40),
+)
+@settings(max_examples=60)
+def test_an_opener_opens_what_open_at_opens_and_only_that(
+    eid: str, generation: int, step: int, kind: str, key: bytes
+) -> None:
+    payloads, _ = _payloads()
+    opened = payloads.opener(eid, generation, kind)
+    blob = payloads.seal(
+        [step, "v"], "v", execution_id=eid, generation=generation, step_id=step, kind=kind,
+        idem_key=key,
+    )
+    assert opened(blob, step, key) == [step, "v"]
+    assert opened(blob, step, key) == payloads.open_at(blob, eid, generation, step, kind, key)
+    elsewhere = [(step ^ 1, key), (step, key + b"x")]
+    for other_step, other_key in elsewhere:
+        with pytest.raises(ReplayIntegrity):
+            opened(blob, other_step, other_key)
+    other = payloads.opener(eid, generation ^ 1, kind)
+    with pytest.raises(ReplayIntegrity):
+        other(blob, step, key)
+    assert opened(None, step, key) is None
+
+
+def test_an_opener_fails_closed_like_open_and_opens_the_previous_keys_blobs() -> None:
+    payloads, cipher = _payloads(limit=64)
+    opened = payloads.opener("order-42", 1, "result")
+    where = _where()
+    blob = payloads.seal("now", "v", **where)
+    tampered = bytearray(blob)
+    tampered[-1] ^= 1
+    with pytest.raises(ReplayIntegrity):
+        opened(bytes(tampered), 5, bytes(range(32)))
+    with pytest.raises(DecodeError):
+        opened(blob[: SEAL_OVERHEAD - 1], 5, bytes(range(32)))
+    with pytest.raises(PayloadTooLarge):
+        opened(blob + bytes(200), 5, bytes(range(32)))
+    old = XChaChaCipher(cipher.previous)  # type: ignore[arg-type]
+    before = old.seal(b'"before"', aad("order-42", 1, 5, "result", bytes(range(32))))
+    assert opened(before, 5, bytes(range(32))) == "before"
+    plain = Payloads(None, 64).opener("order-42", 1, "result")
+    assert plain(b'{"$t":["tuple",[1]]}', 5, b"") == (1,)
+    not_json = cipher.seal(b"{not json", aad("order-42", 1, 5, "result", bytes(range(32))))
+    with pytest.raises(DecodeError):
+        opened(not_json, 5, bytes(range(32)))

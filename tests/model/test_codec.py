@@ -403,6 +403,24 @@ def test_a_cyclic_value_raises_encode_error() -> None:
         encode(cyclic)
 
 
+@pytest.mark.parametrize(
+    ("data", "value"),
+    [
+        (b" 1", 1),
+        (b"[1, 2]\n", [1, 2]),
+        (b'\t{"a": [1, {"b": null}]} ', {"a": [1, {"b": None}]}),
+        (b' {"$t":["tuple",[1, 2]]}\r\n', (1, 2)),
+        (b"NaN", None),  # json.loads accepts it; only the type is compared below
+    ],
+)
+def test_json_around_whitespace_decodes_as_json_loads_reads_it(data: bytes, value: object) -> None:
+    found = decode(data)
+    if value is None:
+        assert isinstance(found, float) and math.isnan(found)
+    else:
+        assert found == value and type(found) is type(value)
+
+
 # --- decode errors -----------------------------------------------------------------------
 
 
@@ -414,6 +432,9 @@ def test_a_cyclic_value_raises_encode_error() -> None:
         b'{"a": [1, 2',
         b'{"SECRET": ',
         b"not json SECRET",
+        b"1 SECRET",
+        b'[1] {"SECRET": 2}',
+        b"\xef\xbb\xbf[1]",
         b'{"$t":["no-such-tag",1]}',
         b'{"$t":["tuple",[1]],"extra":1}',
         b'{"$t":"tuple"}',

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.journal import EntryKind, JournalEntry
-from unbroken.replay import ReplayCursor
+from unbroken.replay import ReplayCursor, row_of
 
 
 def _row(step: int, kind: EntryKind, seq: int) -> JournalEntry:
@@ -29,7 +29,7 @@ def _read(rows: list[JournalEntry], from_step: int, limit: int) -> list[JournalE
 
 def _lookup(cursor: ReplayCursor, rows: list[JournalEntry], step: int):  # type: ignore[no-untyped-def]
     while (from_step := cursor.needs(step)) is not None:
-        cursor.feed(_read(rows, from_step, cursor.row_limit))
+        cursor.feed([row_of(r) for r in _read(rows, from_step, cursor.row_limit)])
     return cursor.take(step)
 
 
@@ -101,4 +101,25 @@ def test_any_journal_and_any_lookup_order_within_segments_is_exact(kinds, segmen
             continue
         assert found is not None
         got = [e for e in (found.intent, found.result, found.error, found.control) if e is not None]
-        assert sorted(e.seq for e in got) == sorted(r.seq for r in expected)  # type: ignore[type-var]
+        assert sorted(e.kind for e in got) == sorted(r.kind for r in expected)
+        assert all(e.step_id == step and e.name == f"s{step}" for e in got)
+
+
+def test_take_result_hands_over_a_result_under_the_key_once_read() -> None:
+    rows = _journal([[EntryKind.RESULT], [EntryKind.INTENT, EntryKind.RESULT],
+                     [EntryKind.ERROR], [EntryKind.CONTROL], [EntryKind.RESULT]])
+    cursor = ReplayCursor(segment_steps=10)
+    key = bytes(32)
+    assert cursor.take_result(0, key) is None  # nothing read yet: a read decides
+    cursor.preload([row_of(rows[0])])
+    assert cursor.take_result(0, key) is None  # preloaded, but a read could add rows
+    _lookup(cursor, rows, 0)  # reads the journal (and takes step 0)
+    assert cursor.take_result(4, bytes(31) + b"\x01") is None  # another key: divergence
+    for step in (2, 3):  # an error, a control row: the full lookup
+        assert cursor.take_result(step, key) is None
+        assert cursor.take(step) is not None
+    assert cursor.take_result(1, key) == row_of(rows[2])  # the result beside the intent
+    assert cursor.take(1) is None  # the step's rows went with it
+    row = cursor.take_result(4, key)
+    assert row == row_of(rows[-1])
+    assert cursor.take_result(4, key) is None and cursor.take(4) is None  # consumed

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.journal import EntryKind, JournalEntry
-from unbroken.replay import ReplayCursor
+from unbroken.replay import ReplayCursor, row_of
 
 
 def _journal(steps: int, *, rows_per_step: int = 1, size: int = 1) -> list[JournalEntry]:
@@ -33,7 +33,7 @@ def _replay_all(cursor: ReplayCursor, rows: list[JournalEntry], steps: int) -> l
     for step in range(steps):
         while (from_step := cursor.needs(step)) is not None:
             limits.append(cursor.row_limit)
-            cursor.feed(_read(rows, from_step, cursor.row_limit))
+            cursor.feed([row_of(r) for r in _read(rows, from_step, cursor.row_limit)])
         found = cursor.take(step)
         assert found is not None and found.result is not None and found.result.step_id == step
         assert cursor.resident <= cursor.row_limit
@@ -85,7 +85,7 @@ def test_any_length_and_bounds_replay_every_step_once(
     cursor = ReplayCursor(segment, max_segment_steps=segment * growth)
     _replay_all(cursor, rows, steps)
     while (from_step := cursor.needs(steps)) is not None:
-        cursor.feed(_read(rows, from_step, cursor.row_limit))
+        cursor.feed([row_of(r) for r in _read(rows, from_step, cursor.row_limit)])
     assert cursor.take(steps) is None
     assert cursor.exhausted and cursor.resident == 0
     assert cursor.row_limit <= 2 * segment * growth

@@ -30,6 +30,7 @@ from unbroken.journal import (
 )
 from unbroken.ownership import ownership_for
 from unbroken.queueing import Claims
+from unbroken.replay import row_of
 from unbroken.storage.base import Storage
 
 T = TypeVar("T")
@@ -349,6 +350,29 @@ def test_appended_entries_read_back_unchanged_with_their_seq(storage: Storage) -
     read = storage.read_segment("ex-1", 0, 0, 10)
     assert read == [replace(written[0], seq=last - 1), replace(written[1], seq=last)]
     assert all(isinstance(e.kind, EntryKind) for e in read)
+
+
+def test_read_replay_gives_the_segment_as_replay_rows_without_checkpoints(
+    storage: Storage,
+) -> None:
+    create(storage)
+    written = [
+        entry("ex-1", 0, payload=b"\x00\xffbinary", name="fetch", effect="at_least_once"),
+        replace(
+            entry("ex-1", 1, EntryKind.INTENT, payload=None, effect="exactly_once_guarded"),
+            hmac=b"\x01mac",
+        ),
+        entry("ex-1", 1, effect="exactly_once_guarded"),
+        replace(entry("ex-1", 2, EntryKind.CHECKPOINT, payload=b"snapshot"), folded=1),
+        entry("ex-1", 2, EntryKind.CONTROL, name="unbroken.sleep", effect="timer"),
+        entry("ex-1", 3, generation=1),
+    ]
+    storage.append(written)
+    expected = [row_of(e) for e in written[:3] + written[4:5]]
+    assert [tuple(r) for r in storage.read_replay("ex-1", 0, 0, 10)] == expected
+    assert [tuple(r) for r in storage.read_replay("ex-1", 0, 1, 2)] == expected[1:3]
+    assert [tuple(r) for r in storage.read_replay("ex-1", 1, 0, 10)] == [row_of(written[5])]
+    assert storage.read_replay("ex-1", 0, 3, 10) == []
 
 
 def test_append_is_atomic_a_duplicate_result_rolls_back_the_whole_batch(

@@ -15,7 +15,8 @@ Semantics every implementation keeps (the contract suite in ``tests/storage`` ch
 - ``append`` writes all entries in one transaction, or none; at most one ``result`` or
   ``error`` row exists per (execution, generation, step).
 - ``read_segment`` returns the rows of one generation with ``step_id >= from_step``, ordered
-  by ``(step_id, seq)``, at most ``limit`` rows.
+  by ``(step_id, seq)``, at most ``limit`` rows; ``read_replay`` the same rows less the
+  checkpoint rows, as ``ReplayRow`` tuples.
 - ``enqueue_execution`` is ``create_execution`` for a row that waits in a queue for a
   worker; it is idempotent on the id too. ``running_executions`` leaves queued executions
   out (workers claim them; recovery must not start them beside the queue's limits).
@@ -46,6 +47,7 @@ from ..journal import (
     StepInfo,
     TimerRecord,
 )
+from ..replay import ReplayRow
 
 __all__ = [
     "PROMISES_TOPIC",
@@ -262,6 +264,13 @@ class Storage(Protocol):
         self, execution_id: str, generation: int, from_step: int, limit: int
     ) -> list[JournalEntry]:
         """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
+        ...
+
+    def read_replay(
+        self, execution_id: str, generation: int, from_step: int, limit: int
+    ) -> list[ReplayRow]:
+        """``read_segment`` without checkpoint rows, as replay reads it: tuples of the
+        columns it needs (``replay.ReplayRow``), no records."""
         ...
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:

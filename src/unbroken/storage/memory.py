@@ -18,6 +18,7 @@ from ..journal import (
     JournalEntry,
     StepInfo,
 )
+from ..replay import ReplayRow, row_of
 from .base import Claimant, Signer, outcomes_by_execution
 from .memory_retention import MemoryRetention
 from .memory_tables import OUTCOME_KINDS
@@ -288,6 +289,22 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
             ]
         rows.sort(key=lambda e: (e.step_id, e.seq or 0))
         return rows[: max(limit, 0)]
+
+    def read_replay(
+        self, execution_id: str, generation: int, from_step: int, limit: int
+    ) -> list[ReplayRow]:
+        """``read_segment`` less checkpoint rows, as ``ReplayRow`` tuples."""
+        with self._lock:
+            self._check_open("read_replay")
+            rows = [
+                e
+                for e in self._journal.get(execution_id, ())
+                if e.generation == generation
+                and e.step_id >= from_step
+                and e.kind is not EntryKind.CHECKPOINT
+            ]
+        rows.sort(key=lambda e: (e.step_id, e.seq or 0))
+        return [row_of(e) for e in rows[: max(limit, 0)]]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
         """Every guarded row of any generation with this idempotency key, by ``seq``

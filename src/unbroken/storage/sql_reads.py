@@ -23,6 +23,7 @@ PROMISE_COLUMNS = (
 )
 TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, created_at"
 _SEGMENT_COLUMNS = "step_id, kind, name, effect, idem_key, payload, created_at, seq, hmac, folded"
+_REPLAY_COLUMNS = "step_id, kind, name, effect, idem_key, payload, hmac"  # replay.ReplayRow
 _KINDS = {kind.value: kind for kind in EntryKind}
 
 
@@ -67,6 +68,19 @@ class SqlReads:
             )
             for step, kind, name, effect, key, payload, created, seq, mac, folded in rows
         ]
+
+    def read_replay(
+        self, execution_id: str, generation: int, from_step: int, limit: int
+    ) -> list[Any]:
+        """``read_segment`` less checkpoint rows, as ``replay.ReplayRow`` tuples (no
+        records)."""
+        # The driver's row tuples are the result: nothing is built per row.
+        return self._select(
+            "read_replay",
+            f"SELECT {_REPLAY_COLUMNS} FROM journal WHERE execution_id = ? AND generation = ? "
+            "AND step_id >= ? AND kind <> 'checkpoint' ORDER BY step_id, seq LIMIT ?",
+            (execution_id, generation, from_step, max(limit, 0)),
+        )
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
         """Every guarded row of any generation with this idempotency key, by ``seq``
