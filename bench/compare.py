@@ -43,6 +43,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import not_run
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PEERS_VENV = BENCH / ".peers-venv"
@@ -834,19 +838,19 @@ def markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes from the adapters:", ""]
         lines += [f"- {LABEL[s]}, {TITLE[w]}: {n}" for s, w, n in notes]
-    lines += ["", "## Not run", ""]
-    if not report["skipped"] and not report["errors"]:
-        lines.append("Nothing: every system ran every workload it supports.")
-    lines += [
-        f"- skipped: {LABEL[s['system']]}, {s['workload']} on {s['backend']}: {s['reason']}"
-        for s in report["skipped"]
-    ]
-    lines += [
-        f"- failed: {LABEL[e['system']]}, {e['workload']} on {e['backend']}: {e['error']}"
-        for e in report["errors"]
-    ]
+    lines += not_run(
+        "Nothing: every system ran every workload it supports.",
+        [
+            ("skipped", [_where(s) + s["reason"] for s in report["skipped"]]),
+            ("failed", [_where(e) + e["error"] for e in report["errors"]]),
+        ],
+    )
     lines.append("")
     return "\n".join(lines)
+
+
+def _where(r: dict[str, Any]) -> str:
+    return f"{LABEL[r['system']]}, {r['workload']} on {r['backend']}: "
 
 
 def _rss_growth(rows: list[dict[str, Any]]) -> list[str]:

@@ -57,6 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import not_run
 from workers_run import Fleet, RunError, Server, System, systems_by_name
 
 BENCH = Path(__file__).resolve().parent
@@ -257,22 +258,20 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
     )
     if notes:
         lines += ["", "Settings:", ""] + [f"- {n}" for n in notes]
-    lines += ["", "## Not run", ""]
-    if not report["skipped"] and not report["errors"]:
-        lines.append("Nothing: every system ran with every worker count.")
-    lines += [
-        f"- skipped: {s['system']} (workers: {s['workers']}): {s['reason']}"
-        for s in report["skipped"]
-    ]
-    lines += [
-        f"- retried once: {e['system']} (workers: {e['workers']}): {e['error']}"
-        for e in report["retries"]
-    ]
-    lines += [
-        f"- failed: {e['system']} (workers: {e['workers']}): {e['error']}" for e in report["errors"]
-    ]
+    lines += not_run(
+        "Nothing: every system ran with every worker count.",
+        [
+            ("skipped", [_where(s) + s["reason"] for s in report["skipped"]]),
+            ("retried once", [_where(e) + e["error"] for e in report["retries"]]),
+            ("failed", [_where(e) + e["error"] for e in report["errors"]]),
+        ],
+    )
     lines.append("")
     return "\n".join(lines)
+
+
+def _where(r: dict[str, Any]) -> str:
+    return f"{r['system']} (workers: {r['workers']}): "
 
 
 def tree_state() -> str:

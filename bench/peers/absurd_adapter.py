@@ -23,7 +23,7 @@ from typing import Any
 
 from absurd_sdk import AsyncAbsurd
 
-from .common import Env, Skip, now, payload, record, size_label, tagged
+from .common import Env, Skip, now, payload, record, require_known, size_label, tagged
 
 QUEUE = "bench"
 DURABLE = "every step committed before the next"
@@ -158,9 +158,7 @@ async def run(
         "timer": _timer,
         "promise": _promise,
     }
-    unknown = [w for w in workloads if w not in fns]
-    if unknown:
-        raise Skip(f"unknown workload(s) {unknown}")
+    require_known(workloads, fns)
     concurrency = max([4] + [params[w].get("execs", 1) for w in workloads if w == "concurrent"])
     out = []
     async with _Client(env, concurrency) as c:

@@ -19,6 +19,7 @@ __all__ = [
     "Skip",
     "payload",
     "record",
+    "require_known",
     "size_label",
 ]
 
@@ -77,6 +78,13 @@ def record(
     if note:
         out["note"] = note
     return out
+
+
+def require_known(workloads: list[str], fns: dict[str, Any]) -> None:
+    """Refuse (``Skip``) a run that asks for a workload the adapter does not implement."""
+    unknown = [w for w in workloads if w not in fns]
+    if unknown:
+        raise Skip(f"unknown workload(s) {unknown}")
 
 
 def tagged(workload: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from dbos import DBOS, SetWorkflowID
 
-from .common import Env, Skip, now, payload, record, size_label, tagged
+from .common import Env, now, payload, record, require_known, size_label, tagged
 
 DURABLE = "every step committed before the next"
 _CRASH_AT: int | None = None
@@ -113,9 +113,7 @@ def run(workloads: list[str], params: dict[str, dict[str, Any]], env: Env) -> li
         "promise": _promise,
         "resume_prepare": _resume_prepare,
     }
-    unknown = [w for w in workloads if w not in fns]
-    if unknown:
-        raise Skip(f"unknown workload(s) {unknown}")
+    require_known(workloads, fns)
     _launch(env)
     steps_wf(20, 100)  # warm-up
     out: list[dict[str, Any]] = []

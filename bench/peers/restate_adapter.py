@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from .common import Env, Skip, now, record, size_label, tagged
+from .common import Env, Skip, now, record, require_known, size_label, tagged
 
 DURABLE = "every step journaled by the server before the next"
 BENCH_DIR = Path(__file__).resolve().parent.parent
@@ -101,9 +101,7 @@ async def run(
         "timer": _timer,
         "promise": _promise,
     }
-    unknown = [w for w in workloads if w not in fns]
-    if unknown:
-        raise Skip(f"unknown workload(s) {unknown}")
+    require_known(workloads, fns)
     out = []
     service = _Service(env)
     await service.start()
