@@ -5,8 +5,8 @@ must stop, so each fails when that protection is removed.
   is refused by the in-memory record of lost locks, although the storage reconnects.
 - A write that finds the lock session busy runs on a pooled connection: it is refused
   when the lock session no longer holds the lock in ``pg_locks``.
-- The barrier: a new owner's ``barrier`` waits out an old owner's pooled write that
-  passed the fence, so the journal it reads next holds that write.
+- The barrier: a new owner's ``barrier`` (which taking ownership runs) waits out an old
+  owner's pooled write that passed the fence, so the journal it reads next holds it.
 
 These run when ``UNBROKEN_TEST_POSTGRES_URL`` is set.
 """
@@ -22,6 +22,7 @@ import pytest
 
 from unbroken.errors import ExecutionLocked, OwnershipLost
 from unbroken.ids import lock_name
+from unbroken.ownership import ownership_for
 
 from .conftest import admin_execute, needs_postgres
 from .test_contract import create, entry
@@ -59,15 +60,22 @@ def new(url: str) -> Iterator[PostgresStorage]:
         store.close()
 
 
-def end_lock_session_and_take_over(old: PostgresStorage, new: PostgresStorage) -> None:
+def end_lock_session(old: PostgresStorage) -> None:
     """End ``old``'s lock session on the server (as a lapsed lease does) without ``old``
-    noticing, and take ``OWNED``'s lock in ``new`` once the server released it."""
-    admin_execute("SELECT pg_terminate_backend(%s)", (old._lock_pid,))
-    for _ in range(200):
-        if new.try_lock(lock_name(OWNED)) is None:
+    noticing, and wait until the server has ended it (and released its locks)."""
+    pid = old._lock_pid
+    admin_execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for _ in range(400):
+        if admin_execute("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = %s", (pid,)) == [(0,)]:
             return
         time.sleep(0.025)
-    pytest.fail("the lock was not released when its session ended")
+    pytest.fail("the server did not end the lock session")
+
+
+def end_lock_session_and_take_over(old: PostgresStorage, new: PostgresStorage) -> None:
+    """``end_lock_session``, then take ``OWNED``'s lock in ``new``."""
+    end_lock_session(old)
+    assert new.try_lock(lock_name(OWNED)) is None
 
 
 @contextmanager
@@ -172,3 +180,39 @@ def test_the_barrier_waits_out_a_pooled_write_that_passed_the_fence(
     assert failures == []  # it passed the fence while the lock was held: it commits
     new.barrier(OWNED)
     assert steps(new) == [0, 1]  # so the new owner reads it before going on
+
+
+def test_taking_ownership_does_not_return_while_the_old_owners_write_may_commit(
+    old: PostgresStorage, new: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, through ``Ownership.acquire`` (what an engine resuming an execution
+    calls): it refuses while the old owner's write is in flight, then returns with that
+    write in the journal."""
+    create(old, OWNED)
+    assert old.try_lock(lock_name(OWNED)) is None
+    old.append([entry(OWNED, 0)])
+    fenced, resume = threading.Event(), threading.Event()
+    real_fence = old.fence
+
+    def stalling_fence(conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
+        real_fence(conn, op, execution_ids)
+        if conn is not old._lock_conn:
+            fenced.set()
+            resume.wait()
+
+    monkeypatch.setattr(old, "fence", stalling_fence)
+    new.watch(1.0, lambda names: None)  # the barrier waits one lease at most
+    ownership = ownership_for(new)
+    writer = threading.Thread(target=old.append, args=([entry(OWNED, 1)],), daemon=True)
+    with lock_session_busy(old):
+        writer.start()
+        try:
+            assert fenced.wait(30)
+            end_lock_session(old)
+            with pytest.raises(ExecutionLocked):
+                ownership.acquire(OWNED)
+        finally:
+            resume.set()
+            writer.join()
+    with ownership.acquire(OWNED):
+        assert steps(new) == [0, 1]
