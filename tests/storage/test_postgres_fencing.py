@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -216,3 +216,47 @@ def test_taking_ownership_does_not_return_while_the_old_owners_write_may_commit(
             writer.join()
     with ownership.acquire(OWNED):
         assert steps(new) == [0, 1]
+
+
+class _ClearHook(dict[int, str]):
+    """The held-locks map, calling ``on_clear`` as the storage forgets them."""
+
+    on_clear: Callable[[], None] = staticmethod(lambda: None)
+
+    def clear(self) -> None:
+        super().clear()
+        self.on_clear()
+
+
+def test_a_pooled_write_while_the_lock_session_is_being_dropped_is_refused(
+    old: PostgresStorage, new: PostgresStorage
+) -> None:
+    """A write finds the lock session dead and drops it; another thread's write, which finds
+    the session busy meanwhile, runs on a pooled connection. Checked just as the storage
+    forgets its held locks, it must already see them as lost, not as never locked (which
+    operator writes pass unguarded)."""
+    create(old, OWNED)
+    create(old, "other")
+    assert old.try_lock(lock_name(OWNED)) is None
+    assert old.try_lock(lock_name("other")) is None
+    end_lock_session_and_take_over(old, new)
+    failures: list[BaseException] = []
+
+    def pooled_write() -> None:  # the dropping thread holds the lock session
+        try:
+            old.append([entry(OWNED, 0)])
+        except BaseException as exc:
+            failures.append(exc)
+
+    def write_meanwhile() -> None:
+        thread = threading.Thread(target=pooled_write)
+        thread.start()
+        thread.join()
+
+    hooked = _ClearHook(old._held)
+    hooked.on_clear = write_meanwhile
+    old._held = hooked
+    with pytest.raises(OwnershipLost):
+        old.append([entry("other", 0)])  # finds the session dead and drops it
+    assert [type(exc) for exc in failures] == [OwnershipLost]
+    assert steps(new) == []
