@@ -25,7 +25,7 @@ from unbroken.ids import lock_name
 from unbroken.ownership import ownership_for
 
 from .conftest import admin_execute, needs_postgres
-from .test_contract import create, entry
+from .test_contract import claims, create, enqueue, entry
 from .test_postgres import url
 
 pytest.importorskip("psycopg")
@@ -99,6 +99,42 @@ def lock_session_busy(store: PostgresStorage) -> Iterator[None]:
         thread.join()
 
 
+@contextmanager
+def write_stalled_after_fence(
+    old: PostgresStorage, monkeypatch: pytest.MonkeyPatch, step: int
+) -> Iterator[list[BaseException]]:
+    """``old`` appends ``OWNED``'s entry ``step`` on a pooled connection (its lock session
+    is busy meanwhile): the write passes the fence while ``old`` holds the lock, then stalls
+    before its insert until the block ends, and goes on. Yields the write's failures."""
+    fenced, resume = threading.Event(), threading.Event()
+    real_fence = old.fence
+
+    def stalling_fence(conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
+        real_fence(conn, op, execution_ids)
+        if conn is not old._lock_conn:
+            fenced.set()
+            resume.wait()
+
+    monkeypatch.setattr(old, "fence", stalling_fence)
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            old.append([entry(OWNED, step)])
+        except BaseException as exc:
+            failures.append(exc)
+
+    with lock_session_busy(old):
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        try:
+            assert fenced.wait(30), failures
+            yield failures
+        finally:
+            resume.set()
+            writer.join()
+
+
 def steps(store: PostgresStorage) -> list[int]:
     return [e.step_id for e in store.read_segment(OWNED, 0, 0, 10)]
 
@@ -148,35 +184,10 @@ def test_the_barrier_waits_out_a_pooled_write_that_passed_the_fence(
     create(old, OWNED)
     assert old.try_lock(lock_name(OWNED)) is None
     old.append([entry(OWNED, 0)])
-    fenced, resume = threading.Event(), threading.Event()
-    real_fence = old.fence
-
-    def stalling_fence(conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
-        real_fence(conn, op, execution_ids)
-        if conn is not old._lock_conn:
-            fenced.set()
-            resume.wait()
-
-    monkeypatch.setattr(old, "fence", stalling_fence)
-    failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            old.append([entry(OWNED, 1)])
-        except BaseException as exc:
-            failures.append(exc)
-
-    with lock_session_busy(old):
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
-        try:
-            assert fenced.wait(30), failures
-            end_lock_session_and_take_over(old, new)
-            with pytest.raises(ExecutionLocked):
-                new.barrier(OWNED, timeout_secs=0.2)  # the write still holds the row
-        finally:
-            resume.set()
-            writer.join()
+    with write_stalled_after_fence(old, monkeypatch, 1) as failures:
+        end_lock_session_and_take_over(old, new)
+        with pytest.raises(ExecutionLocked):
+            new.barrier(OWNED, timeout_secs=0.2)  # the write still holds the row
     assert failures == []  # it passed the fence while the lock was held: it commits
     new.barrier(OWNED)
     assert steps(new) == [0, 1]  # so the new owner reads it before going on
@@ -191,29 +202,13 @@ def test_taking_ownership_does_not_return_while_the_old_owners_write_may_commit(
     create(old, OWNED)
     assert old.try_lock(lock_name(OWNED)) is None
     old.append([entry(OWNED, 0)])
-    fenced, resume = threading.Event(), threading.Event()
-    real_fence = old.fence
-
-    def stalling_fence(conn: Connection, op: str, execution_ids: Iterable[str]) -> None:
-        real_fence(conn, op, execution_ids)
-        if conn is not old._lock_conn:
-            fenced.set()
-            resume.wait()
-
-    monkeypatch.setattr(old, "fence", stalling_fence)
     new.watch(1.0, lambda names: None)  # the barrier waits one lease at most
     ownership = ownership_for(new)
-    writer = threading.Thread(target=old.append, args=([entry(OWNED, 1)],), daemon=True)
-    with lock_session_busy(old):
-        writer.start()
-        try:
-            assert fenced.wait(30)
-            end_lock_session(old)
-            with pytest.raises(ExecutionLocked):
-                ownership.acquire(OWNED)
-        finally:
-            resume.set()
-            writer.join()
+    with write_stalled_after_fence(old, monkeypatch, 1) as failures:
+        end_lock_session(old)
+        with pytest.raises(ExecutionLocked):
+            ownership.acquire(OWNED)
+    assert failures == []
     with ownership.acquire(OWNED):
         assert steps(new) == [0, 1]
 
@@ -260,3 +255,30 @@ def test_a_pooled_write_while_the_lock_session_is_being_dropped_is_refused(
         old.append([entry("other", 0)])  # finds the session dead and drops it
     assert [type(exc) for exc in failures] == [OwnershipLost]
     assert steps(new) == []
+
+
+def test_a_queue_claim_skips_an_execution_while_its_old_owners_write_is_in_flight(
+    old: PostgresStorage, new: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers claim from the queue without the barrier: the claim's row locks must skip
+    an execution whose lapsed owner still has a write in flight, and take it after."""
+    enqueue(old, OWNED, 1_000)
+    assert old.claim_queued("q", 1, claims(old), ["wf"]) == [(OWNED, "wf")]
+    taker = claims(new)
+    claimed: list[list[tuple[str, str]]] = []
+
+    def claim() -> None:
+        claimed.append(new.claim_queued("q", 1, taker, ["wf"]))
+
+    with write_stalled_after_fence(old, monkeypatch, 0) as failures:
+        end_lock_session(old)
+        thread = threading.Thread(target=claim, daemon=True)
+        thread.start()
+        thread.join(30)  # a claim waiting on the row (not skipping it) never returns
+        assert claimed == [[]], "claimed while the old owner's write was in flight"
+    assert failures == []
+    try:
+        assert new.claim_queued("q", 1, taker, ["wf"]) == [(OWNED, "wf")]
+        assert steps(new) == [0]
+    finally:
+        taker.release_all()
