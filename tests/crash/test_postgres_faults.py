@@ -4,6 +4,12 @@ paused (SIGSTOP) past its lease (SPEC §9 "Faults", INV-15 fencing).
 Workers run ``tests.crash.queue_app:engine`` as in ``test_workers.py``; its step records
 say which process started and ended which step when. The restart test needs to restart
 the local server (``pg_ctlcluster``, as root) and is skipped where it cannot.
+
+In the first pause test the resumed worker's lock heartbeat usually notices the lapsed
+lease before its steps write, so it checks the whole (heartbeat and fence) and cannot tell
+one from the other; the second takes the heartbeat away and holds the step until the
+worker resumes, so the write-time fence alone must refuse the late result. The storage
+tests in ``tests/storage/test_postgres_fencing.py`` take away each other protection.
 """
 
 from __future__ import annotations
