@@ -16,6 +16,14 @@ from unbroken import Context, Engine, current_step
 
 engine = Engine()  # UNBROKEN_DATABASE_URL, UNBROKEN_KEY and the rest from the environment
 
+if os.environ.get("QUEUE_APP_NO_LOCK_HEARTBEAT"):
+    # For tests only: no heartbeat touches the PostgreSQL lock session, so a lapsed lease
+    # is first noticed by whatever uses that session next (a write), and the write-time
+    # fence alone has to refuse it.
+    from unbroken.storage.postgres_locks import PostgresLocks
+
+    setattr(PostgresLocks, "_heartbeat", lambda self: None)  # noqa: B010
+
 STEPS = 3
 
 _records: int | None = None
@@ -58,3 +66,20 @@ def _traced_work(step: int, seconds: float) -> int:
 async def traced(ctx: Context, seconds: float) -> list[int]:
     """Three steps; the output names, per step, the process whose result was journaled."""
     return [await ctx.step(f"work{step}", _traced_work, step, seconds) for step in range(STEPS)]
+
+
+def _gated_work() -> int:
+    """A sync step that records its start, then waits until the test creates
+    ``$QUEUE_APP_GATES/<pid>`` before it ends and returns the pid that computed it."""
+    _record("start", 0)
+    gate = os.path.join(os.environ["QUEUE_APP_GATES"], str(os.getpid()))
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    _record("end", 0)
+    return os.getpid()
+
+
+@engine.workflow(name="gated")
+async def gated(ctx: Context) -> int:
+    """One step held by its gate; the output is the process whose result was journaled."""
+    return await ctx.step("work0", _gated_work)

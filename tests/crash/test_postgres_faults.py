@@ -4,6 +4,12 @@ paused (SIGSTOP) past its lease (SPEC §9 "Faults", INV-15 fencing).
 Workers run ``tests.crash.queue_app:engine`` as in ``test_workers.py``; its step records
 say which process started and ended which step when. The restart test needs to restart
 the local server (``pg_ctlcluster``, as root) and is skipped where it cannot.
+
+In the first pause test the resumed worker's lock heartbeat usually notices the lapsed
+lease before its steps write, so it checks the whole (heartbeat and fence) and cannot tell
+one from the other; the second takes the heartbeat away and holds the step until the
+worker resumes, so the write-time fence alone must refuse the late result. The storage
+tests in ``tests/storage/test_postgres_fencing.py`` take away each other protection.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
@@ -242,3 +250,87 @@ def test_a_worker_paused_past_its_lease_commits_nothing_after_it_resumes(
     missing = sorted(expected - set(counts))
     assert not missing, missing  # every result journaled
     assert set(counts.values()) == {1}  # and none twice
+
+
+def _wait_until(
+    what: str, done: Callable[[], bool], q: Queue, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    deadline = time.monotonic() + DRAIN_LIMIT_SECS
+    while not done():
+        for proc in workers:
+            assert proc.poll() is None, q.stderr(proc)
+        if time.monotonic() > deadline:
+            raise AssertionError(what, [_log_lines(q.stderr(proc)) for proc in workers])
+        time.sleep(0.02)
+
+
+def test_a_resumed_owner_whose_step_ends_before_anything_noticed_the_lapse_commits_nothing(
+    queue: Queue, tmp_path: Path
+) -> None:
+    """The race the heartbeat usually wins, made certain: the paused worker runs without
+    a lock heartbeat, and its step is held until the test opens its gate, so after SIGCONT
+    the first use of its (lapsed) lock session is the write of that step's result. Only
+    the write-time fence can refuse it; the new owner's result is the one journaled."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    queue.env |= {"QUEUE_APP_GATES": str(gates), "QUEUE_APP_NO_LOCK_HEARTBEAT": "1"}
+
+    async def never(ctx: Context) -> int:
+        raise AssertionError("the test process never runs queued work")
+
+    async def go() -> None:
+        engine = Engine(queue.url)
+        engine.workflow(name="gated")(never)
+        async with engine:
+            await engine.enqueue("gated", execution_id="gated-1")
+
+    asyncio.run(go())
+
+    def started_by(proc: subprocess.Popen[bytes]) -> bool:
+        rows = read_records(queue.records).get("gated-1", [])
+        return any(r.pid == proc.pid and r.phase == "start" for r in rows)
+
+    paused = queue.start("--concurrency", "1")  # full while it runs the one execution
+    _wait_until(
+        "the first worker never started the step", lambda: started_by(paused), queue, [paused]
+    )
+    paused.send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        other = queue.start("--concurrency", "1")
+        _wait_until(  # only once the paused worker's lease lapsed
+            "the other worker never took over", lambda: started_by(other), queue, [other]
+        )
+        assert time.time() - stopped_at > STALE_OWNER_SECS
+        (gates / str(paused.pid)).touch()
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    # Its step ends at once and its result goes to the lapsed lock session; the loss is
+    # reported after that write, so once it is logged the write was refused or committed.
+    _wait_until(
+        "the paused worker never wrote after it resumed",
+        lambda: "ownership of 1 execution(s) is lost" in queue.stderr(paused),
+        queue,
+        [paused, other],
+    )
+    ended = [
+        r
+        for r in read_records(queue.records)["gated-1"]
+        if r.pid == paused.pid and r.phase == "end"
+    ]
+    assert ended, "the paused worker computed nothing after it resumed"
+    (gates / str(other.pid)).touch()
+    _wait_for(queue, "gated", 1, [paused, other])
+    for proc in (paused, other):
+        code, err = queue.stop(proc)
+        assert code == 0, err
+
+    async def read() -> int:
+        engine = Engine(queue.url)
+        engine.workflow(name="gated")(never)
+        async with engine:
+            return await engine.run("gated", execution_id="gated-1")
+
+    assert asyncio.run(read()) == other.pid, "the paused worker's late result committed"
+    results = admin_execute(f"SELECT COUNT(*) FROM {queue.schema}.journal WHERE kind = 'result'")
+    assert results == [(1,)]

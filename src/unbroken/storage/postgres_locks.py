@@ -393,9 +393,11 @@ class PostgresLocks(PostgresConnections):
         """The lock session failed: its locks are gone. Remember them as lost; their names.
         Caller holds ``_lock_mutex``."""
         held = dict(self._held)
+        # Lost before forgotten: ``fence`` on a pooled connection (no mutex) passes keys
+        # in neither map unguarded, as executions this storage never locked.
+        self._lost.update(dict.fromkeys(held, False))
         self._drop_lock_connection()
         self._held.clear()
-        self._lost.update(dict.fromkeys(held, False))
         return list(held.values())
 
     def _report(self, names: list[str]) -> None:
