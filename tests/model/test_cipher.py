@@ -108,6 +108,20 @@ def test_blob_is_the_libsodium_aead_of_the_plaintext() -> None:
     assert blob[1 + NONCE_BYTES :] == encrypt(b"payload", AAD, nonce, CURRENT.secret)
 
 
+def test_without_pynacls_cffi_module_the_cipher_uses_its_public_bindings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nacl.bindings  # noqa: F401  (loaded first: it imports the cffi module itself)
+
+    monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # importing it fails
+    fallback = XChaChaCipher(CURRENT, PREVIOUS)
+    blob = fallback.seal(b"payload", AAD)
+    assert _cipher().open(blob, AAD) == b"payload"
+    assert fallback.open(_cipher().seal(b"back", AAD), AAD) == b"back"
+    with pytest.raises(ReplayIntegrity):
+        fallback.open(blob[:-1] + bytes((blob[-1] ^ 1,)), AAD)
+
+
 def test_no_nonce_repeats_in_100k_seals() -> None:
     c = _cipher()
     seal = c.seal
