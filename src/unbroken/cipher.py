@@ -67,17 +67,15 @@ def _aead() -> tuple[_AeadFn, _AeadFn, type[Exception]]:
     only the library. The cipher's callers pass a 24-byte nonce and a 32-byte key
     (``Key`` checks its secret), so the length checks PyNaCl adds are not needed here.
     """
-    from nacl.exceptions import CryptoError
-
     try:
         from nacl._sodium import ffi, lib
     except ImportError:  # a PyNaCl without it: its public bindings
-        from nacl import bindings
+        from nacl import bindings, exceptions
 
         return (
             bindings.crypto_aead_xchacha20poly1305_ietf_encrypt,
             bindings.crypto_aead_xchacha20poly1305_ietf_decrypt,
-            CryptoError,
+            exceptions.CryptoError,
         )
     if lib.sodium_init() < 0:
         raise RuntimeError("libsodium failed to initialise")
@@ -93,7 +91,7 @@ def _aead() -> tuple[_AeadFn, _AeadFn, type[Exception]]:
 
     def decrypt(sealed: bytes, aad: bytes | None, nonce: bytes, key: bytes) -> bytes:
         if len(sealed) < TAG_BYTES:
-            raise CryptoError("sealed text shorter than its tag")
+            raise _Unauthentic("sealed text shorter than its tag")
         size = len(sealed) - TAG_BYTES
         out = ffi.new("unsigned char[]", size or 1)
         added = ffi.NULL if aad is None else aad
@@ -101,10 +99,14 @@ def _aead() -> tuple[_AeadFn, _AeadFn, type[Exception]]:
             out, ffi.NULL, ffi.NULL, sealed, len(sealed), added, len(aad or b""), nonce, key
         )
         if status != 0:
-            raise CryptoError("Decryption failed. Ciphertext failed verification")
+            raise _Unauthentic("the sealed text did not authenticate")
         return bytes(ffi.buffer(out, size))
 
-    return encrypt, decrypt, CryptoError
+    return encrypt, decrypt, _Unauthentic
+
+
+class _Unauthentic(Exception):
+    """A sealed text that did not authenticate (the cipher turns it into ReplayIntegrity)."""
 
 
 def _derive(context: str, secret: bytes) -> bytes:
