@@ -28,6 +28,7 @@ carry key ids and lengths only, never key material or payload bytes (INV-5).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import struct
@@ -42,7 +43,7 @@ from unbroken.ids import CONTEXT_CONTROL_HMAC, CONTEXT_HIGH_WATER_MARK
 
 __all__ = [
     "AAD_VERSION", "CONTEXT_KEY_CHECK", "KEY_BYTES", "MAC_BYTES", "NONCE_BYTES", "SEAL_OVERHEAD",
-    "TAG_BYTES", "Key", "PayloadCipher", "XChaChaCipher", "aad", "control_fields",
+    "TAG_BYTES", "Key", "PayloadCipher", "XChaChaCipher", "aad", "control_fields", "preload",
 ]
 
 KEY_BYTES = 32
@@ -59,6 +60,13 @@ _U64 = struct.Struct("<Q")
 _AeadFn = Callable[[bytes, bytes | None, bytes, bytes], bytes]
 
 
+def preload() -> None:
+    """Load libsodium now (an engine does it while its storage opens). Raises what
+    importing PyNaCl raises."""
+    _aead()
+
+
+@functools.cache
 def _aead() -> tuple[_AeadFn, _AeadFn, type[Exception]]:
     """XChaCha20-Poly1305 encrypt and decrypt, and the error a failed decrypt raises.
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from .cipher import preload as preload_cipher
 from .clock import Clock, SystemClock
 from .config import Config, load_config
 from .errors import (
@@ -150,7 +151,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-reader")
         try:
-            await loop.run_in_executor(self._reader, self._storage.open)
+            opening = loop.run_in_executor(self._reader, self._storage.open)
+            if self.config.encrypt_payloads:
+                preload_cipher()  # on this thread meanwhile: SQLite lets go of the GIL
+            await opening
             self._payloads = await loop.run_in_executor(
                 self._reader, open_payloads, self._storage, self.config
             )

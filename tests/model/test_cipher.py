@@ -114,7 +114,14 @@ def test_without_pynacls_cffi_module_the_cipher_uses_its_public_bindings(
     import nacl.bindings  # noqa: F401  (loaded first: it imports the cffi module itself)
 
     monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # importing it fails
-    fallback = XChaChaCipher(CURRENT, PREVIOUS)
+    cipher_module._aead.cache_clear()  # loaded once per process: load it again
+    try:
+        fallback = XChaChaCipher(CURRENT, PREVIOUS)
+    finally:
+        cipher_module._aead.cache_clear()
+    from nacl import bindings
+
+    assert fallback._decrypt is bindings.crypto_aead_xchacha20poly1305_ietf_decrypt
     blob = fallback.seal(b"payload", AAD)
     assert _cipher().open(blob, AAD) == b"payload"
     assert fallback.open(_cipher().seal(b"back", AAD), AAD) == b"back"
