@@ -28,6 +28,7 @@ carry key ids and lengths only, never key material or payload bytes (INV-5).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import struct
@@ -42,7 +43,7 @@ from unbroken.ids import CONTEXT_CONTROL_HMAC, CONTEXT_HIGH_WATER_MARK
 
 __all__ = [
     "AAD_VERSION", "CONTEXT_KEY_CHECK", "KEY_BYTES", "MAC_BYTES", "NONCE_BYTES", "SEAL_OVERHEAD",
-    "TAG_BYTES", "Key", "PayloadCipher", "XChaChaCipher", "aad", "control_fields",
+    "TAG_BYTES", "Key", "PayloadCipher", "XChaChaCipher", "aad", "control_fields", "preload",
 ]
 
 KEY_BYTES = 32
@@ -57,6 +58,63 @@ _KEY_CHECK_MESSAGE = b"unbroken key check v1"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _AeadFn = Callable[[bytes, bytes | None, bytes, bytes], bytes]
+
+
+def preload() -> None:
+    """Load libsodium now (an engine does it while its storage opens). Raises what
+    importing PyNaCl raises."""
+    _aead()
+
+
+@functools.cache
+def _aead() -> tuple[_AeadFn, _AeadFn, type[Exception]]:
+    """XChaCha20-Poly1305 encrypt and decrypt, and the error a failed decrypt raises.
+
+    Through PyNaCl's cffi module when it is there: ``nacl.bindings`` imports and checks
+    every libsodium binding (3-4 ms of each engine open in a new process), this module
+    only the library. The cipher's callers pass a 24-byte nonce and a 32-byte key
+    (``Key`` checks its secret), so the length checks PyNaCl adds are not needed here.
+    """
+    try:
+        from nacl._sodium import ffi, lib
+    except ImportError:  # a PyNaCl without it: its public bindings
+        from nacl import bindings, exceptions
+
+        return (
+            bindings.crypto_aead_xchacha20poly1305_ietf_encrypt,
+            bindings.crypto_aead_xchacha20poly1305_ietf_decrypt,
+            exceptions.CryptoError,
+        )
+    if lib.sodium_init() < 0:
+        raise RuntimeError("libsodium failed to initialise")
+
+    def encrypt(message: bytes, aad: bytes | None, nonce: bytes, key: bytes) -> bytes:
+        size = len(message) + TAG_BYTES
+        out = ffi.new("unsigned char[]", size)
+        added = ffi.NULL if aad is None else aad
+        lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            out, ffi.NULL, message, len(message), added, len(aad or b""), ffi.NULL, nonce, key
+        )
+        return bytes(ffi.buffer(out, size))
+
+    def decrypt(sealed: bytes, aad: bytes | None, nonce: bytes, key: bytes) -> bytes:
+        if len(sealed) < TAG_BYTES:
+            raise _Unauthentic("sealed text shorter than its tag")
+        size = len(sealed) - TAG_BYTES
+        out = ffi.new("unsigned char[]", size or 1)
+        added = ffi.NULL if aad is None else aad
+        status = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            out, ffi.NULL, ffi.NULL, sealed, len(sealed), added, len(aad or b""), nonce, key
+        )
+        if status != 0:
+            raise _Unauthentic("the sealed text did not authenticate")
+        return bytes(ffi.buffer(out, size))
+
+    return encrypt, decrypt, _Unauthentic
+
+
+class _Unauthentic(Exception):
+    """A sealed text that did not authenticate (the cipher turns it into ReplayIntegrity)."""
 
 
 def _derive(context: str, secret: bytes) -> bytes:
@@ -205,11 +263,7 @@ class XChaChaCipher:
                 f"the previous key must have another key id than the current key ({current.key_id})"
             )
         # PyNaCl is loaded when a cipher is built, not when unbroken is imported.
-        from nacl import bindings, exceptions
-
-        self._encrypt: _AeadFn = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt
-        self._decrypt: _AeadFn = bindings.crypto_aead_xchacha20poly1305_ietf_decrypt
-        self._crypto_error: type[Exception] = exceptions.CryptoError
+        self._encrypt, self._decrypt, self._crypto_error = _aead()
         self._current = current
         self._previous = previous
         self._by_id = {k.key_id: _key_slot(k) for k in (previous, current) if k is not None}

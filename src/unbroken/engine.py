@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from .cipher import preload as preload_cipher
 from .clock import Clock, SystemClock
 from .config import Config, load_config
 from .errors import (
@@ -150,7 +151,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-reader")
         try:
-            await loop.run_in_executor(self._reader, self._storage.open)
+            opening = loop.run_in_executor(self._reader, self._storage.open)
+            if self.config.encrypt_payloads:
+                preload_cipher()  # on this thread meanwhile: SQLite lets go of the GIL
+            await opening
             self._payloads = await loop.run_in_executor(
                 self._reader, open_payloads, self._storage, self.config
             )
@@ -228,14 +232,21 @@ class Engine:
             run.stop()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        assert self._writer is not None and self._reader is not None
-        await loop.run_in_executor(None, self._writer.close)
-        if self._ownership is not None:
-            await loop.run_in_executor(None, self._ownership.close)
-        await loop.run_in_executor(None, self._storage.close)
+        assert self._reader is not None
+        # One hop to the reader's thread, idle now, rather than three to the loop's default
+        # executor, whose threads would be started for this alone.
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._release)
         self._reader.shutdown(wait=True)
         self._open = False
+
+    def _release(self) -> None:
+        """Commit what the writer holds and stop it, stop making lock files, close the
+        storage. Blocking."""
+        assert self._writer is not None
+        self._writer.close()
+        if self._ownership is not None:
+            self._ownership.close()
+        self._storage.close()
 
     def _require_launcher(self) -> Launcher:
         if not self._open or self._launcher is None:

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 
 import blake3
-import uuid6
 
 __all__ = [
     "CONTEXT_CONTROL_HMAC",
@@ -56,6 +55,10 @@ _U32 = struct.Struct("<I")
 
 def new_execution_id() -> str:
     """Return a fresh, time-ordered execution id (a UUIDv7 in canonical form)."""
+    # Imported at the first new id, not with unbroken: uuid6 reads its version from the
+    # installed package metadata when imported (importlib.metadata, ~20 ms of start-up).
+    import uuid6
+
     return str(uuid6.uuid7())
 
 

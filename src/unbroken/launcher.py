@@ -175,8 +175,9 @@ class Launcher:
     async def _verify_integrity(self, eid: str) -> None:
         """Before resuming: the signed high-water mark must match the journal (ref §4.7)."""
         storage = self._storage
-        stored = await self._read(storage.read_integrity, eid)
-        outcomes = await self._read(storage.count_outcomes, eid)
+        stored, outcomes = await self._read(
+            lambda: (storage.read_integrity(eid), storage.count_outcomes(eid))  # one hop
+        )
         try:
             self._payloads.verify_high_water_mark(eid, stored, outcomes)
         except IntegrityViolation as exc:

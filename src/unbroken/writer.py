@@ -386,6 +386,8 @@ class JournalWriter:
                     self.stats.last_seq = max(self.stats.last_seq, self.stats.resume_seq)
                 self._ready = True
                 log.debug("journal writer started after seq %d", self.stats.resume_seq)
+                if self._local is not None:  # off the loop: its first commit opens nothing
+                    self._local.prepare_writes()
                 self._run()
                 return
             except Exception:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -89,6 +90,21 @@ def test_try_write_runs_the_write_when_the_lock_is_free(storage: SqliteStorage) 
     done, seq = storage.try_write(lambda s: s.append([_entry(0)]))
     assert done and seq == 1
     assert storage.read_segment("e", 0, 0, 10)[0].step_id == 0
+
+
+def test_try_write_commits_through_a_connection_prepared_on_another_thread(
+    storage: SqliteStorage,
+) -> None:
+    worker = threading.Thread(target=storage.prepare_writes)  # as the writer thread does
+    worker.start()
+    worker.join()
+    storage.prepare_writes()  # again: a no-op
+    done, seq = storage.try_write(lambda s: s.append([_entry(0)]))
+    assert done and seq == 1
+    storage.close()
+    storage.prepare_writes()  # closed: nothing to open, and nothing raised
+    with pytest.raises(StorageError, match="not open"):
+        storage.try_write(lambda s: s.append([_entry(1)]))
 
 
 def test_try_write_declines_at_once_when_another_connection_writes(

@@ -108,6 +108,27 @@ def test_blob_is_the_libsodium_aead_of_the_plaintext() -> None:
     assert blob[1 + NONCE_BYTES :] == encrypt(b"payload", AAD, nonce, CURRENT.secret)
 
 
+def test_without_pynacls_cffi_module_the_cipher_uses_its_public_bindings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nacl.bindings  # noqa: F401  (loaded first: it imports the cffi module itself)
+
+    monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # importing it fails
+    cipher_module._aead.cache_clear()  # loaded once per process: load it again
+    try:
+        fallback = XChaChaCipher(CURRENT, PREVIOUS)
+    finally:
+        cipher_module._aead.cache_clear()
+    from nacl import bindings
+
+    assert fallback._decrypt is bindings.crypto_aead_xchacha20poly1305_ietf_decrypt
+    blob = fallback.seal(b"payload", AAD)
+    assert _cipher().open(blob, AAD) == b"payload"
+    assert fallback.open(_cipher().seal(b"back", AAD), AAD) == b"back"
+    with pytest.raises(ReplayIntegrity):
+        fallback.open(blob[:-1] + bytes((blob[-1] ^ 1,)), AAD)
+
+
 def test_no_nonce_repeats_in_100k_seals() -> None:
     c = _cipher()
     seal = c.seal

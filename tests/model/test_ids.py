@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import uuid
 
 import blake3
@@ -97,3 +99,15 @@ def test_malformed_execution_ids_are_refused(bad: str) -> None:
 def test_execution_id_of_wrong_type_is_refused() -> None:
     with pytest.raises(TypeError, match="execution_id must be a str"):
         validate_execution_id(42)
+
+
+def test_importing_unbroken_defers_uuid6_to_the_first_new_id() -> None:
+    # uuid6 loads importlib.metadata when imported: start-up pays for it only when an
+    # id is made.
+    code = (
+        "import sys, unbroken; from unbroken.ids import new_execution_id; "
+        "before = 'uuid6' in sys.modules; eid = new_execution_id(); "
+        "print(before, 'uuid6' in sys.modules, eid.count('-'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "4"]

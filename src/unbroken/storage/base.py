@@ -140,6 +140,11 @@ class LocalWrites(Protocol):
         pays for it)."""
         ...
 
+    def prepare_writes(self) -> None:
+        """Open what ``try_write`` commits through now, from this thread (the writer's, as
+        it starts), so that the first commit on the caller's thread does not. Blocking."""
+        ...
+
 
 class Claimant(Protocol):
     """Who claims queued executions: takes their ownership locks (INV-15) for the storage."""

@@ -268,6 +268,18 @@ class SqliteConnections:
         (``PASSIVE``: waits for no one), from this thread's connection."""
         self._query("checkpoint", "PRAGMA wal_checkpoint(PASSIVE)")
 
+    def prepare_writes(self) -> None:
+        """Open ``try_write``'s connection now, unless it is open or a commit holds it.
+        A failure is left to ``try_write``, which opens it again and reports it."""
+        if not self._nowait_lock.acquire(blocking=False):
+            return
+        try:
+            with suppress(StorageError, sqlite3.Error):
+                if self._nowait is None:
+                    self._open_nowait()
+        finally:
+            self._nowait_lock.release()
+
     def _open_nowait(self) -> sqlite3.Connection:
         """``try_write``'s connection (caller holds ``_nowait_lock``)."""
         with self._lock:
