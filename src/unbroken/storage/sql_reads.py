@@ -105,6 +105,14 @@ class SqlReads:
             for step, name, effect, kind, gen, seq, created, size, key in rows
         ]
 
+    def read_checkpoints(self, execution_id: str, generation: int) -> list[JournalEntry]:
+        """The checkpoint rows of one generation, by ``seq``."""
+        return self._rows(
+            "read_checkpoints",
+            "execution_id = ? AND generation = ? AND kind = 'checkpoint' ORDER BY seq",
+            (execution_id, generation),
+        )
+
     def max_seq(self) -> int:
         """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
         rows = self._select("max_seq", "SELECT COALESCE(MAX(seq), 0) FROM journal")
