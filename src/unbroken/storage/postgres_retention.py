@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..journal import EntryKind, JournalEntry, PruneReport, RetentionPolicy
+from ..journal import JournalEntry, PruneReport, RetentionPolicy
 from .postgres_locks import PostgresLocks
 from .postgres_rows import Connection, append_statement
+from .rules import check_checkpoint, check_folded
 from .sql_retention import (
     Removed,
     RetentionSql,
-    check_folded,
     execution_bytes,
     missing_seqs,
     run_prune,
@@ -117,8 +117,7 @@ class PostgresRetention(PostgresLocks):
             StorageError: ``checkpoint.folded`` does not match, or a seq names no journal
                 row of the checkpoint's execution; nothing changed.
         """
-        if EntryKind(checkpoint.kind) is not EntryKind.CHECKPOINT:
-            raise ValueError("fold needs an entry of kind checkpoint")
+        check_checkpoint(checkpoint)
         with self._write("fold") as conn:
             self.fence(conn, "fold", (checkpoint.execution_id,))
             replaced = delete_replaced_rows(conn, checkpoint.execution_id, replaced_seqs)

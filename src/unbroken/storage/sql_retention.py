@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import StorageError
-from ..journal import JournalEntry, PruneReport, RetentionPolicy
+from ..journal import PruneReport, RetentionPolicy
 from .rules import PHASES, Phase, active_phases, count_excess, take_to_fit, ttl_cutoffs
 
 __all__ = [
     "UNLIMITED",
     "Removed",
     "RetentionSql",
-    "check_folded",
     "execution_bytes",
     "missing_seqs",
     "run_prune",
@@ -219,20 +218,6 @@ def run_prune(
     return PruneReport(
         sum(counts.values()), journal_rows, counts["ttl"], counts["count"], counts["size"]
     )
-
-
-def check_folded(checkpoint: JournalEntry, replaced: int) -> None:
-    """Raise unless the checkpoint folds exactly the outcomes its replaced rows held.
-
-    Raises:
-        StorageError: the counts differ (the caller's transaction rolls back).
-    """
-    if replaced != checkpoint.folded:
-        raise StorageError(
-            "fold",
-            f"the checkpoint folds {checkpoint.folded} outcomes but the replaced rows "
-            f"hold {replaced}",
-        )
 
 
 def missing_seqs(wanted: int, found: int) -> StorageError:

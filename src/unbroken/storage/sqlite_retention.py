@@ -13,11 +13,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from ..journal import EntryKind, JournalEntry, PruneReport, RetentionPolicy
+from ..journal import JournalEntry, PruneReport, RetentionPolicy
+from .rules import check_checkpoint, check_folded
 from .sql_retention import (
     Removed,
     RetentionSql,
-    check_folded,
     execution_bytes,
     missing_seqs,
     run_prune,
@@ -120,8 +120,7 @@ class SqliteRetention(SqliteConnections):
             StorageError: ``checkpoint.folded`` does not match, or a seq names no journal
                 row of the checkpoint's execution; nothing changed.
         """
-        if EntryKind(checkpoint.kind) is not EntryKind.CHECKPOINT:
-            raise ValueError("fold needs an entry of kind checkpoint")
+        check_checkpoint(checkpoint)
         with self._write("fold") as conn:
             # Inserted first, so its seq is past the rows it replaces: seqs are not
             # AUTOINCREMENT, and a seq freed by the delete could otherwise be given again.
