@@ -46,6 +46,7 @@ from .postgres_waits import PostgresWaits
 from .sql_reads import EXECUTION_COLUMNS, SELECT_EXECUTION, SqlReads, execution_from_row
 from .sql_writes import (
     ABORT,
+    ADD_KEY_VERIFIER,
     FINALIZE,
     GENERATION,
     REOPEN,
@@ -73,15 +74,7 @@ _REOPEN = pg_placeholders(REOPEN)
 # The new generation, or none when another call moved it (then it is read anew).
 _ABORT = f"{pg_placeholders(ABORT)} RETURNING generation"
 _GENERATION = pg_placeholders(GENERATION)
-_COUNT_SEALED = (
-    "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTRING(payload FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM journal WHERE SUBSTRING(hmac FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTRING(inputs FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTRING(output FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTRING(error FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTRING(mac FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM promises WHERE SUBSTRING(payload FROM 1 FOR 1) = %(k)s)"
-)
+_ADD_KEY_VERIFIER = pg_placeholders(ADD_KEY_VERIFIER)
 
 
 class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention):
@@ -270,14 +263,4 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
 
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
-        self._execute(
-            "add_key_verifier",
-            "INSERT INTO keys (key_id, verifier, created_at) VALUES (%s, %s, %s) "
-            "ON CONFLICT (key_id) DO NOTHING",
-            (key_id, verifier, now_ms),
-        )
-
-    def count_sealed(self, key_id: int) -> int:
-        """Stored blobs and MACs whose first byte names ``key_id``."""
-        rows = self._query("count_sealed", _COUNT_SEALED, {"k": bytes([key_id])})
-        return int(rows[0][0])
+        self._execute("add_key_verifier", _ADD_KEY_VERIFIER, (key_id, verifier, now_ms))

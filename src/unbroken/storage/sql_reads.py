@@ -48,6 +48,20 @@ TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, cre
 _SEGMENT_COLUMNS = "step_id, kind, name, effect, idem_key, payload, created_at, seq, hmac, folded"
 _REPLAY_COLUMNS = "step_id, kind, name, effect, idem_key, payload, hmac"  # replay.ReplayRow
 _KINDS = {kind.value: kind for kind in EntryKind}
+# Each column a key can have sealed: one COUNT per column, each counting first bytes.
+_SEALED_COLUMNS = (
+    ("journal", "payload"),
+    ("journal", "hmac"),
+    ("executions", "inputs"),
+    ("executions", "output"),
+    ("executions", "error"),
+    ("integrity", "mac"),
+    ("promises", "payload"),
+)
+_COUNT_SEALED = "SELECT " + " + ".join(
+    f"(SELECT COUNT(*) FROM {table} WHERE SUBSTR({column}, 1, 1) = ?)"
+    for table, column in _SEALED_COLUMNS
+)
 _STEPS_OF_CURRENT_GENERATION = (
     "(SELECT COUNT(*) FROM journal j WHERE j.execution_id = e.execution_id "
     "AND j.generation = e.generation AND j.kind IN ('result', 'error'))"
@@ -221,6 +235,12 @@ class SqlReads:
             "WHERE execution_id = ? AND kind = 'checkpoint')",
             (execution_id, execution_id),
         )
+        return int(rows[0][0])
+
+    def count_sealed(self, key_id: int) -> int:
+        """Stored blobs and MACs whose first byte names ``key_id``."""
+        first = bytes([key_id])
+        rows = self._select("count_sealed", _COUNT_SEALED, (first,) * len(_SEALED_COLUMNS))
         return int(rows[0][0])
 
     def key_verifiers(self) -> dict[int, bytes]:

@@ -1,11 +1,12 @@
-"""Execution-row writes shared by the SQL backends (layer: storage).
+"""Execution-row and key writes shared by the SQL backends (layer: storage).
 
-Reopening, finalizing and aborting a generation change one ``executions`` row with the
-same SQL on SQLite and PostgreSQL: the statements are written once here with ``?``
-placeholders (PostgreSQL rewrites them once, at import, with ``pg_placeholders``),
-together with what turns their results into the protocol's answers. The transactions
-they run in stay per backend: ``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL every one is
-fenced, and finalizing also notifies the queue in the same statement.
+Reopening, finalizing and aborting a generation change one ``executions`` row, and a key's
+check value is recorded, with the same SQL on SQLite and PostgreSQL: the statements are
+written once here with ``?`` placeholders (PostgreSQL rewrites them once, at import, with
+``pg_placeholders``), together with what turns their results into the protocol's answers.
+The transactions they run in stay per backend: ``BEGIN IMMEDIATE`` on SQLite; on
+PostgreSQL the execution writes are fenced, and finalizing also notifies the queue in the
+same statement.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .sql_reads import execution_from_row
 
 __all__ = [
     "ABORT",
+    "ADD_KEY_VERIFIER",
     "FINALIZE",
     "GENERATION",
     "REOPEN",
@@ -44,6 +46,11 @@ ABORT = (
 )
 """Start the next generation unless another call did: ``(now_ms, execution_id, gen)``."""
 GENERATION = "SELECT generation FROM executions WHERE execution_id = ?"
+ADD_KEY_VERIFIER = (
+    "INSERT INTO keys (key_id, verifier, created_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key_id) DO NOTHING"
+)
+"""Record a key's check value unless one is: ``(key_id, verifier, now_ms)``."""
 
 
 def pg_placeholders(sql: str) -> str:

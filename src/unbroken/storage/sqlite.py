@@ -17,7 +17,15 @@ from ..journal import ExecutionRecord, ExecutionStatus, JournalEntry
 from .base import Claimant, Signer, outcomes_by_execution
 from .rules import claim_in_order
 from .sql_reads import SELECT_EXECUTION, SqlReads, execution_from_row
-from .sql_writes import ABORT, FINALIZE, GENERATION, REOPEN, finalize_params, reopened
+from .sql_writes import (
+    ABORT,
+    ADD_KEY_VERIFIER,
+    FINALIZE,
+    GENERATION,
+    REOPEN,
+    finalize_params,
+    reopened,
+)
 from .sqlite_retention import SqliteRetention
 from .sqlite_rows import insert_entries, signing
 from .sqlite_waits import SqliteWaits
@@ -35,15 +43,6 @@ _BUMP_INTEGRITY = (
 )
 _INSERT_INTEGRITY = (
     "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?)"
-)
-_COUNT_SEALED = (
-    "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTR(payload, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM journal WHERE SUBSTR(hmac, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(inputs, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(output, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(error, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTR(mac, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM promises WHERE SUBSTR(payload, 1, 1) = :k)"
 )
 
 
@@ -173,16 +172,7 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
         with self._write("add_key_verifier") as conn:
-            conn.execute(
-                "INSERT INTO keys (key_id, verifier, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key_id) DO NOTHING",
-                (key_id, verifier, now_ms),
-            )
-
-    def count_sealed(self, key_id: int) -> int:
-        """Stored blobs and MACs whose first byte names ``key_id``."""
-        rows = self._query("count_sealed", _COUNT_SEALED, {"k": bytes([key_id])})
-        return int(rows[0][0])
+            conn.execute(ADD_KEY_VERIFIER, (key_id, verifier, now_ms))
 
 
 def _insert_entries(
