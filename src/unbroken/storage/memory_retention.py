@@ -17,6 +17,8 @@ from .rules import (
     PHASES,
     Phase,
     active_phases,
+    check_checkpoint,
+    check_folded,
     count_excess,
     expired,
     outcomes_of,
@@ -44,20 +46,14 @@ class MemoryRetention(MemoryTables):
             StorageError: ``checkpoint.folded`` does not match, or a seq names no journal
                 row of the checkpoint's execution; nothing changed.
         """
-        if EntryKind(checkpoint.kind) is not EntryKind.CHECKPOINT:
-            raise ValueError("fold needs an entry of kind checkpoint")
+        check_checkpoint(checkpoint)
         wanted = set(replaced_seqs)
         eid = checkpoint.execution_id
         with self._lock:
             self._check_open("fold")
             replaced = self._replaced_rows(eid, wanted)
             outcomes = sum(map(outcomes_of, replaced))
-            if outcomes != checkpoint.folded:
-                raise StorageError(
-                    "fold",
-                    f"the checkpoint folds {checkpoint.folded} outcomes but the replaced rows "
-                    f"hold {outcomes}",
-                )
+            check_folded(checkpoint, outcomes)
             rows = self._journal.get(eid, [])
             rows[:] = [e for e in rows if e.seq not in wanted]
             self._outcomes.difference_update(

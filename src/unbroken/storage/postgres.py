@@ -28,13 +28,8 @@ from typing import Any
 
 import psycopg
 
-from ..errors import ExecutionCanceled, StorageError, UnknownExecution
-from ..journal import (
-    ExecutionRecord,
-    ExecutionStatus,
-    ExecutionSummary,
-    JournalEntry,
-)
+from ..errors import StorageError, UnknownExecution
+from ..journal import ExecutionRecord, ExecutionStatus, JournalEntry
 from .base import WORK_TOPIC, Signer, outcomes_by_execution
 from .postgres_queue import CHANNEL_PREFIX, PostgresQueue
 from .postgres_retention import PostgresRetention
@@ -48,42 +43,38 @@ from .postgres_rows import (
     sign_marks,
 )
 from .postgres_waits import PostgresWaits
-from .sql_reads import SqlReads
+from .sql_reads import EXECUTION_COLUMNS, SELECT_EXECUTION, SqlReads, execution_from_row
+from .sql_writes import (
+    ABORT,
+    ADD_KEY_VERIFIER,
+    FINALIZE,
+    GENERATION,
+    REOPEN,
+    finalize_params,
+    pg_placeholders,
+    reopened,
+)
 
 __all__ = ["PostgresStorage"]
 
-_EXECUTION_COLUMNS = (
-    "execution_id, workflow, status, generation, inputs, output, error_type, error, "
-    "created_at, updated_at, finalized_at, queue"
-)
-_SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s"
+_SELECT_EXECUTION = pg_placeholders(SELECT_EXECUTION)
 # The new row, or none when the id exists (then it is read with _SELECT_EXECUTION).
 _CREATE = (
     "INSERT INTO executions (execution_id, workflow, status, inputs, created_at, updated_at) "
     "VALUES (%s, %s, 'running', %s, %s, %s) "
-    f"ON CONFLICT (execution_id) DO NOTHING RETURNING {_EXECUTION_COLUMNS}"
+    f"ON CONFLICT (execution_id) DO NOTHING RETURNING {EXECUTION_COLUMNS}"
 )
 # A row (its queue) when this call set the status; a queued execution's end frees a slot
 # of its queue, which its workers hear of when the transaction commits.
 _FINALIZE = (
-    "WITH ended AS (UPDATE executions SET status = %s, output = %s, error_type = %s, "
-    "error = %s, updated_at = %s, finalized_at = %s "
-    "WHERE execution_id = %s AND status = 'running' RETURNING queue) "
+    f"WITH ended AS ({pg_placeholders(FINALIZE)} RETURNING queue) "
     "SELECT queue, CASE WHEN queue IS NOT NULL THEN pg_notify(%s, queue)::text END FROM ended"
 )
-_COUNT_SEALED = (
-    "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTRING(payload FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM journal WHERE SUBSTRING(hmac FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTRING(inputs FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTRING(output FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTRING(error FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTRING(mac FROM 1 FOR 1) = %(k)s) "
-    "+ (SELECT COUNT(*) FROM promises WHERE SUBSTRING(payload FROM 1 FOR 1) = %(k)s)"
-)
-_STEPS_OF_CURRENT_GENERATION = (
-    "(SELECT COUNT(*) FROM journal j WHERE j.execution_id = e.execution_id "
-    "AND j.generation = e.generation AND j.kind IN ('result', 'error'))"
-)
+_REOPEN = pg_placeholders(REOPEN)
+# The new generation, or none when another call moved it (then it is read anew).
+_ABORT = f"{pg_placeholders(ABORT)} RETURNING generation"
+_GENERATION = pg_placeholders(GENERATION)
+_ADD_KEY_VERIFIER = pg_placeholders(ADD_KEY_VERIFIER)
 
 
 class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention):
@@ -146,12 +137,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             raise StorageError(op, "the execution was deleted meanwhile")
         if created:
             self._counts.remember({execution_id: 0})  # no outcome yet, so no mark
-        return _execution(row), created
-
-    def get_execution(self, execution_id: str) -> ExecutionRecord | None:
-        """The execution row, or ``None``."""
-        rows = self._query("get_execution", _SELECT_EXECUTION, (execution_id,))
-        return _execution(rows[0]) if rows else None
+        return execution_from_row(row), created
 
     def reopen_execution(self, execution_id: str, now_ms: int) -> ExecutionRecord:
         """Un-finalize a terminal execution (INV-16); return the row as it is now.
@@ -162,20 +148,9 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """
         with self._write("reopen_execution") as conn:
             self.fence(conn, "reopen_execution", (execution_id,))
-            conn.execute(
-                "UPDATE executions SET status = 'running', finalized_at = NULL, "
-                "output = NULL, error_type = NULL, error = NULL, updated_at = %s "
-                "WHERE execution_id = %s AND status IN ('completed', 'failed', 'aborted')",
-                (now_ms, execution_id),
-            )
+            conn.execute(_REOPEN, (now_ms, execution_id))
             cursor = conn.execute(_SELECT_EXECUTION, (execution_id,))
-        row = cursor.fetchone()
-        if row is None:
-            raise UnknownExecution(execution_id)
-        record = _execution(row)
-        if record.status is ExecutionStatus.CANCELED:
-            raise ExecutionCanceled(execution_id)
-        return record
+        return reopened(execution_id, cursor.fetchone())
 
     def finalize_execution(
         self,
@@ -189,8 +164,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
     ) -> bool:
         """Set a terminal status while ``running``; ``False`` if another status won."""
         status = ExecutionStatus(status)
-        finalized_at = now_ms if status.is_terminal else None
-        values = (status.value, output, error_type, error, now_ms, finalized_at, execution_id)
+        values = finalize_params(execution_id, status, now_ms, output, error_type, error)
         with self._fenced("finalize_execution", (execution_id,)) as conn:
             cursor = conn.execute(_FINALIZE, (*values, CHANNEL_PREFIX + WORK_TOPIC))
         if status.is_terminal:
@@ -207,58 +181,12 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """
         with self._write("abort_generation") as conn:
             self.fence(conn, "abort_generation", (execution_id,))
-            row = conn.execute(
-                "UPDATE executions SET generation = generation + 1, updated_at = %s "
-                "WHERE execution_id = %s AND generation = %s RETURNING generation",
-                (now_ms, execution_id, generation),
-            ).fetchone()
+            row = conn.execute(_ABORT, (now_ms, execution_id, generation)).fetchone()
             if row is None:  # read anew: a concurrent abort may just have moved it
-                row = conn.execute(
-                    "SELECT generation FROM executions WHERE execution_id = %s", (execution_id,)
-                ).fetchone()
+                row = conn.execute(_GENERATION, (execution_id,)).fetchone()
         if row is None:
             raise UnknownExecution(execution_id)
         return int(row[0])
-
-    def list_executions(
-        self, *, status: ExecutionStatus | None = None, limit: int = 100
-    ) -> list[ExecutionSummary]:
-        """Newest first, metadata only; ``steps`` counts results and errors of the current
-        generation."""
-        where = "" if status is None else "WHERE e.status = %s"
-        params: list[Any] = [] if status is None else [ExecutionStatus(status).value]
-        rows = self._query(
-            "list_executions",
-            f"SELECT e.execution_id, e.workflow, e.status, {_STEPS_OF_CURRENT_GENERATION}, "
-            f"e.created_at, e.finalized_at FROM executions e {where} "
-            "ORDER BY e.created_at DESC, e.execution_id DESC LIMIT %s",
-            [*params, max(limit, 0)],
-        )
-        return [
-            ExecutionSummary(eid, wf, ExecutionStatus(st), int(steps), created, finalized)
-            for eid, wf, st, steps, created, finalized in rows
-        ]
-
-    def running_executions(self) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
-        queue, oldest first."""
-        rows = self._query(
-            "running_executions",
-            "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
-            "AND queue IS NULL ORDER BY created_at, execution_id",
-        )
-        return [(eid, wf) for eid, wf in rows]
-
-    def stale_running(self, updated_before_ms: int, limit: int) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of ``running`` executions not updated since then,
-        least recently updated first."""
-        rows = self._query(
-            "stale_running",
-            "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
-            "AND updated_at < %s ORDER BY updated_at, execution_id LIMIT %s",
-            (updated_before_ms, max(limit, 0)),
-        )
-        return [(eid, wf) for eid, wf in rows]
 
     # -- journal ----------------------------------------------------------------------
 
@@ -329,25 +257,10 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
 
     def _select(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run a shared read, its ``?`` placeholders rewritten to psycopg's ``%s``."""
-        return self._query(op, sql.replace("?", "%s"), params)
+        return self._query(op, pg_placeholders(sql), params)
 
     # -- integrity and keys -----------------------------------------------------------
 
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
-        self._execute(
-            "add_key_verifier",
-            "INSERT INTO keys (key_id, verifier, created_at) VALUES (%s, %s, %s) "
-            "ON CONFLICT (key_id) DO NOTHING",
-            (key_id, verifier, now_ms),
-        )
-
-    def count_sealed(self, key_id: int) -> int:
-        """Stored blobs and MACs whose first byte names ``key_id``."""
-        rows = self._query("count_sealed", _COUNT_SEALED, {"k": bytes([key_id])})
-        return int(rows[0][0])
-
-
-def _execution(row: Sequence[Any]) -> ExecutionRecord:
-    """An ``executions`` row (``_EXECUTION_COLUMNS`` order) as a record."""
-    return ExecutionRecord(row[0], row[1], ExecutionStatus(row[2]), *row[3:])
+        self._execute("add_key_verifier", _ADD_KEY_VERIFIER, (key_id, verifier, now_ms))

@@ -44,16 +44,14 @@ from ..journal import ExecutionRecord, ExecutionStatus
 from .base import WORK_TOPIC, Claimant
 from .postgres_locks import PostgresLocks, lock_key
 from .postgres_rows import Connection
+from .sql_reads import EXECUTION_COLUMNS, SELECT_EXECUTION
+from .sql_writes import pg_placeholders
 
 __all__ = ["CHANNEL_PREFIX", "PostgresListener", "PostgresQueue"]
 
 CHANNEL_PREFIX = "unbroken_"
 _QUEUE_LOCK_CLASS = 0x756E_6272  # ASCII 'unbr': the first int of a queue's two-int lock
-_EXECUTION_COLUMNS = (
-    "execution_id, workflow, status, generation, inputs, output, error_type, error, "
-    "created_at, updated_at, finalized_at, queue"
-)
-_SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = %s"
+_SELECT_EXECUTION = pg_placeholders(SELECT_EXECUTION)
 # The new row and True (its queue's workers hear of it at commit), or the existing one and
 # False. A row inserted by a transaction that committed after this statement's snapshot is
 # neither: it is read again (_SELECT_EXECUTION).
@@ -61,10 +59,10 @@ _ENQUEUE = (
     "WITH created AS (INSERT INTO executions (execution_id, workflow, status, inputs, "
     "created_at, updated_at, queue, lock_key) VALUES (%(id)s, %(wf)s, 'running', %(in)s, "
     "%(now)s, %(now)s, %(queue)s, %(key)s) ON CONFLICT (execution_id) DO NOTHING "
-    f"RETURNING {_EXECUTION_COLUMNS}), "
+    f"RETURNING {EXECUTION_COLUMNS}), "
     "notified AS MATERIALIZED (SELECT pg_notify(%(channel)s, queue) FROM created) "
-    f"SELECT {_EXECUTION_COLUMNS}, (SELECT COUNT(*) FROM notified) = 1 FROM created UNION ALL "
-    f"SELECT {_EXECUTION_COLUMNS}, false FROM executions WHERE execution_id = %(id)s "
+    f"SELECT {EXECUTION_COLUMNS}, (SELECT COUNT(*) FROM notified) = 1 FROM created UNION ALL "
+    f"SELECT {EXECUTION_COLUMNS}, false FROM executions WHERE execution_id = %(id)s "
     "AND NOT EXISTS (SELECT 1 FROM created)"
 )
 # Keys of every granted one-bigint advisory lock in this database, as signed bigints.

@@ -11,16 +11,16 @@ writer, so the first caller wins.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import StorageError
-from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
+from ..journal import JournalEntry, PromiseState
 from .base import PROMISES_TOPIC
 from .postgres_locks import PostgresLocks
 from .postgres_queue import CHANNEL_PREFIX
 from .postgres_rows import append_statement
-from .rules import check_control, settled_state
-from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
+from .rules import settled_state
+from .sql_waits import SqlWaits, WaitSql, WaitTable
 
 __all__ = ["PostgresWaits"]
 
@@ -31,17 +31,14 @@ _SETTLE = (
     "WHERE promise_id = %s AND state = 'pending' RETURNING promise_id) "
     "SELECT pg_notify(%s, promise_id)::text FROM settled"
 )
-_CONTROL_EXISTS = (
-    "SELECT 1 FROM journal WHERE execution_id = %s AND generation = %s AND step_id = %s "
-    "AND kind = 'control' LIMIT 1"
-)
+_WAIT_SQL = WaitSql.build("%s")
 
 
-class PostgresWaits(PostgresLocks):
+class PostgresWaits(SqlWaits, PostgresLocks):
     """Promises and timers of ``PostgresStorage``."""
 
     def _insert_control(
-        self, op: str, entry: JournalEntry, table: Literal["promises", "timers"], row: Sequence[Any]
+        self, op: str, entry: JournalEntry, table: WaitTable, row: Sequence[Any]
     ) -> None:
         """A control row and its promise or timer row (``row[0]`` is its id), in one
         transaction.
@@ -50,41 +47,24 @@ class PostgresWaits(PostgresLocks):
             StorageError: the execution does not exist, the promise or timer id exists, or
                 a control row already holds the step; nothing was inserted.
         """
-        noun, columns = (
-            ("promise", PROMISE_COLUMNS) if table == "promises" else ("timer", TIMER_COLUMNS)
-        )
+        sql = _WAIT_SQL[table]
         slot = (entry.execution_id, entry.generation, entry.step_id)
         with self._write(op) as conn:
             self.fence(conn, op, (entry.execution_id,))
             # Serialises control inserts per execution: the slot check below stays true.
             execution = conn.execute(_LOCK_EXECUTION, (entry.execution_id,))
-            taken = conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = %s", (row[0],))
-            held = conn.execute(_CONTROL_EXISTS, slot)
+            taken = conn.execute(sql.taken, (row[0],))
+            held = conn.execute(sql.held, slot)
             if execution.fetchone() is None:
                 raise StorageError(op, "the journal entry names an execution that does not exist")
             if taken.fetchone():
-                raise StorageError(op, f"a {noun} with this id already exists")
+                raise StorageError(op, f"a {sql.noun} with this id already exists")
             if held.fetchone():
                 raise StorageError(op, "a control row already holds this step")
             conn.execute(*append_statement([entry]))
-            marks = ", ".join(["%s"] * len(row))
-            conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", row)
+            conn.execute(sql.insert, row)
 
     # -- promises ---------------------------------------------------------------------
-
-    def create_promise(self, entry: JournalEntry, promise: PromiseRecord) -> None:
-        """Insert a promise's control row and its promise row in one transaction.
-
-        Raises:
-            ValueError: ``entry`` is not a control row of the promise's execution.
-            StorageError: the promise id or the control row's slot already exists, or the
-                execution does not; nothing was inserted.
-        """
-        check_control(entry, promise.execution_id)
-        p = promise
-        head = (p.promise_id, p.execution_id, p.generation, p.step_id, p.name, p.token_hash)
-        row = (*head, PromiseState(p.state).value, p.payload, p.created_at_ms, p.settled_at_ms)
-        self._insert_control("create_promise", entry, "promises", row)
 
     def settle_promise(
         self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
@@ -110,19 +90,6 @@ class PostgresWaits(PostgresLocks):
         return {promise_id: PromiseState(state) for promise_id, state in rows}
 
     # -- timers -----------------------------------------------------------------------
-
-    def arm_timer(self, entry: JournalEntry, timer: TimerRecord) -> None:
-        """Insert a timer's control row and its timer row in one transaction.
-
-        Raises:
-            ValueError: ``entry`` is not a control row of the timer's execution.
-            StorageError: the timer id or the control row's slot already exists, or the
-                execution does not; nothing was inserted.
-        """
-        check_control(entry, timer.execution_id)
-        t = timer
-        head = (t.timer_id, t.execution_id, t.generation, t.step_id, t.due_at_ms)
-        self._insert_control("arm_timer", entry, "timers", (*head, int(t.fired), t.created_at_ms))
 
     def fire_timer(self, timer_id: str, now_ms: int) -> bool:
         """Mark a timer fired; ``False`` if it was already fired or is unknown."""

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from ..effects import EffectClass
+from ..errors import StorageError
 from ..journal import (
     EntryKind,
     ExecutionRecord,
@@ -35,7 +36,9 @@ __all__ = [
     "PHASES",
     "Phase",
     "active_phases",
+    "check_checkpoint",
     "check_control",
+    "check_folded",
     "claim_in_order",
     "count_excess",
     "expired",
@@ -108,6 +111,26 @@ def check_control(entry: JournalEntry, execution_id: str) -> None:
     """Refuse a promise's or timer's journal row that is not its control row."""
     if EntryKind(entry.kind) is not EntryKind.CONTROL or entry.execution_id != execution_id:
         raise ValueError("the journal entry must be a control row of the same execution")
+
+
+def check_checkpoint(entry: JournalEntry) -> None:
+    """Refuse to fold into a row that is not a checkpoint row."""
+    if EntryKind(entry.kind) is not EntryKind.CHECKPOINT:
+        raise ValueError("fold needs an entry of kind checkpoint")
+
+
+def check_folded(checkpoint: JournalEntry, replaced: int) -> None:
+    """Raise unless the checkpoint folds exactly the outcomes its replaced rows held.
+
+    Raises:
+        StorageError: the counts differ (the caller rolls the fold back).
+    """
+    if replaced != checkpoint.folded:
+        raise StorageError(
+            "fold",
+            f"the checkpoint folds {checkpoint.folded} outcomes but the replaced rows "
+            f"hold {replaced}",
+        )
 
 
 def settled_state(state: PromiseState) -> PromiseState:

@@ -1,9 +1,9 @@
-"""Journal, integrity and key reads shared by the SQL backends (layer: storage).
+"""Execution, journal, integrity and key reads shared by the SQL backends (layer: storage).
 
 SQLite and PostgreSQL answer these reads with the same SQL: it is written once here with
 ``?`` placeholders, and each backend runs it through its own ``_select`` (PostgreSQL
-rewrites the placeholders to ``%s``). Writes stay per backend, where their locking and
-transaction rules differ.
+rewrites the placeholders to ``%s``). Writes run in each backend's own transactions, where
+their locking rules differ (the statements they share are ``sql_writes``'s).
 """
 
 from __future__ import annotations
@@ -11,11 +11,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..journal import EntryKind, JournalEntry, PromiseRecord, PromiseState, StepInfo, TimerRecord
+from ..journal import (
+    EntryKind,
+    ExecutionRecord,
+    ExecutionStatus,
+    ExecutionSummary,
+    JournalEntry,
+    PromiseRecord,
+    PromiseState,
+    StepInfo,
+    TimerRecord,
+)
 from .rules import GUARDED
 from .sqlite_rows import ENTRY_COLUMNS, entry_from_row
 
-__all__ = ["PROMISE_COLUMNS", "TIMER_COLUMNS", "SqlReads"]
+__all__ = [
+    "EXECUTION_COLUMNS",
+    "PROMISE_COLUMNS",
+    "SELECT_EXECUTION",
+    "TIMER_COLUMNS",
+    "SqlReads",
+    "execution_from_row",
+]
+
+EXECUTION_COLUMNS = (
+    "execution_id, workflow, status, generation, inputs, output, error_type, error, "
+    "created_at, updated_at, finalized_at, queue"
+)
+SELECT_EXECUTION = f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE execution_id = ?"
 
 PROMISE_COLUMNS = (
     "promise_id, execution_id, generation, step_id, name, token_hash, state, payload, "
@@ -25,6 +48,29 @@ TIMER_COLUMNS = "timer_id, execution_id, generation, step_id, due_at, fired, cre
 _SEGMENT_COLUMNS = "step_id, kind, name, effect, idem_key, payload, created_at, seq, hmac, folded"
 _REPLAY_COLUMNS = "step_id, kind, name, effect, idem_key, payload, hmac"  # replay.ReplayRow
 _KINDS = {kind.value: kind for kind in EntryKind}
+# Each column a key can have sealed: one COUNT per column, each counting first bytes.
+_SEALED_COLUMNS = (
+    ("journal", "payload"),
+    ("journal", "hmac"),
+    ("executions", "inputs"),
+    ("executions", "output"),
+    ("executions", "error"),
+    ("integrity", "mac"),
+    ("promises", "payload"),
+)
+_COUNT_SEALED = "SELECT " + " + ".join(
+    f"(SELECT COUNT(*) FROM {table} WHERE SUBSTR({column}, 1, 1) = ?)"
+    for table, column in _SEALED_COLUMNS
+)
+_STEPS_OF_CURRENT_GENERATION = (
+    "(SELECT COUNT(*) FROM journal j WHERE j.execution_id = e.execution_id "
+    "AND j.generation = e.generation AND j.kind IN ('result', 'error'))"
+)
+
+
+def execution_from_row(row: Sequence[Any]) -> ExecutionRecord:
+    """An ``executions`` row (``EXECUTION_COLUMNS`` order) as a record."""
+    return ExecutionRecord(row[0], row[1], ExecutionStatus(row[2]), *row[3:])
 
 
 class SqlReads:
@@ -37,6 +83,55 @@ class SqlReads:
     def _rows(self, op: str, where: str, params: Sequence[Any]) -> list[JournalEntry]:
         rows = self._select(op, f"SELECT {ENTRY_COLUMNS} FROM journal WHERE {where}", params)
         return [entry_from_row(row) for row in rows]
+
+    # -- executions -------------------------------------------------------------------
+
+    def get_execution(self, execution_id: str) -> ExecutionRecord | None:
+        """The execution row, or ``None``."""
+        rows = self._select("get_execution", SELECT_EXECUTION, (execution_id,))
+        return execution_from_row(rows[0]) if rows else None
+
+    def list_executions(
+        self, *, status: ExecutionStatus | None = None, limit: int = 100
+    ) -> list[ExecutionSummary]:
+        """Newest first, metadata only; ``steps`` counts results and errors of the current
+        generation."""
+        where = "" if status is None else "WHERE e.status = ?"
+        params: list[Any] = [] if status is None else [ExecutionStatus(status).value]
+        rows = self._select(
+            "list_executions",
+            f"SELECT e.execution_id, e.workflow, e.status, {_STEPS_OF_CURRENT_GENERATION}, "
+            f"e.created_at, e.finalized_at FROM executions e {where} "
+            "ORDER BY e.created_at DESC, e.execution_id DESC LIMIT ?",
+            [*params, max(limit, 0)],
+        )
+        return [
+            ExecutionSummary(eid, wf, ExecutionStatus(st), int(steps), created, finalized)
+            for eid, wf, st, steps, created, finalized in rows
+        ]
+
+    def running_executions(self) -> list[tuple[str, str]]:
+        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
+        queue, oldest first."""
+        rows = self._select(
+            "running_executions",
+            "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
+            "AND queue IS NULL ORDER BY created_at, execution_id",
+        )
+        return [(eid, wf) for eid, wf in rows]
+
+    def stale_running(self, updated_before_ms: int, limit: int) -> list[tuple[str, str]]:
+        """``(execution_id, workflow)`` of ``running`` executions not updated since then,
+        least recently updated first."""
+        rows = self._select(
+            "stale_running",
+            "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
+            "AND updated_at < ? ORDER BY updated_at, execution_id LIMIT ?",
+            (updated_before_ms, max(limit, 0)),
+        )
+        return [(eid, wf) for eid, wf in rows]
+
+    # -- journal ----------------------------------------------------------------------
 
     def read_segment(
         self, execution_id: str, generation: int, from_step: int, limit: int
@@ -105,6 +200,14 @@ class SqlReads:
             for step, name, effect, kind, gen, seq, created, size, key in rows
         ]
 
+    def read_checkpoints(self, execution_id: str, generation: int) -> list[JournalEntry]:
+        """The checkpoint rows of one generation, by ``seq``."""
+        return self._rows(
+            "read_checkpoints",
+            "execution_id = ? AND generation = ? AND kind = 'checkpoint' ORDER BY seq",
+            (execution_id, generation),
+        )
+
     def max_seq(self) -> int:
         """The highest ``seq`` in the journal, 0 when empty (FR-DE-12)."""
         rows = self._select("max_seq", "SELECT COALESCE(MAX(seq), 0) FROM journal")
@@ -132,6 +235,12 @@ class SqlReads:
             "WHERE execution_id = ? AND kind = 'checkpoint')",
             (execution_id, execution_id),
         )
+        return int(rows[0][0])
+
+    def count_sealed(self, key_id: int) -> int:
+        """Stored blobs and MACs whose first byte names ``key_id``."""
+        first = bytes([key_id])
+        rows = self._select("count_sealed", _COUNT_SEALED, (first,) * len(_SEALED_COLUMNS))
         return int(rows[0][0])
 
     def key_verifiers(self) -> dict[int, bytes]:

@@ -12,27 +12,26 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ExecutionCanceled, UnknownExecution
-from ..journal import (
-    ExecutionRecord,
-    ExecutionStatus,
-    ExecutionSummary,
-    JournalEntry,
-)
+from ..errors import UnknownExecution
+from ..journal import ExecutionRecord, ExecutionStatus, JournalEntry
 from .base import Claimant, Signer, outcomes_by_execution
 from .rules import claim_in_order
-from .sql_reads import SqlReads
+from .sql_reads import SELECT_EXECUTION, SqlReads, execution_from_row
+from .sql_writes import (
+    ABORT,
+    ADD_KEY_VERIFIER,
+    FINALIZE,
+    GENERATION,
+    REOPEN,
+    finalize_params,
+    reopened,
+)
 from .sqlite_retention import SqliteRetention
 from .sqlite_rows import insert_entries, signing
 from .sqlite_waits import SqliteWaits
 
 __all__ = ["SqliteStorage"]
 
-_EXECUTION_COLUMNS = (
-    "execution_id, workflow, status, generation, inputs, output, error_type, error, "
-    "created_at, updated_at, finalized_at, queue"
-)
-_SELECT_EXECUTION = f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE execution_id = ?"
 _RUNNING_IN_QUEUE = (
     "SELECT execution_id, workflow FROM executions WHERE queue = ? AND status = 'running' "
     "ORDER BY created_at, execution_id"
@@ -44,19 +43,6 @@ _BUMP_INTEGRITY = (
 )
 _INSERT_INTEGRITY = (
     "INSERT INTO integrity (execution_id, outcomes, mac, updated_at) VALUES (?, ?, ?, ?)"
-)
-_COUNT_SEALED = (
-    "SELECT (SELECT COUNT(*) FROM journal WHERE SUBSTR(payload, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM journal WHERE SUBSTR(hmac, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(inputs, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(output, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM executions WHERE SUBSTR(error, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM integrity WHERE SUBSTR(mac, 1, 1) = :k) "
-    "+ (SELECT COUNT(*) FROM promises WHERE SUBSTR(payload, 1, 1) = :k)"
-)
-_STEPS_OF_CURRENT_GENERATION = (
-    "(SELECT COUNT(*) FROM journal j WHERE j.execution_id = e.execution_id "
-    "AND j.generation = e.generation AND j.kind IN ('result', 'error'))"
 )
 
 
@@ -94,13 +80,8 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
                 "ON CONFLICT (execution_id) DO NOTHING",
                 (execution_id, workflow, inputs, now_ms, now_ms, queue),
             )
-            row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
-        return _execution(row), cursor.rowcount == 1
-
-    def get_execution(self, execution_id: str) -> ExecutionRecord | None:
-        """The execution row, or ``None``."""
-        rows = self._query("get_execution", _SELECT_EXECUTION, (execution_id,))
-        return _execution(rows[0]) if rows else None
+            row = conn.execute(SELECT_EXECUTION, (execution_id,)).fetchone()
+        return execution_from_row(row), cursor.rowcount == 1
 
     def reopen_execution(self, execution_id: str, now_ms: int) -> ExecutionRecord:
         """Un-finalize a terminal execution (INV-16); return the row as it is now.
@@ -110,19 +91,9 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
             UnknownExecution: no such execution.
         """
         with self._write("reopen_execution") as conn:
-            conn.execute(
-                "UPDATE executions SET status = 'running', finalized_at = NULL, output = NULL, "
-                "error_type = NULL, error = NULL, updated_at = ? WHERE execution_id = ? "
-                "AND status IN ('completed', 'failed', 'aborted')",
-                (now_ms, execution_id),
-            )
-            row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
-        if row is None:
-            raise UnknownExecution(execution_id)
-        record = _execution(row)
-        if record.status is ExecutionStatus.CANCELED:
-            raise ExecutionCanceled(execution_id)
-        return record
+            conn.execute(REOPEN, (now_ms, execution_id))
+            row = conn.execute(SELECT_EXECUTION, (execution_id,)).fetchone()
+        return reopened(execution_id, row)
 
     def finalize_execution(
         self,
@@ -136,13 +107,9 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
     ) -> bool:
         """Set a terminal status while ``running``; ``False`` if another status won."""
         status = ExecutionStatus(status)
-        finalized_at = now_ms if status.is_terminal else None
+        params = finalize_params(execution_id, status, now_ms, output, error_type, error)
         with self._write("finalize_execution") as conn:
-            cursor = conn.execute(
-                "UPDATE executions SET status = ?, output = ?, error_type = ?, error = ?, "
-                "updated_at = ?, finalized_at = ? WHERE execution_id = ? AND status = 'running'",
-                (status.value, output, error_type, error, now_ms, finalized_at, execution_id),
-            )
+            cursor = conn.execute(FINALIZE, params)
         return cursor.rowcount == 1
 
     def abort_generation(self, execution_id: str, generation: int, now_ms: int) -> int:
@@ -154,46 +121,11 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
             UnknownExecution: no such execution.
         """
         with self._write("abort_generation") as conn:
-            conn.execute(
-                "UPDATE executions SET generation = generation + 1, updated_at = ? "
-                "WHERE execution_id = ? AND generation = ?",
-                (now_ms, execution_id, generation),
-            )
-            row = conn.execute(
-                "SELECT generation FROM executions WHERE execution_id = ?", (execution_id,)
-            ).fetchone()
+            conn.execute(ABORT, (now_ms, execution_id, generation))
+            row = conn.execute(GENERATION, (execution_id,)).fetchone()
         if row is None:
             raise UnknownExecution(execution_id)
         return int(row[0])
-
-    def list_executions(
-        self, *, status: ExecutionStatus | None = None, limit: int = 100
-    ) -> list[ExecutionSummary]:
-        """Newest first, metadata only; ``steps`` counts results and errors of the current
-        generation."""
-        where = "" if status is None else "WHERE e.status = ?"
-        params: list[Any] = [] if status is None else [ExecutionStatus(status).value]
-        rows = self._query(
-            "list_executions",
-            f"SELECT e.execution_id, e.workflow, e.status, {_STEPS_OF_CURRENT_GENERATION}, "
-            f"e.created_at, e.finalized_at FROM executions e {where} "
-            "ORDER BY e.created_at DESC, e.execution_id DESC LIMIT ?",
-            [*params, max(limit, 0)],
-        )
-        return [
-            ExecutionSummary(eid, wf, ExecutionStatus(st), steps, created, finalized)
-            for eid, wf, st, steps, created, finalized in rows
-        ]
-
-    def running_executions(self) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of every ``running`` execution that is not in a
-        queue, oldest first."""
-        rows = self._query(
-            "running_executions",
-            "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
-            "AND queue IS NULL ORDER BY created_at, execution_id",
-        )
-        return [(eid, wf) for eid, wf in rows]
 
     def claim_queued(
         self,
@@ -213,17 +145,6 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
         with self._write("claim_queued") as conn:
             running = [(eid, wf) for eid, wf in conn.execute(_RUNNING_IN_QUEUE, (queue,))]
             return claim_in_order(running, limit, claimant, workflows, cap)
-
-    def stale_running(self, updated_before_ms: int, limit: int) -> list[tuple[str, str]]:
-        """``(execution_id, workflow)`` of ``running`` executions not updated since then,
-        least recently updated first."""
-        rows = self._query(
-            "stale_running",
-            "SELECT execution_id, workflow FROM executions WHERE status = 'running' "
-            "AND updated_at < ? ORDER BY updated_at, execution_id LIMIT ?",
-            (updated_before_ms, max(limit, 0)),
-        )
-        return [(eid, wf) for eid, wf in rows]
 
     # -- journal ----------------------------------------------------------------------
 
@@ -251,16 +172,7 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
         with self._write("add_key_verifier") as conn:
-            conn.execute(
-                "INSERT INTO keys (key_id, verifier, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key_id) DO NOTHING",
-                (key_id, verifier, now_ms),
-            )
-
-    def count_sealed(self, key_id: int) -> int:
-        """Stored blobs and MACs whose first byte names ``key_id``."""
-        rows = self._query("count_sealed", _COUNT_SEALED, {"k": bytes([key_id])})
-        return int(rows[0][0])
+            conn.execute(ADD_KEY_VERIFIER, (key_id, verifier, now_ms))
 
 
 def _insert_entries(
@@ -282,8 +194,3 @@ def _insert_entries(
             finally:
                 signing.signer = None
     return seq
-
-
-def _execution(row: Sequence[Any]) -> ExecutionRecord:
-    """An ``executions`` row (``_EXECUTION_COLUMNS`` order) as a record."""
-    return ExecutionRecord(row[0], row[1], ExecutionStatus(row[2]), *row[3:])

@@ -8,23 +8,25 @@ guarded ``UPDATE``, so the first caller wins.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import StorageError
-from ..journal import JournalEntry, PromiseRecord, PromiseState, TimerRecord
-from .rules import check_control, settled_state
-from .sql_reads import PROMISE_COLUMNS, TIMER_COLUMNS
+from ..journal import JournalEntry, PromiseState
+from .rules import settled_state
+from .sql_waits import SqlWaits, WaitSql, WaitTable
 from .sqlite_connection import SqliteConnections
 from .sqlite_rows import chunks, insert_entry, marks
 
 __all__ = ["SqliteWaits"]
 
+_WAIT_SQL = WaitSql.build("?")
 
-class SqliteWaits(SqliteConnections):
+
+class SqliteWaits(SqlWaits, SqliteConnections):
     """Promises and timers of ``SqliteStorage``."""
 
     def _insert_control(
-        self, op: str, entry: JournalEntry, table: Literal["promises", "timers"], row: Sequence[Any]
+        self, op: str, entry: JournalEntry, table: WaitTable, row: Sequence[Any]
     ) -> None:
         """A control row and its promise or timer row (``row[0]`` is its id), in one
         transaction.
@@ -33,36 +35,17 @@ class SqliteWaits(SqliteConnections):
             StorageError: the promise or timer id exists, or a control row already holds
                 the step; nothing was inserted.
         """
-        noun, columns = (
-            ("promise", PROMISE_COLUMNS) if table == "promises" else ("timer", TIMER_COLUMNS)
-        )
+        sql = _WAIT_SQL[table]
+        slot = (entry.execution_id, entry.generation, entry.step_id)
         with self._write(op) as conn:
-            if conn.execute(f"SELECT 1 FROM {table} WHERE {noun}_id = ?", (row[0],)).fetchone():
-                raise StorageError(op, f"a {noun} with this id already exists")
-            if conn.execute(
-                "SELECT 1 FROM journal WHERE execution_id = ? AND generation = ? AND step_id = ? "
-                "AND kind = 'control' LIMIT 1",
-                (entry.execution_id, entry.generation, entry.step_id),
-            ).fetchone():
+            if conn.execute(sql.taken, (row[0],)).fetchone():
+                raise StorageError(op, f"a {sql.noun} with this id already exists")
+            if conn.execute(sql.held, slot).fetchone():
                 raise StorageError(op, "a control row already holds this step")
             insert_entry(conn, entry)
-            conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks(len(row))})", row)
+            conn.execute(sql.insert, row)
 
     # -- promises ---------------------------------------------------------------------
-
-    def create_promise(self, entry: JournalEntry, promise: PromiseRecord) -> None:
-        """Insert a promise's control row and its promise row in one transaction.
-
-        Raises:
-            ValueError: ``entry`` is not a control row of the promise's execution.
-            StorageError: the promise id or the control row's slot already exists, or the
-                execution does not; nothing was inserted.
-        """
-        check_control(entry, promise.execution_id)
-        p = promise
-        head = (p.promise_id, p.execution_id, p.generation, p.step_id, p.name, p.token_hash)
-        row = (*head, PromiseState(p.state).value, p.payload, p.created_at_ms, p.settled_at_ms)
-        self._insert_control("create_promise", entry, "promises", row)
 
     def settle_promise(
         self, promise_id: str, state: PromiseState, payload: bytes | None, now_ms: int
@@ -92,19 +75,6 @@ class SqliteWaits(SqliteConnections):
         return states
 
     # -- timers -----------------------------------------------------------------------
-
-    def arm_timer(self, entry: JournalEntry, timer: TimerRecord) -> None:
-        """Insert a timer's control row and its timer row in one transaction.
-
-        Raises:
-            ValueError: ``entry`` is not a control row of the timer's execution.
-            StorageError: the timer id or the control row's slot already exists, or the
-                execution does not; nothing was inserted.
-        """
-        check_control(entry, timer.execution_id)
-        t = timer
-        head = (t.timer_id, t.execution_id, t.generation, t.step_id, t.due_at_ms)
-        self._insert_control("arm_timer", entry, "timers", (*head, int(t.fired), t.created_at_ms))
 
     def fire_timer(self, timer_id: str, now_ms: int) -> bool:
         """Mark a timer fired; ``False`` if it was already fired or is unknown."""
