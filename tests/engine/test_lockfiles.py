@@ -116,7 +116,8 @@ def test_inv15_a_file_made_ahead_never_replaces_a_held_lock_file(
             ownership.acquire(EXECUTION)
         assert info.value.holder_pid == holder.pid
         assert _lock_file(lock_dir).stat().st_ino == inode
-        assert _spares(lock_dir) == spares  # the spare went back unused
+        # The spare went back unused (the maker may have made more meanwhile).
+        assert spares.items() <= _spares(lock_dir).items()
         with ownership.acquire("other"):
             assert _lock_file(lock_dir, "other").stat().st_ino in spares
     finally:
