@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -608,3 +609,50 @@ def test_an_owner_whose_lock_session_ended_cannot_write_for_that_execution(url: 
     finally:
         old.close()
         new.close()
+
+
+# -- queue claims and the lock session --------------------------------------------------
+
+
+def test_a_claim_waiting_for_its_queue_lock_holds_up_no_one_taking_ownership(
+    opened: PostgresStorage, url: str
+) -> None:
+    """A claim takes ownership locks while it holds its queue's lock: were it to wait for
+    that queue lock on the lock session, it would hold the session from ``try_lock``, and a
+    claimer holding the queue lock and waiting in ``try_lock`` would deadlock with it."""
+    import psycopg
+
+    from unbroken.storage.postgres_queue import _QUEUE_LOCK_CLASS
+
+    from .test_contract import claims, enqueue
+
+    enqueue(opened, "e0", 0)
+    claimed: list[list[tuple[str, str]]] = []
+    taken: list[int | None] = []
+    with psycopg.connect(url) as other:  # another claimer, inside its transaction
+        other.execute(
+            "SELECT pg_advisory_xact_lock(%s, %s)",
+            (_QUEUE_LOCK_CLASS, opened._queue_key(other, "q")),
+        )
+        claim = threading.Thread(
+            target=lambda: claimed.append(
+                opened.claim_queued("q", 1, claims(opened), ["wf"], cap=5)
+            ),
+            daemon=True,
+        )
+        claim.start()
+        for _ in range(200):  # until the claim waits for the queue lock
+            if admin_execute("SELECT COUNT(*) FROM pg_locks WHERE NOT granted") != [(0,)]:
+                break
+            time.sleep(0.025)
+        else:
+            pytest.fail("the claim never waited for the queue lock")
+        taker = threading.Thread(
+            target=lambda: taken.append(opened.try_lock(lock_name("elsewhere"))), daemon=True
+        )
+        taker.start()
+        taker.join(5)
+        assert taken == [None], "taking ownership waited for a claim blocked on its queue lock"
+        other.rollback()
+    claim.join(10)
+    assert claimed == [[("e0", "wf")]]

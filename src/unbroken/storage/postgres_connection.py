@@ -259,6 +259,19 @@ class PostgresConnections:
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
 
+    @contextmanager
+    def _pooled_write(self, op: str) -> Iterator[Connection]:
+        """A pooled connection inside one transaction, for a transaction that takes
+        ownership locks while it holds row or advisory locks of its own: on the lock
+        session it would hold the session's mutex while it waits for those locks, and a
+        thread holding them could be waiting for that mutex (``try_lock``) — a deadlock."""
+        pool = self._require(op)
+        try:
+            with pool.connection() as conn, conn.transaction():
+                yield conn
+        except psycopg.Error as exc:
+            raise self._failure(op, exc) from None
+
     def _execute(self, op: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run one writing statement, committed on its own (one round trip); its rows."""
         with self._writing(op) as conn:

@@ -5,7 +5,8 @@ lock key of its ownership (``postgres_locks.lock_key``). An execution is *owned*
 session holds that lock, and ``pg_locks`` shows every session's locks, so SQL can tell the
 owned executions of a queue from the waiting ones.
 
-A claim is one short transaction:
+A claim is one short transaction, on a pooled connection (never the lock session: it takes
+ownership locks while it holds the queue lock, see ``_pooled_write``):
 
 1. with a cap, ``pg_advisory_xact_lock`` on the queue (a two-int key, a key space apart
    from the one-bigint ownership keys) serialises the queue's claimers, and the owned
@@ -128,7 +129,7 @@ class PostgresQueue(PostgresLocks):
         queue, every session's, stay within it."""
         if limit <= 0 or not workflows:
             return []
-        with self._write("claim_queued") as conn:
+        with self._pooled_write("claim_queued") as conn:
             room = limit
             if cap > 0:
                 conn.execute(
