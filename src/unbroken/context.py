@@ -569,9 +569,8 @@ class Context:
     # -- lifecycle ----------------------------------------------------------------------
 
     def _check_alive(self) -> None:
-        if self._dead:
+        if self._dead or self._run.stopping():  # ``RunServices.check_stop``, inlined
             raise Stopped()
-        self._run.check_stop()
 
     async def cancel_inflight(self) -> None:
         """Stop every step still running (after a divergence); their results are dropped."""
