@@ -24,12 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .effects import EffectClass
-from .errors import DecodeError, IntegrityError, PayloadTooLarge
+from .errors import DecodeError, IntegrityError, PayloadTooLarge, StepFailed
 from .journal import EntryKind, JournalEntry
 from .replay import ReplayCursor, StepRows, row_of
 from .runtime import IntegrityAbort, RunServices, now_ms
 
-__all__ = ["MISS", "ReplayReader", "fold", "read_folded"]
+__all__ = ["MISS", "ReplayReader", "fold", "open_outcome", "read_folded"]
 
 log = logging.getLogger("unbroken")
 
@@ -133,6 +133,22 @@ class ReplayReader:
     def cursor(self) -> ReplayCursor:
         """The cursor this reader feeds."""
         return self._cursor
+
+
+def open_outcome(run: RunServices, name: str, step_id: int, entry: JournalEntry) -> Any:
+    """The value of step ``step_id``'s journaled outcome row (an earlier generation's may
+    sit at another position); an error row raises its ``StepFailed``.
+
+    Raises:
+        StepFailed: the row is the step's journaled error.
+        IntegrityError: the row does not open (and what ``open_entry`` raises).
+    """
+    value = run.payloads.open_entry(entry)
+    if entry.kind is not EntryKind.ERROR:
+        return value
+    if not isinstance(value, dict):
+        raise StepFailed(name, step_id, "unknown", "")
+    raise StepFailed(name, step_id, str(value.get("type")), str(value.get("message")))
 
 
 def _where(run: RunServices, step_id: int) -> dict[str, Any]:

@@ -131,8 +131,15 @@ def decode(data: bytes) -> object:
         DecodeError: the bytes are not UTF-8 JSON, or hold a malformed or unknown tag, or
             name a class that cannot be imported or is not of the tagged kind.
     """
+    if (  # what ``encode`` writes for an int below 10**18: no UTF-8 or JSON scan needed
+        type(data) is bytes
+        and data.isdigit()  # ASCII digits only, so no sign, space or underscore for ``int``
+        and len(data) < 19
+        and (data[0] != 48 or len(data) == 1)  # JSON has no leading zeros
+    ):
+        return int(data)
     try:
-        text = bytes(data).decode("utf-8")
+        text = str(data, "utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"invalid UTF-8 at byte {exc.start} of {len(data)}") from None
     try:

@@ -297,6 +297,11 @@ class Context:
         return _Call(step_id, desc, key, fn, args, kwargs)
 
     async def _run_step(self, call: _Call, *, recorded: bool) -> Any:
+        if self._replaying:  # the fast path: a result under this very key, never awaits
+            self._check_alive()
+            value = self._reader.replayed(call.step_id, call.key)  # MISS: the full lookup
+            if value is not checkpoints.MISS:
+                return StepOutcome(value, True, call.step_id, call.key) if recorded else value
         # Given the loop, ``current_task`` need not look the running one up (a getpid).
         task = asyncio.current_task(self._loop)
         tracked = task is not None and task is not self._owner
@@ -316,11 +321,9 @@ class Context:
         return value
 
     async def _resolve(self, call: _Call) -> tuple[Any, bool]:
-        """Replay, resolve the ambiguous window, find an earlier generation's, or run."""
+        """Replay, resolve the ambiguous window, find an earlier generation's, or run
+        (``_run_step`` has tried the replay fast path first)."""
         self._check_alive()
-        value = self._reader.replayed(call.step_id, call.key)  # MISS unless replaying
-        if value is not checkpoints.MISS:  # the fast path: a result under this very key
-            return value, True
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
@@ -402,10 +405,7 @@ class Context:
             self._run.payloads.open_entry(entry)
 
     def _replay(self, call: _Call, entry: JournalEntry) -> Any:
-        value = self._run.payloads.open_entry(entry)
-        if entry.kind is EntryKind.ERROR:
-            raise _failure_from_record(call.desc.name, call.step_id, value)
-        return value
+        return checkpoints.open_outcome(self._run, call.desc.name, call.step_id, entry)
 
     async def _earlier_generation(self, call: _Call) -> tuple[Any, bool] | JournalEntry | None:
         """INV-13: a guarded effect committed in an earlier generation is never re-fired."""
@@ -569,9 +569,8 @@ class Context:
     # -- lifecycle ----------------------------------------------------------------------
 
     def _check_alive(self) -> None:
-        if self._dead:
+        if self._dead or self._run.stopping():  # ``RunServices.check_stop``, inlined
             raise Stopped()
-        self._run.check_stop()
 
     async def cancel_inflight(self) -> None:
         """Stop every step still running (after a divergence); their results are dropped."""
@@ -582,12 +581,6 @@ class Context:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _failure_from_record(name: str, step_id: int, record: Any) -> StepFailed:
-    if not isinstance(record, dict):
-        return StepFailed(name, step_id, "unknown", "")
-    return StepFailed(name, step_id, str(record.get("type")), str(record.get("message")))
 
 
 async def _uuid4() -> _uuid.UUID:

@@ -188,6 +188,8 @@ def _check_name(name: object) -> None:
 
 def as_step(step: object) -> Step:
     """Accept a name or a descriptor, as ``ctx.step`` does."""
+    if type(step) is str and (known := _BY_NAME.get(step)) is not None:
+        return known  # the common case, one lookup
     if isinstance(step, Step):
         return step
     if isinstance(step, str):

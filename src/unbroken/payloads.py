@@ -69,6 +69,8 @@ READ_SLACK_BYTES = 128
 """Read-side allowance over ``max_payload_bytes`` and the seal overhead (INV-11)."""
 
 _NONCES_PER_FILL = 512
+_SCRATCH_BYTES = 4096
+"""Plaintexts up to this size are opened into an opener's one reused buffer."""
 _GEN_STEP = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 
@@ -350,20 +352,22 @@ class Payloads:
         key_id = sealer._key_id[0]
         low, high = SEAL_OVERHEAD, self._read_ceiling
         decode = codec.decode
+        # One plaintext buffer for every small row: ``open_row`` copies the row out before
+        # it returns, and an opener serves one replay (one thread) at a time.
+        small = new("unsigned char[]", _SCRATCH_BYTES)
 
         def open_row(blob: bytes | None, step_id: int, idem_key: bytes) -> Any:
-            size = len(blob) if blob is not None else 0
             if (
                 blob is None
-                or not low <= size <= high
+                or not low <= len(blob) <= high
                 or blob[0] != key_id
                 or len(idem_key) != 32
                 or not 0 <= step_id <= 0xFFFFFFFF
             ):
                 return open_slowly(blob, step_id, idem_key)
             where = join((before, pack_step(step_id), after, idem_key))
-            size -= SEAL_OVERHEAD
-            out = new("unsigned char[]", size or 1)
+            size = len(blob) - SEAL_OVERHEAD
+            out = small if size <= _SCRATCH_BYTES else new("unsigned char[]", size)
             status = decrypt(
                 out, null, null, blob[1 + NONCE_BYTES :], size + TAG_BYTES,
                 where, len(where), blob[1 : 1 + NONCE_BYTES], key,

@@ -231,6 +231,20 @@ def test_an_opener_opens_what_open_at_opens_and_only_that(
     assert opened(None, step, key) is None
 
 
+def test_an_opener_opens_rows_of_any_size_in_turn_each_to_its_own_value() -> None:
+    payloads, _ = _payloads()
+    opened = payloads.opener("order-42", 1, "result")
+    key = bytes(range(32))
+    values = ["x" * n for n in (5000, 3, 4094, 4095, 0, 9000, 17)]
+    blobs = [
+        payloads.seal(v, "v", execution_id="order-42", generation=1, step_id=i, kind="result",
+                      idem_key=key)
+        for i, v in enumerate(values)
+    ]
+    held = [opened(blob, i, key) for i, blob in enumerate(blobs)]
+    assert held == values
+
+
 def test_an_opener_fails_closed_like_open_and_opens_the_previous_keys_blobs() -> None:
     payloads, cipher = _payloads(limit=64)
     opened = payloads.opener("order-42", 1, "result")

@@ -344,6 +344,18 @@ def test_an_int_is_its_json_digits(value: int) -> None:
     assert decode(encode(value)) == value
 
 
+@given(st.text(alphabet="0123456789-+_ .e\u0660\u00b2", max_size=22))
+def test_digit_like_bytes_decode_exactly_as_json_loads_reads_them(text: str) -> None:
+    data = text.encode()
+    try:
+        expected = json.loads(data)
+    except ValueError:
+        with pytest.raises(DecodeError):
+            decode(data)
+    else:
+        assert_same(decode(data), expected)
+
+
 def test_list_of_ints_is_just_a_json_array() -> None:
     assert encode([1, 2, 3]) == b"[1,2,3]"
 
