@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,15 +50,22 @@ def url(postgres_schema: str) -> str:
     return schema_url(postgres_schema)
 
 
-@pytest.fixture
-def opened(url: str) -> Iterator[PostgresStorage]:
-    """An open storage on a fresh schema."""
+@contextmanager
+def open_storage(url: str) -> Iterator[PostgresStorage]:
+    """A storage opened on ``url``, closed afterwards."""
     store = PostgresStorage(url)
     store.open()
     try:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture
+def opened(url: str) -> Iterator[PostgresStorage]:
+    """An open storage on a fresh schema."""
+    with open_storage(url) as store:
+        yield store
 
 
 def tables(schema: str) -> set[str]:

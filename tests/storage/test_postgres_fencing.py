@@ -26,7 +26,7 @@ from unbroken.ownership import ownership_for
 
 from .conftest import admin_execute, needs_postgres
 from .test_contract import claims, create, enqueue, entry
-from .test_postgres import url
+from .test_postgres import open_storage, url
 
 pytest.importorskip("psycopg")
 
@@ -41,23 +41,15 @@ OWNED = "owned"
 @pytest.fixture
 def old(url: str) -> Iterator[PostgresStorage]:
     """The first owner."""
-    store = PostgresStorage(url)
-    store.open()
-    try:
+    with open_storage(url) as store:
         yield store
-    finally:
-        store.close()
 
 
 @pytest.fixture
 def new(url: str) -> Iterator[PostgresStorage]:
     """The owner that takes over once the first one's lock session ended."""
-    store = PostgresStorage(url)
-    store.open()
-    try:
+    with open_storage(url) as store:
         yield store
-    finally:
-        store.close()
 
 
 def end_lock_session(old: PostgresStorage) -> None:
