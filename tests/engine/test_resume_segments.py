@@ -60,6 +60,38 @@ async def _fail(calls: Counter[int], i: int) -> None:
     raise Flaky(f"step {i} failed")
 
 
+async def _diverge(
+    make_engine: EngineFactory,
+    calls: Counter[int],
+    n: int,
+    changed_at: int,
+    changed: Step | str,
+    **settings: Any,
+) -> pytest.ExceptionInfo[ReplayDivergence]:
+    """Crash an execution of ``n`` steps ``"s"`` after its last step, then resume it with
+    step ``changed_at`` made ``changed``: the divergence it raises."""
+
+    def workflow(edit: bool) -> Any:
+        async def steps(ctx: Context) -> int:
+            for i in range(n):
+                await ctx.step(changed if edit and i == changed_at else "s", _op, calls, i)
+            return n
+
+        return steps
+
+    engine = make_engine(**settings)
+    engine.workflow(name="long", on_divergence="fail")(workflow(False))
+    async with engine:
+        with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
+            await engine.run("long", execution_id="d")
+    engine2 = make_engine(**settings)
+    engine2.workflow(name="long", on_divergence="fail")(workflow(True))
+    async with engine2:
+        with pytest.raises(ReplayDivergence) as excinfo:
+            await engine2.run("long", execution_id="d")
+    return excinfo
+
+
 async def test_a_resume_across_many_segments_returns_journaled_results_without_rerunning(
     make_engine: EngineFactory,
 ) -> None:
@@ -98,29 +130,7 @@ async def test_divergence_far_past_the_first_segment_is_detected_inv3(
 ) -> None:
     n, changed_at = 400, 333
     calls: Counter[int] = Counter()
-    engine = make_engine(replay_segment_steps=4)
-
-    @engine.workflow(name="long", on_divergence="fail")
-    async def original(ctx: Context) -> int:
-        for i in range(n):
-            await ctx.step("s", _op, calls, i)
-        return n
-
-    async with engine:
-        with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
-            await engine.run(original, execution_id="d")
-
-    engine2 = make_engine(replay_segment_steps=4)
-
-    @engine2.workflow(name="long", on_divergence="fail")
-    async def changed(ctx: Context) -> int:
-        for i in range(n):
-            await ctx.step("renamed" if i == changed_at else "s", _op, calls, i)
-        return n
-
-    async with engine2:
-        with pytest.raises(ReplayDivergence) as excinfo:
-            await engine2.run(changed, execution_id="d")
+    excinfo = await _diverge(make_engine, calls, n, changed_at, "renamed", replay_segment_steps=4)
     assert excinfo.value.step_id == changed_at
     assert excinfo.value.journaled == ("s", "idempotent")
     assert excinfo.value.called == ("renamed", "idempotent")
@@ -177,29 +187,7 @@ async def test_a_step_changed_only_in_its_key_inside_a_segment_is_divergence_inv
     # Same name at the same position: only the idempotency key tells the steps apart.
     n, changed_at = 60, 37
     calls: Counter[int] = Counter()
-    engine = make_engine()
-
-    @engine.workflow(name="keyed", on_divergence="fail")
-    async def original(ctx: Context) -> int:
-        for i in range(n):
-            await ctx.step("s", _op, calls, i)
-        return n
-
-    async with engine:
-        with crash_after_step(engine, n - 1), pytest.raises(SimulatedCrash):
-            await engine.run(original, execution_id="k")
-
-    engine2 = make_engine()
-
-    @engine2.workflow(name="keyed", on_divergence="fail")
-    async def edited(ctx: Context) -> int:
-        for i in range(n):
-            await ctx.step(changed if i == changed_at else "s", _op, calls, i)
-        return n
-
-    async with engine2:
-        with pytest.raises(ReplayDivergence) as excinfo:
-            await engine2.run(edited, execution_id="k")
+    excinfo = await _diverge(make_engine, calls, n, changed_at, changed)
     assert excinfo.value.step_id == changed_at
     assert excinfo.value.journaled == ("s", "idempotent")
     assert excinfo.value.called == ("s", changed.effect.value)
