@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,9 @@ from unbroken.errors import ExecutionLocked
 from unbroken.ids import lock_name
 from unbroken.ownership import Ownership
 
-from .test_ownership import EXECUTION, HOLDER
+from .test_ownership import EXECUTION, holder, lock_dir, subprocess_env
+
+__all__ = ["holder", "lock_dir"]  # the fixtures, shared with test_ownership
 
 TRY = textwrap.dedent(
     """
@@ -38,39 +39,11 @@ TRY = textwrap.dedent(
 )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(Path(unbroken.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    return env
-
-
-@pytest.fixture
-def lock_dir(tmp_path: Path) -> Path:
-    return tmp_path / "app.db.locks"
-
-
-@pytest.fixture
-def holder(lock_dir: Path) -> Iterator[subprocess.Popen[str]]:
-    """Another process that owns EXECUTION through a lock file it created."""
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(lock_dir), EXECUTION],
-        stdout=subprocess.PIPE, text=True, env=_env(),
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "locked"
-            yield proc
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 def _try_elsewhere(lock_dir: Path, execution_id: str) -> str:
     """What another process gets when it tries to own the execution."""
     done = subprocess.run(
         [sys.executable, "-c", TRY, str(lock_dir), execution_id],
-        capture_output=True, text=True, env=_env(), timeout=60, check=True,
+        capture_output=True, text=True, env=subprocess_env(), timeout=60, check=True,
     )
     return done.stdout.strip()
 

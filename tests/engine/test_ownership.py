@@ -38,17 +38,22 @@ def lock_dir(tmp_path: Path) -> Path:
     return tmp_path / "app.db.locks"
 
 
-@pytest.fixture
-def holder(lock_dir: Path) -> Iterator[subprocess.Popen[str]]:
-    """A real other process that owns EXECUTION through the library."""
+def subprocess_env() -> dict[str, str]:
+    """This environment, with this checkout's ``unbroken`` first on the import path."""
     env = dict(os.environ)
     src = str(Path(unbroken.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def holder(lock_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A real other process that owns EXECUTION through the library."""
     with subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(lock_dir), EXECUTION],
         stdout=subprocess.PIPE,
         text=True,
-        env=env,
+        env=subprocess_env(),
     ) as proc:
         try:
             assert proc.stdout is not None
