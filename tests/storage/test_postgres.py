@@ -637,10 +637,8 @@ def test_a_claim_waiting_for_its_queue_lock_holds_up_no_one_taking_ownership(
     claimed: list[list[tuple[str, str]]] = []
     taken: list[int | None] = []
     with psycopg.connect(url) as other:  # another claimer, inside its transaction
-        other.execute(
-            "SELECT pg_advisory_xact_lock(%s, %s)",
-            (_QUEUE_LOCK_CLASS, opened._queue_key(other, "q")),
-        )
+        queue_key = opened._queue_key(other, "q")
+        other.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_QUEUE_LOCK_CLASS, queue_key))
         claim = threading.Thread(
             target=lambda: claimed.append(
                 opened.claim_queued("q", 1, claims(opened), ["wf"], cap=5)
@@ -649,7 +647,12 @@ def test_a_claim_waiting_for_its_queue_lock_holds_up_no_one_taking_ownership(
         )
         claim.start()
         for _ in range(200):  # until the claim waits for the queue lock
-            if admin_execute("SELECT COUNT(*) FROM pg_locks WHERE NOT granted") != [(0,)]:
+            waiting = admin_execute(
+                "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory' "
+                "AND classid = %s AND objid = %s",
+                (_QUEUE_LOCK_CLASS, queue_key & 0xFFFF_FFFF),
+            )
+            if waiting != [(0,)]:
                 break
             time.sleep(0.025)
         else:
