@@ -94,10 +94,6 @@ class ReplayReader:
                 )
                 cursor.feed(rows)
 
-    def take(self, step_id: int) -> StepRows | None:
-        """Remove and return what the journal holds for ``step_id`` (``None``: fresh)."""
-        return self._cursor.take(step_id)
-
     async def lookup(self, step_id: int) -> StepRows | None:
         """``fill``, then ``take``."""
         await self.fill(step_id)

@@ -44,13 +44,10 @@ from ..errors import (
     StorageError,
     StorageUnavailable,
 )
-from ..journal import JournalEntry
 from .base import SCHEMA_VERSION
 from .postgres_rows import (
-    ENTRY_COLUMNS,
     Connection,
     StaleMark,
-    entry_from_row,
     is_stale_mark,
 )
 from .postgres_schema import (
@@ -327,11 +324,6 @@ class PostgresConnections:
                 return conn.execute(query, params, binary=True).fetchall()
         except psycopg.Error as exc:
             raise self._failure(op, exc) from None
-
-    def _entries(self, op: str, where: str, params: Any) -> list[JournalEntry]:
-        """The journal rows ``WHERE <where>`` as entries."""
-        rows = self._query(op, f"SELECT {ENTRY_COLUMNS} FROM journal WHERE {where}", params)
-        return [entry_from_row(row) for row in rows]
 
     # -- errors -----------------------------------------------------------------------
 

@@ -97,8 +97,9 @@ class PostgresLocks(PostgresConnections):
         self, url: str, *, create: bool = True, min_size: int = 1, max_size: int = 8
     ) -> None:
         super().__init__(url, create=create, min_size=min_size, max_size=max_size)
-        # One re-entrant mutex for the lock session, which is also the writer connection:
-        # a claim takes locks inside its own transaction on it.
+        # One mutex for the lock session, which is also the writer connection. Claims and
+        # prunes, which hold server locks of their own while they work, use pooled
+        # connections: they must never wait for this mutex's holder, nor it for them.
         self._lock_mutex = threading.RLock()
         self._writer_mutex = self._lock_mutex
         self._writer_wait_secs = _WAIT_FOR_SESSION_SECS

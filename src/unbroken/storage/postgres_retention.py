@@ -20,22 +20,16 @@ from .postgres_locks import PostgresLocks
 from .postgres_rows import Connection, append_statement
 from .rules import check_checkpoint, check_folded
 from .sql_retention import (
-    Removed,
     RetentionSql,
-    execution_bytes,
     missing_seqs,
     run_prune,
-    select_batch,
 )
 
 __all__ = [
     "PostgresRetention",
-    "Removed",
     "count_journal_rows",
     "delete_executions",
     "delete_replaced_rows",
-    "execution_bytes",
-    "select_batch",
 ]
 
 RETENTION_SQL = RetentionSql.build("%s", "OCTET_LENGTH", " FOR UPDATE SKIP LOCKED")
@@ -133,6 +127,9 @@ class PostgresRetention(PostgresLocks):
         Each transaction locks its candidates as it chooses them. A dry run reads one
         snapshot, counts what a real run would delete and changes nothing.
         """
+        # On a pooled connection: pruned rows are terminal (nothing to fence), and a batch on
+        # the lock session would hold it from ``try_lock`` and the heartbeat meanwhile.
         return run_prune(
-            self, RETENTION_SQL, policy, now_ms, dry_run, delete_executions, count_journal_rows
-        )
+            self, self._pooled_write, RETENTION_SQL, policy, now_ms, dry_run,
+            delete_executions, count_journal_rows,
+        )  # fmt: skip

@@ -178,11 +178,10 @@ def execution_bytes(conn: _Connection, sql: RetentionSql, execution_id: str) -> 
 class _Host(Protocol):
     def _snapshot(self, op: str) -> AbstractContextManager[Any]: ...
 
-    def _write(self, op: str) -> AbstractContextManager[Any]: ...
-
 
 def run_prune(
     host: _Host,
+    write: Callable[[str], AbstractContextManager[Any]],
     sql: RetentionSql,
     policy: RetentionPolicy,
     now_ms: int,
@@ -190,7 +189,7 @@ def run_prune(
     delete: Callable[[Any, Sequence[str]], int],
     count_rows: Callable[[Any, Sequence[str]], int],
 ) -> PruneReport:
-    """Run the retention rules in order, ``batch_size`` executions per ``host._write``
+    """Run the retention rules in order, ``batch_size`` executions per ``write``
     transaction (``delete`` removes a batch, returning its journal rows); a dry run
     counts (``count_rows``) inside one ``host._snapshot`` and changes nothing."""
     counts = dict.fromkeys(PHASES, 0)
@@ -209,7 +208,7 @@ def run_prune(
         batch = max(policy.batch_size, 1)
         for phase in active_phases(policy):
             while True:
-                with host._write("prune") as conn:
+                with write("prune") as conn:
                     ids = select_batch(conn, sql, phase, policy, now_ms, batch)
                     journal_rows += delete(conn, ids)
                 counts[phase] += len(ids)

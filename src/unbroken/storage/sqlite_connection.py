@@ -23,10 +23,9 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from ..errors import ConfigurationError, NotAnUnbrokenDatabase, SchemaTooNew, StorageError
-from ..journal import JournalEntry
 from .base import SCHEMA_VERSION
 from .schema import APPLICATION_ID, migration_statements
-from .sqlite_rows import ENTRY_COLUMNS, add_functions, entry_from_row
+from .sqlite_rows import add_functions
 
 __all__ = ["SqliteConnections"]
 
@@ -314,11 +313,6 @@ class SqliteConnections:
             return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise _storage_error(op, exc) from exc
-
-    def _entries(self, op: str, where: str, params: Sequence[Any]) -> list[JournalEntry]:
-        """The journal rows ``WHERE <where>`` as entries."""
-        rows = self._query(op, f"SELECT {ENTRY_COLUMNS} FROM journal WHERE {where}", params)
-        return [entry_from_row(row) for row in rows]
 
 
 # -- helpers --------------------------------------------------------------------------

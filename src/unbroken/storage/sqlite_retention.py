@@ -16,24 +16,18 @@ from collections.abc import Sequence
 from ..journal import JournalEntry, PruneReport, RetentionPolicy
 from .rules import check_checkpoint, check_folded
 from .sql_retention import (
-    Removed,
     RetentionSql,
-    execution_bytes,
     missing_seqs,
     run_prune,
-    select_batch,
 )
 from .sqlite_connection import SqliteConnections
 from .sqlite_rows import chunks, insert_entry, marks
 
 __all__ = [
-    "Removed",
     "SqliteRetention",
     "count_journal_rows",
     "delete_executions",
     "delete_replaced_rows",
-    "execution_bytes",
-    "select_batch",
 ]
 
 RETENTION_SQL = RetentionSql.build("?", "LENGTH")
@@ -138,5 +132,6 @@ class SqliteRetention(SqliteConnections):
         snapshot, counts what a real run would delete and changes nothing.
         """
         return run_prune(
-            self, RETENTION_SQL, policy, now_ms, dry_run, delete_executions, count_journal_rows
-        )
+            self, self._write, RETENTION_SQL, policy, now_ms, dry_run,
+            delete_executions, count_journal_rows,
+        )  # fmt: skip
