@@ -137,8 +137,15 @@ class Run:
             self.lock.release()
             return
         done = asyncio.get_running_loop().run_in_executor(None, self.lock.release)
-        with contextlib.suppress(Exception, asyncio.CancelledError):
+        try:
             await asyncio.shield(done)
+        except asyncio.CancelledError:
+            pass  # the shielded release goes on
+        except Exception as exc:  # the server frees it when the lease lapses
+            log.warning(
+                "releasing ownership of execution %r failed (%s); it is freed when its "
+                "lease lapses", self.services.execution_id, type(exc).__name__,
+            )  # fmt: skip
 
     async def _drain(self) -> None:
         """Before giving up a lapsed ownership: let the writer take what this run queued
