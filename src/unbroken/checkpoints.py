@@ -29,7 +29,7 @@ from .journal import EntryKind, JournalEntry
 from .replay import ReplayCursor, StepRows, row_of
 from .runtime import IntegrityAbort, RunServices, now_ms
 
-__all__ = ["MISS", "ReplayReader", "fold", "open_outcome", "read_folded"]
+__all__ = ["MISS", "ReplayReader", "fold", "fold_point", "open_outcome", "read_folded"]
 
 log = logging.getLogger("unbroken")
 
@@ -66,8 +66,7 @@ class ReplayReader:
         self._lock = asyncio.Lock()
         self._preloaded = False
         self._open_result: Callable[[bytes | None, int, bytes], Any] | None = None
-        cap = run.config.max_steps_per_execution
-        self._fold_at = cap * 9 // 10 if cap else sys.maxsize
+        self._fold_at = fold_point(run.config.max_steps_per_execution)
         """Where the step cap's checks and fold start: the full lookup's from there on."""
 
     def ready(self, step_id: int) -> bool:
@@ -145,6 +144,12 @@ def open_outcome(run: RunServices, name: str, step_id: int, entry: JournalEntry)
     if not isinstance(value, dict):
         raise StepFailed(name, step_id, "unknown", "")
     raise StepFailed(name, step_id, str(value.get("type")), str(value.get("message")))
+
+
+def fold_point(cap: int) -> int:
+    """The step from which a run checks its step cap and folds its journal (90% of the
+    cap ``max_steps_per_execution``; no cap, 0: never)."""
+    return cap * 9 // 10 if cap else sys.maxsize
 
 
 def _where(run: RunServices, step_id: int) -> dict[str, Any]:

@@ -113,8 +113,8 @@ class Context:
         self._background: set[asyncio.Task[None]] = set()
         self._derive_key = step_keys(run.execution_id)
         self._ack_all = run.config.journal_ack_every_step
-        cap = run.config.max_steps_per_execution
-        self._fold_at = cap * 9 // 10 if cap else 1 << 62  # no cap check below this step
+        # No cap check below this step.
+        self._fold_at = checkpoints.fold_point(run.config.max_steps_per_execution)
         # The workflow's task also calls ``cancel_inflight``: only other tasks' steps are
         # tracked in ``_tasks``.
         self._loop, self._owner = running_task()
@@ -327,10 +327,10 @@ class Context:
         cap = self._run.config.max_steps_per_execution
         if cap and call.step_id >= cap:
             raise StepCapExceeded(cap)
-        if cap and call.step_id >= cap * 9 // 10 and not self._folding:
+        if call.step_id >= self._fold_at and not self._folding:
             self._folding = True  # one background fold per run, never on the hot path
             task = asyncio.get_running_loop().create_task(
-                checkpoints.fold(self._run, cap * 9 // 10)
+                checkpoints.fold(self._run, self._fold_at)
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
