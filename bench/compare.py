@@ -328,6 +328,7 @@ class Plan:
     smoke: bool
     skipped: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    retries: list[dict[str, str]] = field(default_factory=list)
 
     def params(
         self, system: str, backend: str, workload: str, warmup: bool = False
@@ -522,12 +523,18 @@ def run_figure(
         store.discard()
 
 
-def prepare_resume(ctx: Context, system: str, backend: str, params: dict[str, Any]) -> Store:
+def prepare_resume(
+    ctx: Context, plan: Plan, system: str, backend: str, params: dict[str, Any]
+) -> Store:
     """A database holding one crashed execution with ``n`` committed steps, copied for
     every repetition so each resumes the same journal on a fresh database."""
     try:
         return _prepare_resume(ctx, system, backend, params)
-    except RuntimeError:  # once more: the database server is shared and may restart
+    except RuntimeError as exc:
+        if backend != "postgres":
+            raise
+        # Once more (reported): the database server is shared and may restart.
+        plan.retries.append(_err(system, backend, "resume_prepare", str(exc)))
         wait_for_postgres(backend)
         return _prepare_resume(ctx, system, backend, params)
 
@@ -579,7 +586,7 @@ def run_all(ctx: Context) -> list[dict[str, Any]]:
                         continue  # its journal lives in the server: prepared per run
                     try:
                         templates[system] = prepare_resume(
-                            ctx, system, backend, plan.params(system, backend, name)
+                            ctx, plan, system, backend, plan.params(system, backend, name)
                         )
                     except RuntimeError as exc:
                         plan.errors.append(_err(system, backend, name, str(exc)))
@@ -600,8 +607,10 @@ def run_all(ctx: Context) -> list[dict[str, Any]]:
                         template = templates.get(system)
                         t0 = time.monotonic()
                         out = run_figure(ctx, system, name, backend, params, template)
-                        if not out.get("ok") and "skipped" not in out:
-                            # once more: the database server is shared and may restart
+                        if not out.get("ok") and "skipped" not in out and backend == "postgres":
+                            # Once more (reported): the database server is shared and may
+                            # restart.
+                            plan.retries.append(_err(system, backend, name, str(out.get("error"))))
                             _progress(system, name, backend, rep, warmup, out)
                             wait_for_postgres(backend)
                             t0 = time.monotonic()
@@ -842,6 +851,7 @@ def markdown(report: dict[str, Any]) -> str:
         "Nothing: every system ran every workload it supports.",
         [
             ("skipped", [_where(s) + s["reason"] for s in report["skipped"]]),
+            ("retried once", [_where(e) + e["error"] for e in report.get("retries", [])]),
             ("failed", [_where(e) + e["error"] for e in report["errors"]]),
         ],
     )
@@ -1014,6 +1024,7 @@ def main() -> int:
         "load_average": {"start": load_before, "end": os.getloadavg()},
         "skipped": plan.skipped,
         "errors": plan.errors,
+        "retries": plan.retries,
         "rows": rows,
     }
     text = markdown(report)
