@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import not_run
+from report import not_run, tree_state
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -798,7 +798,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# unbroken against peers, {report['date'][:10]}",
         "",
-        f"`{report['command']}` on {report['machine']}, Python {report['python']}; "
+        f"`{report['command']}` on {report['machine']}, Python {report['python']}, unbroken "
+        f"at {report.get('unbroken_tree', 'unknown')}; "
         f"{report['warmup']} warm-up + {report['repetitions']} measured repetitions per "
         f"figure, systems alternating; median and min–max over the repetitions; every run "
         f"in its own process on a fresh database. Total wall time "
@@ -1014,6 +1015,7 @@ def main() -> int:
     report = {
         "date": now.isoformat(timespec="seconds"),
         "command": command,
+        "unbroken_tree": tree_state(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
         "versions": versions(python, plan.systems),

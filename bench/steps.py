@@ -51,6 +51,10 @@ from unbroken.storage.sqlite import SqliteStorage
 from unbroken.testing import SimulatedCrash, crash_after_step
 from unbroken.writer import JournalWriter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import tree_state
+
 GUARDED = Step.guarded("paid", Intent.COST_BEARING)
 FULL = {"sqlite_synchronous": "FULL"}
 ACKED = {"journal_ack_every_step": True}
@@ -283,6 +287,7 @@ def main() -> None:
         "machine": platform.machine(),
         "sqlite_synchronous": "NORMAL unless the name says full",
         "command": "python bench/steps.py" + (" --quick" if args.quick else ""),
+        "unbroken_tree": tree_state(),
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "results": results,
         "targets": targets,

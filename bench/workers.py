@@ -45,7 +45,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import not_run
+from report import not_run, tree_state
 from workers_run import Fleet, RunError, Server, System, systems_by_name
 
 BENCH = Path(__file__).resolve().parent
@@ -272,18 +271,6 @@ def markdown(report: dict[str, Any], systems: dict[str, System]) -> str:
 
 def _where(r: dict[str, Any]) -> str:
     return f"{r['system']} (workers: {r['workers']}): "
-
-
-def tree_state() -> str:
-    """The commit unbroken was measured at, and whether src/ differed from it."""
-    git = ["git", "-C", str(BENCH.parent)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True
-    )
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + (" + uncommitted changes in src/" if dirty.stdout.strip() else "")
 
 
 def _peer_status() -> dict[str, str]:
