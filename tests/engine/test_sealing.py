@@ -197,6 +197,7 @@ def test_without_pynacl_s_private_binding_sealing_goes_through_the_cipher(
     cipher = XChaChaCipher(Key.generate(7))
     monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # the import fails
     payloads = Payloads(cipher, 1 << 20)
+    assert payloads._sealer._encrypt is None  # the fallback, not the direct binding
     blob = payloads.seal({"n": 1}, "v", **_where())
     assert cipher.open(blob, aad("order-42", 1, 5, "result", bytes(range(32)))) == b'{"n":1}'
     assert payloads.open(blob, "v", **_where()) == {"n": 1}
