@@ -271,7 +271,9 @@ class PostgresLocks(PostgresConnections):
         transaction behind ``fence``.
 
         Raises:
-            OwnershipLost: ownership of one of them was lost; nothing was written.
+            OwnershipLost: ownership of one of them was lost: the write was refused, or
+                the lock session died under it (a commit whose reply was lost with the
+                session may have landed: the next owner's barrier waits it out).
             StorageError: PostgreSQL failed.
         """
         ids = list(execution_ids)
