@@ -273,7 +273,8 @@ class PostgresLocks(PostgresConnections):
         Raises:
             OwnershipLost: ownership of one of them was lost: the write was refused, or
                 the lock session died under it (a commit whose reply was lost with the
-                session may have landed: the next owner's barrier waits it out).
+                session may have landed, before the session ended and so before any
+                other owner could take the lock).
             StorageError: PostgreSQL failed.
         """
         ids = list(execution_ids)
