@@ -41,6 +41,11 @@ class Config:
     """Acknowledge every step's outcome (idempotent and at-least-once ones too) before the
     step returns, as guarded steps always are: a crash right after a step returns loses
     nothing, at one commit per step (``UNBROKEN_JOURNAL_ACK_EVERY_STEP``)."""
+    sync_step_inline_us: int = 100
+    """A sync step function whose last runs in worker threads each returned within this
+    many microseconds runs on the event loop's thread, skipping the hand-over to a worker
+    thread and back (tens of microseconds); one run there over ten times this sends it
+    back to worker threads for good. 0: sync step functions always run in worker threads."""
     max_payload_bytes: int = 1_048_576
     max_steps_per_execution: int = 10_000
     replay_segment_steps: int = 100

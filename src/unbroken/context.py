@@ -464,7 +464,9 @@ class Context:
         try:
             token = enter_step(self._run.execution_id, call.step_id, call.desc.name, call.key, 1)
             try:
-                value = await start_operation(call.fn, call.args, call.kwargs)
+                value = await start_operation(
+                    call.fn, call.args, call.kwargs, self._run.config.sync_step_inline_us
+                )
             finally:
                 token.var.reset(token)
         except Exception as first:

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 import unbroken
-from unbroken import Context, Engine, Step, StepFailed, runtime
+from unbroken import Context, Engine, Step, StepFailed, operations
 from unbroken.config import load_config
 from unbroken.journal import EntryKind, JournalEntry
-from unbroken.runtime import _STEP_THREADS, StepThreads, start_operation
+from unbroken.operations import _STEP_THREADS, StepThreads, start_operation
 from unbroken.storage import Signer
 from unbroken.storage.memory import MemoryStorage
 
@@ -208,7 +208,7 @@ async def test_fast_sync_steps_in_a_row_leave_the_group_commit_on_time(
     if backend != "sqlite":
         pytest.skip("only local storage group commits from the loop's timer")
     # Never a yield for the count of steps: only a due flush timer ends the waiting.
-    monkeypatch.setattr(runtime, "_HOLDS_BEFORE_YIELD", 1 << 30)
+    monkeypatch.setattr(operations, "_HOLDS_BEFORE_YIELD", 1 << 30)
     engine = make_engine(journal_flush_interval_ms=1, journal_max_batch=100_000)
     commits: list[int] = []
 
@@ -245,7 +245,7 @@ def test_the_process_ends_only_after_a_running_sync_operation(tmp_path: Path) ->
     script = f"""
 import asyncio, time
 from pathlib import Path
-from unbroken.runtime import start_operation
+from unbroken.operations import start_operation
 
 def slow():
     time.sleep(0.3)
