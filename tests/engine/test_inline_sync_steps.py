@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 import unbroken
-from unbroken import Context, StepFailed
-from unbroken import operations
+from unbroken import Context, StepFailed, operations
 from unbroken.operations import QUICK_RUNS
 
 from ..conftest import EngineFactory
