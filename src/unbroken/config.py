@@ -45,7 +45,9 @@ class Config:
     """A sync step function whose last runs in worker threads each returned within this
     many microseconds runs on the event loop's thread, skipping the hand-over to a worker
     thread and back (tens of microseconds); one run there over ten times this sends it
-    back to worker threads for good. 0: sync step functions always run in worker threads."""
+    back to worker threads for good. 0: sync step functions always run in worker threads
+    (needed if a quick one can block on work of the event loop itself, such as a queue that
+    async tasks fill: on the loop's thread it would wait forever)."""
     max_payload_bytes: int = 1_048_576
     max_steps_per_execution: int = 10_000
     replay_segment_steps: int = 100
