@@ -15,7 +15,9 @@ entries are committed from a loop timer. Tasks that ask after another task commi
 the same loop iteration join one group commit at its end. When the mutex is taken or
 another connection holds the database's write lock, the work goes to the writer thread,
 so the loop never waits for a lock; both take the mutex before the queue, keeping its
-order. PostgreSQL and ``memory://`` keep every commit on the writer thread.
+order. The thread checkpoints the log of the inline commits (every ``_CHECKPOINT_PAGES``),
+holding the mutex meanwhile, so each checkpoint is complete and the log starts over.
+PostgreSQL and ``memory://`` keep every commit on the writer thread.
 """
 
 from __future__ import annotations
@@ -400,7 +402,12 @@ class JournalWriter:
             if self._checkpoint_due and self._local is not None:
                 self._checkpoint_due = False
                 try:
-                    self._local.checkpoint()
+                    # Under the commit mutex: a commit that slipped in while the log was
+                    # copied back would leave it incomplete, and a log is only started over
+                    # (written from its beginning again) after a complete checkpoint; else
+                    # it grows by every commit for as long as the process runs.
+                    with self._commit:
+                        self._local.checkpoint()
                 except Exception:  # the log only grows until the next one succeeds
                     log.warning("journal log checkpoint failed", exc_info=True)
                 else:
