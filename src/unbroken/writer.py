@@ -15,9 +15,8 @@ entries are committed from a loop timer. Tasks that ask after another task commi
 the same loop iteration join one group commit at its end. When the mutex is taken or
 another connection holds the database's write lock, the work goes to the writer thread,
 so the loop never waits for a lock; both take the mutex before the queue, keeping its
-order. The thread checkpoints the log of the inline commits (every ``_CHECKPOINT_PAGES``),
-holding the mutex meanwhile, so each checkpoint is complete and the log starts over.
-PostgreSQL and ``memory://`` keep every commit on the writer thread.
+order; the thread checkpoints the log of inline commits, holding the mutex. PostgreSQL and
+``memory://`` keep every commit on the writer thread.
 """
 
 from __future__ import annotations
@@ -25,15 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from .errors import JournalUnavailable, OwnershipLost, StorageError
+from .errors import JournalUnavailable
+from .group_commit import GroupCommit, Request, WriterStats
 from .journal import JournalEntry
 from .storage import Signer, Storage
 from .storage.base import LocalWrites
@@ -43,29 +41,6 @@ __all__ = ["JournalWriter"]
 log = logging.getLogger("unbroken.writer")
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class _Request:
-    """Acknowledged work: a journal entry to append, or a storage call to make."""
-
-    loop: asyncio.AbstractEventLoop | None  # None: the caller's own work, done inline
-    future: asyncio.Future[Any] | None
-    entry: JournalEntry | None = None
-    call: Callable[[Storage], Any] | None = None
-
-
-@dataclass(slots=True)
-class _Stats:
-    commits: int = 0
-    entries: int = 0
-    dropped: int = 0
-    restarts: int = 0
-    resume_seq: int = 0
-    last_seq: int = 0
-    inline_commits: int = 0  # made on the caller's thread (local storage)
-    handed_over: int = 0  # acknowledged work that found the writer busy: to its thread
-    checkpoints: int = 0  # log checkpoints the thread ran for the inline commits
 
 
 _CHECKPOINT_PAGES = 1000  # log pages between checkpoints (SQLite's own default)
@@ -89,7 +64,7 @@ class JournalWriter:
         self._interval = max(flush_interval_ms, 1) / 1000
         self._max_batch = max(max_batch, 1)
         self.ack_timeout_ms = ack_timeout_ms
-        self._items: deque[JournalEntry | _Request] = deque()
+        self._items: deque[JournalEntry | Request] = deque()
         self._buffered = 0
         self._requests = 0
         self._mutex = threading.Lock()  # the condition's: taken directly where no one waits
@@ -97,7 +72,7 @@ class JournalWriter:
         self._closing = False
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.stats = _Stats()
+        self.stats = WriterStats()
         # Held by whoever runs a transaction of this writer (its thread, or the loop's).
         self._commit = threading.Lock()
         self._local: LocalWrites | None = storage if isinstance(storage, LocalWrites) else None
@@ -105,7 +80,7 @@ class JournalWriter:
         self._due_now = False  # the loop asks the thread to commit buffered entries now
         self._timer: asyncio.TimerHandle | None = None
         self._log_pages = 0  # estimated log pages written inline since the last checkpoint
-        self._replies: list[tuple[_Request, Any, BaseException | None]] = []  # the thread's
+        self._groups = GroupCommit(storage, signer, self.stats)  # the thread's, or inline's
         self._checkpoint_due = False
         self._owner: asyncio.Task[Any] | None = None  # committed inline this loop iteration
         self._group_scheduled = False
@@ -218,7 +193,7 @@ class JournalWriter:
     def _next_iteration(self) -> None:  # a new loop iteration: whoever asks first goes inline
         self._owner = None
 
-    async def _join_group(self, request: _Request) -> Any:
+    async def _join_group(self, request: Request) -> Any:
         with self._cond:
             if self._closing:
                 raise JournalUnavailable(self.ack_timeout_ms)
@@ -255,7 +230,7 @@ class JournalWriter:
                 requests = self._requests
                 items = self._take_locked()
             if requests:
-                return self._inline_group(local, items, _Request(None, None, entry, fn))
+                return self._inline_group(local, items, Request(None, None, entry, fn))
             # Only buffered entries are queued: a plain group commit, no savepoints.
             taken = cast("list[JournalEntry]", items)
             batch = [*taken, entry] if entry is not None else taken
@@ -299,29 +274,29 @@ class JournalWriter:
         if not done or result is None:
             return None
         if batch:
-            self._count(len(batch), result[0])
+            self._groups.count(len(batch), result[0])
             self._inline_done(len(batch))
         return result
 
     def _inline_group(
-        self, local: LocalWrites, items: list[JournalEntry | _Request], own: _Request
+        self, local: LocalWrites, items: list[JournalEntry | Request], own: Request
     ) -> Any:
         """Queued requests too: ``_process`` (the thread's) in one transaction, each write
         a savepoint, so one refused entry or failed call is set apart as on the thread."""
         saved = (self.stats.commits, self.stats.entries, self.stats.last_seq)
         mine = own.entry is not None or own.call is not None
-        work: list[JournalEntry | _Request] = [*items, own] if mine else items
+        work: list[JournalEntry | Request] = [*items, own] if mine else items
         try:
-            done, _ = local.try_write(lambda storage: self._process(work), isolate=True)
+            done, _ = local.try_write(lambda storage: self._groups.process(work), isolate=True)
         except Exception:
             done = False
         if not done:
             self.stats.commits, self.stats.entries, self.stats.last_seq = saved
-            self._replies.clear()
+            self._groups.replies.clear()
             self._requeue(items)
             return _DECLINED
         self._inline_done(self.stats.entries - saved[1])
-        replies, self._replies = self._replies, []
+        replies = self._groups.take_replies()
         value, error = None, None
         for request, result, exc in replies:
             if request is own:
@@ -335,7 +310,7 @@ class JournalWriter:
             raise error
         return value
 
-    def _requeue(self, items: list[JournalEntry] | list[JournalEntry | _Request]) -> None:
+    def _requeue(self, items: list[JournalEntry] | list[JournalEntry | Request]) -> None:
         """Put taken items back at the front of the queue, in their order."""
         with self._cond:
             self._items.extendleft(reversed(items))
@@ -359,7 +334,7 @@ class JournalWriter:
         """Wait until everything queued before this call is committed."""
         await self.call(_noop)
 
-    async def _submit(self, request: _Request) -> Any:
+    async def _submit(self, request: Request) -> Any:
         with self._cond:
             if self._closing:
                 raise JournalUnavailable(self.ack_timeout_ms)
@@ -368,7 +343,7 @@ class JournalWriter:
             self._cond.notify()
         return await self._reply_of(request)
 
-    async def _reply_of(self, request: _Request) -> Any:
+    async def _reply_of(self, request: Request) -> Any:
         assert request.future is not None
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
@@ -402,10 +377,8 @@ class JournalWriter:
             if self._checkpoint_due and self._local is not None:
                 self._checkpoint_due = False
                 try:
-                    # Under the commit mutex: a commit that slipped in while the log was
-                    # copied back would leave it incomplete, and a log is only started over
-                    # (written from its beginning again) after a complete checkpoint; else
-                    # it grows by every commit for as long as the process runs.
+                    # Under the mutex: only a complete checkpoint lets the log start over
+                    # (a commit slipping in would leave it growing for good).
                     with self._commit:
                         self._local.checkpoint()
                 except Exception:  # the log only grows until the next one succeeds
@@ -419,8 +392,8 @@ class JournalWriter:
             with self._commit:
                 batch = self._take()
                 if batch:
-                    self._process(batch)
-                replies, self._replies = self._replies, []
+                    self._groups.process(batch)
+                replies = self._groups.take_replies()
             # Replies go out once the mutex is free: whoever resumes finds the writer idle.
             for request, value, exc in replies:
                 _resolve(request, value, exc)
@@ -454,12 +427,12 @@ class JournalWriter:
                 self._cond.wait(remaining)
             return True
 
-    def _take(self) -> list[JournalEntry | _Request]:
+    def _take(self) -> list[JournalEntry | Request]:
         """Everything queued, in order (the caller holds the commit mutex)."""
         with self._cond:
             return self._take_locked()
 
-    def _take_locked(self) -> list[JournalEntry | _Request]:
+    def _take_locked(self) -> list[JournalEntry | Request]:
         items = list(self._items)
         self._items.clear()
         self._buffered = 0
@@ -467,130 +440,17 @@ class JournalWriter:
         self._due_now = False
         return items
 
-    def _process(self, items: list[JournalEntry | _Request]) -> None:
-        """Commit everything taken in one transaction, acknowledged entries included (a
-        group commit for them too); storage calls run in their place in the order."""
-        entries: list[JournalEntry] = []
-        acked: list[_Request] = []
-        for item in items:
-            if isinstance(item, JournalEntry):
-                entries.append(item)
-            elif item.entry is not None:
-                entries.append(item.entry)
-                acked.append(item)
-            else:
-                self._commit_group(entries, acked)
-                entries, acked = [], []
-                self._run_call(item)
-        self._commit_group(entries, acked)
-
-    def _commit_group(self, entries: list[JournalEntry], acked: list[_Request]) -> None:
-        """One transaction for the group; everything before an acknowledged entry commits
-        with it or before it (INV-4)."""
-        if not entries:
-            return
-        try:
-            seq = self._storage.append(entries, self._signer)
-        except Exception:
-            self._commit_apart(entries, acked)
-            return
-        self._count(len(entries), seq)
-        for request in acked:
-            self._reply(request, seq, None)
-
-    def _commit_apart(self, entries: list[JournalEntry], acked: list[_Request]) -> None:
-        """The group failed: one bad entry must not sink the others. The buffered entries
-        commit together (or are dropped with a WARN), then each acknowledged one alone,
-        its caller getting its own outcome."""
-        mine = {id(request.entry) for request in acked}
-        self._commit_buffered([e for e in entries if id(e) not in mine])
-        for request in acked:
-            assert request.entry is not None
-            try:
-                seq = self._storage.append([request.entry], self._signer)
-            except Exception as exc:
-                self._reply(request, None, exc)
-            else:
-                self._count(1, seq)
-                self._reply(request, seq, None)
-
-    def _commit_buffered(self, pending: list[JournalEntry]) -> None:
-        while pending:
-            try:
-                seq = self._storage.append(pending, self._signer)
-            except OwnershipLost as exc:
-                # The entries of an execution this engine no longer owns are refused (its
-                # run is being stopped); the other executions' entries still commit.
-                kept = [e for e in pending if e.execution_id != exc.execution_id]
-                if len(kept) < len(pending):
-                    self.stats.dropped += len(pending) - len(kept)
-                    pending = kept
-                    continue
-                self._dropped(pending)
-            except Exception:
-                self._commit_each_execution(pending)
-            else:
-                self._count(len(pending), seq)
-            return
-
-    def _commit_each_execution(self, pending: list[JournalEntry]) -> None:
-        """A group of several executions failed: commit each execution's entries on their
-        own, so one refused entry (a duplicate outcome, say) drops only its own group."""
-        groups: dict[str, list[JournalEntry]] = {}
-        for entry in pending:
-            groups.setdefault(entry.execution_id, []).append(entry)
-        if len(groups) == 1:
-            self._dropped(pending)
-            return
-        for group in groups.values():
-            try:
-                seq = self._storage.append(group, self._signer)
-            except Exception:
-                self._dropped(group)
-            else:
-                self._count(len(group), seq)
-
-    def _dropped(self, pending: list[JournalEntry]) -> None:
-        """Called from an ``except`` block: the group failed and is dropped."""
-        self.stats.dropped += len(pending)
-        error = sys.exc_info()[1]
-        expected = isinstance(error, StorageError)  # a metadata-only message says it all
-        log.warning(
-            "journal group commit of %d entries failed; they were dropped "
-            "(their steps re-run safely on resume): %s",
-            len(pending),
-            error if expected else type(error).__name__,
-            exc_info=not expected,
-        )
-
-    def _run_call(self, request: _Request) -> None:
-        assert request.call is not None
-        try:
-            result = request.call(self._storage)
-        except Exception as exc:
-            self._reply(request, None, exc)
-        else:
-            self._reply(request, result, None)
-
-    def _reply(self, request: _Request, value: Any, exc: BaseException | None) -> None:
-        self._replies.append((request, value, exc))
-
-    def _count(self, n: int, seq: int) -> None:
-        self.stats.commits += 1
-        self.stats.entries += n
-        self.stats.last_seq = seq
-
 
 def _noop(_: Storage) -> None:
-    return None
+    """Nothing: ``flush`` waits for a call that does nothing."""
 
 
-def _request(entry: JournalEntry | None, fn: Callable[[Storage], Any] | None) -> _Request:
+def _request(entry: JournalEntry | None, fn: Callable[[Storage], Any] | None) -> Request:
     loop = asyncio.get_running_loop()
-    return _Request(loop, loop.create_future(), entry, fn)
+    return Request(loop, loop.create_future(), entry, fn)
 
 
-def _resolve(request: _Request, value: Any, exc: BaseException | None) -> None:
+def _resolve(request: Request, value: Any, exc: BaseException | None) -> None:
     """Settle a request's future on its loop (from the writer thread)."""
     future, loop = request.future, request.loop
     assert future is not None and loop is not None
