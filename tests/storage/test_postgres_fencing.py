@@ -3,6 +3,8 @@ must stop, so each fails when that protection is removed.
 
 - A write on the lock session, after that session lapsed unnoticed (no heartbeat ran),
   is refused by the in-memory record of lost locks, although the storage reconnects.
+- A lock session that dies under a write (inside its transaction) is lost there and
+  then: the write is refused as ``OwnershipLost`` and ``watch``'s callback hears it.
 - A write that finds the lock session busy runs on a pooled connection: it is refused
   when the lock session no longer holds the lock in ``pg_locks``.
 - The barrier: a new owner's ``barrier`` (which taking ownership runs) waits out an old
@@ -26,7 +28,7 @@ from unbroken.ownership import ownership_for
 
 from .conftest import admin_execute, needs_postgres
 from .test_contract import claims, create, enqueue, entry
-from .test_postgres import open_storage, url
+from .test_postgres import open_storage, signer, url
 
 pytest.importorskip("psycopg")
 
@@ -149,6 +151,40 @@ def test_a_write_on_the_lock_session_after_it_lapsed_unnoticed_is_refused(
     assert steps(new) == [0]
     new.append([entry(OWNED, 1)])
     assert steps(new) == [0, 1]
+
+
+WRITES_IN_A_TRANSACTION: dict[str, Callable[[PostgresStorage], object]] = {
+    "signed append": lambda store: store.append([entry(OWNED, 1)], signer),
+    "abort": lambda store: store.abort_generation(OWNED, 0, 5_000),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_IN_A_TRANSACTION))
+def test_a_lock_session_dying_under_a_write_is_ownership_lost_and_reported_at_once(
+    old: PostgresStorage, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    """The lock session ends inside the write's transaction, after its fence: the write's
+    next statement fails on the dead session, which loses its locks there and then."""
+    reported: list[list[str]] = []
+    old.watch(60.0, reported.append)  # no heartbeat within the test
+    create(old, OWNED)
+    assert old.try_lock(lock_name(OWNED)) is None  # its signed counts are read anew
+    old.append([entry(OWNED, 0)])
+    real_fence = old.fence
+
+    def fence_then_end_session(conn: Connection, op: str, ids: Iterable[str]) -> None:
+        real_fence(conn, op, ids)
+        if conn is old._lock_conn:
+            end_lock_session(old)
+
+    monkeypatch.setattr(old, "fence", fence_then_end_session)
+    with pytest.raises(OwnershipLost, match=f"'{OWNED}'"):
+        WRITES_IN_A_TRANSACTION[write](old)
+    assert reported == [[lock_name(OWNED)]]
+    assert old.lapsed(lock_name(OWNED))
+    assert steps(old) == [0]
+    record = old.get_execution(OWNED)
+    assert record is not None and record.generation == 0
 
 
 def test_a_pooled_write_is_refused_once_the_lock_session_no_longer_holds_the_lock(

@@ -146,8 +146,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             ExecutionCanceled: the execution was canceled (INV-16').
             UnknownExecution: no such execution.
         """
-        with self._write("reopen_execution") as conn:
-            self.fence(conn, "reopen_execution", (execution_id,))
+        with self._write("reopen_execution", (execution_id,)) as conn:
             conn.execute(_REOPEN, (now_ms, execution_id))
             cursor = conn.execute(_SELECT_EXECUTION, (execution_id,))
         return reopened(execution_id, cursor.fetchone())
@@ -179,8 +178,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         Raises:
             UnknownExecution: no such execution.
         """
-        with self._write("abort_generation") as conn:
-            self.fence(conn, "abort_generation", (execution_id,))
+        with self._write("abort_generation", (execution_id,)) as conn:
             row = conn.execute(_ABORT, (now_ms, execution_id, generation)).fetchone()
             if row is None:  # read anew: a concurrent abort may just have moved it
                 row = conn.execute(_GENERATION, (execution_id,)).fetchone()
@@ -247,8 +245,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         self, entries: Sequence[JournalEntry], signer: Signer, added: Mapping[str, int]
     ) -> int:
         """Insert the batch, add its outcomes to the stored counts, sign what they became."""
-        with self._write("append") as conn:
-            self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+        with self._write("append", sorted({e.execution_id for e in entries})) as conn:
             cursor = conn.execute(*append_statement(entries))
             counts = bump_marks(conn, added, entries[-1].created_at_ms)
             sign_marks(conn, {eid: signer(eid, count) for eid, count in counts.items()})
