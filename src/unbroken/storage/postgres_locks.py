@@ -303,9 +303,14 @@ class PostgresLocks(PostgresConnections):
             self._report(lost)
 
     @contextmanager
-    def _write(self, op: str, execution_ids: Iterable[str]) -> Iterator[Connection]:
-        """A writing connection inside one transaction that ``fence`` opens for
-        ``execution_ids``, committed when the block ends.
+    def _write(
+        self, op: str, execution_ids: Iterable[str], *, one_statement: bool = False
+    ) -> Iterator[Connection]:
+        """A writing connection inside one transaction behind ``fence``, so that the write
+        commits only while this storage owns every one of ``execution_ids`` it locked; the
+        transaction commits when the block ends. For ``one_statement`` on the lock session
+        the block's single statement runs alone in autocommit, one round trip (its own
+        transaction: atomic, and over before the server waits on the client again).
 
         Not pipelined: each statement's reply ends with the server ready for the next,
         so a client that freezes mid-transaction (SIGSTOP, a hung host) is cut off by
@@ -320,28 +325,7 @@ class PostgresLocks(PostgresConnections):
         ids = list(execution_ids)
         with self._writing(op, ids) as conn:
             try:
-                with conn.transaction():
-                    self.fence(conn, op, ids)
-                    yield conn
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
-
-    @contextmanager
-    def _fenced(self, op: str, execution_ids: Iterable[str]) -> Iterator[Connection]:
-        """A connection for ONE writing statement that commits only while this storage
-        owns every one of ``execution_ids`` it locked. On the lock session the statement
-        runs alone in autocommit, one round trip (its own transaction: atomic, and over
-        before the server waits on the client again); on a pooled connection it runs in a
-        transaction behind ``fence``.
-
-        Raises:
-            OwnershipLost: as ``_writing`` says.
-            StorageError: PostgreSQL failed.
-        """
-        ids = list(execution_ids)
-        with self._writing(op, ids) as conn:
-            try:
-                if conn is self._lock_conn:
+                if one_statement and conn is self._lock_conn:
                     self.fence(conn, op, ids)  # in memory only, on the lock session
                     yield conn
                     return
