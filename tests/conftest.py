@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,38 @@ def make_engine(
         return Engine(f"sqlite:///{tmp_path / 'unbroken.db'}", **settings)
 
     yield factory
+
+
+@pytest.fixture
+def public_bindings_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
+    """``cut()``: from then on PyNaCl's private cffi module fails to import, so that what is
+    built afterwards uses PyNaCl's public AEAD bindings; it returns the (growing) list of
+    the bindings called, ``"encrypt"`` or ``"decrypt"``."""
+    from nacl import bindings
+
+    from unbroken import cipher
+
+    calls: list[str] = []
+
+    def spy(what: str) -> None:
+        name = f"crypto_aead_xchacha20poly1305_ietf_{what}"
+        real = getattr(bindings, name)
+
+        def called(*args: Any) -> Any:
+            calls.append(what)
+            return real(*args)
+
+        monkeypatch.setattr(bindings, name, called)
+
+    def cut() -> list[str]:
+        spy("encrypt")
+        spy("decrypt")
+        monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # importing it fails
+        cipher.libsodium.cache_clear()  # loaded once per process: load it again
+        return calls
+
+    try:
+        yield cut
+    finally:
+        monkeypatch.undo()
+        cipher.libsodium.cache_clear()  # what is built after the test loads it again

@@ -34,7 +34,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import blake3
 
@@ -43,7 +43,8 @@ from unbroken.ids import CONTEXT_CONTROL_HMAC, CONTEXT_HIGH_WATER_MARK
 
 __all__ = [
     "AAD_VERSION", "CONTEXT_KEY_CHECK", "KEY_BYTES", "MAC_BYTES", "NONCE_BYTES", "SEAL_OVERHEAD",
-    "TAG_BYTES", "Key", "PayloadCipher", "XChaChaCipher", "aad", "control_fields", "preload",
+    "TAG_BYTES", "Key", "PayloadCipher", "XChaChaCipher", "aad", "control_fields", "libsodium",
+    "preload",
 ]
 
 KEY_BYTES = 32
@@ -57,64 +58,102 @@ _KEY_CHECK_MESSAGE = b"unbroken key check v1"
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_AeadFn = Callable[[bytes, bytes | None, bytes, bytes], bytes]
+_Seal = Callable[[bytes, bytes], bytes]
+_Open = Callable[[bytes, bytes], bytes | None]
 
 
 def preload() -> None:
     """Load libsodium now (an engine does it while its storage opens). Raises what
     importing PyNaCl raises."""
-    _aead()
+    if libsodium() is None:
+        import nacl.bindings  # noqa: F401  (what the fallback seals and opens through)
 
 
 @functools.cache
-def _aead() -> tuple[_AeadFn, _AeadFn, type[Exception]]:
-    """XChaCha20-Poly1305 encrypt and decrypt, and the error a failed decrypt raises.
+def libsodium() -> tuple[Any, Any] | None:
+    """PyNaCl's cffi module as ``(ffi, lib)``, libsodium initialised; ``None`` without it.
 
-    Through PyNaCl's cffi module when it is there: ``nacl.bindings`` imports and checks
-    every libsodium binding (3-4 ms of each engine open in a new process), this module
-    only the library. The cipher's callers pass a 24-byte nonce and a 32-byte key
-    (``Key`` checks its secret), so the length checks PyNaCl adds are not needed here.
+    ``nacl.bindings`` imports and checks every libsodium binding (3-4 ms of each engine
+    open in a new process), this module only the library; and its functions check every
+    argument on every call, where the callers here pass a 24-byte nonce and a 32-byte key
+    (``Key`` checks its secret). The module is private to PyNaCl: a PyNaCl without it is
+    used through its public bindings (``_sealing``, ``_opening``).
     """
     try:
         from nacl._sodium import ffi, lib
-    except ImportError:  # a PyNaCl without it: its public bindings
-        from nacl import bindings, exceptions
-
-        return (
-            bindings.crypto_aead_xchacha20poly1305_ietf_encrypt,
-            bindings.crypto_aead_xchacha20poly1305_ietf_decrypt,
-            exceptions.CryptoError,
-        )
+    except ImportError:
+        return None
     if lib.sodium_init() < 0:
         raise RuntimeError("libsodium failed to initialise")
+    return ffi, lib
 
-    def encrypt(message: bytes, aad: bytes | None, nonce: bytes, key: bytes) -> bytes:
-        size = len(message) + TAG_BYTES
-        out = ffi.new("unsigned char[]", size)
-        added = ffi.NULL if aad is None else aad
-        lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            out, ffi.NULL, message, len(message), added, len(aad or b""), ffi.NULL, nonce, key
+
+def _sealing(key: Key, nonce: Callable[[], bytes]) -> _Seal:
+    """``seal(plaintext, aad)``: ``key_id ‖ nonce ‖ ciphertext ‖ tag`` under ``key``, the
+    nonce from ``nonce()``; one Python call per seal (it is on every step's path)."""
+    key_id, secret = bytes((key.key_id,)), key.secret
+    raw = libsodium()
+    if raw is None:
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt as checked
+
+        def seal_checked(plaintext: bytes, aad: bytes) -> bytes:
+            fresh = nonce()
+            return b"".join((key_id, fresh, checked(plaintext, aad, fresh, secret)))
+
+        return seal_checked
+    ffi, lib = raw
+    new, buffer, null = ffi.new, ffi.buffer, ffi.NULL
+    array = ffi.typeof("unsigned char[]")  # parsed once
+    encrypt = lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+
+    def seal(plaintext: bytes, aad: bytes) -> bytes:
+        fresh = nonce()
+        size = len(plaintext) + TAG_BYTES
+        out = new(array, size)
+        if encrypt(out, null, plaintext, len(plaintext), aad, len(aad), null, fresh, secret):
+            raise RuntimeError("libsodium refused to seal a payload")
+        return b"".join((key_id, fresh, buffer(out, size)[:]))
+
+    return seal
+
+
+def _opening(key: Key) -> _Open:
+    """``open(blob, aad)``: the plaintext of a blob sealed under ``key``, or ``None`` when
+    it names another key id, is too short or does not authenticate (one Python call)."""
+    key_id, secret = key.key_id, key.secret
+    raw = libsodium()
+    if raw is None:
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt as checked
+        from nacl.exceptions import CryptoError
+
+        def open_checked(blob: bytes, aad: bytes) -> bytes | None:
+            if len(blob) < SEAL_OVERHEAD or blob[0] != key_id:
+                return None
+            nonce = blob[1 : 1 + NONCE_BYTES]
+            try:
+                plain: bytes = checked(blob[1 + NONCE_BYTES :], aad, nonce, secret)
+            except CryptoError:
+                return None
+            return plain
+
+        return open_checked
+    ffi, lib = raw
+    new, buffer, null = ffi.new, ffi.buffer, ffi.NULL
+    array = ffi.typeof("unsigned char[]")
+    decrypt = lib.crypto_aead_xchacha20poly1305_ietf_decrypt
+
+    def open_blob(blob: bytes, aad: bytes) -> bytes | None:
+        if len(blob) < SEAL_OVERHEAD or blob[0] != key_id:
+            return None
+        size = len(blob) - SEAL_OVERHEAD
+        out = new(array, size or 1)
+        status = decrypt(
+            out, null, null, blob[1 + NONCE_BYTES :], size + TAG_BYTES, aad, len(aad),
+            blob[1 : 1 + NONCE_BYTES], secret,
         )
-        return bytes(ffi.buffer(out, size))
+        return buffer(out, size)[:] if status == 0 else None
 
-    def decrypt(sealed: bytes, aad: bytes | None, nonce: bytes, key: bytes) -> bytes:
-        if len(sealed) < TAG_BYTES:
-            raise _Unauthentic("sealed text shorter than its tag")
-        size = len(sealed) - TAG_BYTES
-        out = ffi.new("unsigned char[]", size or 1)
-        added = ffi.NULL if aad is None else aad
-        status = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            out, ffi.NULL, ffi.NULL, sealed, len(sealed), added, len(aad or b""), nonce, key
-        )
-        if status != 0:
-            raise _Unauthentic("the sealed text did not authenticate")
-        return bytes(ffi.buffer(out, size))
-
-    return encrypt, decrypt, _Unauthentic
-
-
-class _Unauthentic(Exception):
-    """A sealed text that did not authenticate (the cipher turns it into ReplayIntegrity)."""
+    return open_blob
 
 
 def _derive(context: str, secret: bytes) -> bytes:
@@ -230,6 +269,7 @@ class _KeySlot:
     control: bytes
     hwm: bytes
     check: bytes
+    open: _Open
 
 
 def _key_slot(key: Key) -> _KeySlot:
@@ -237,7 +277,10 @@ def _key_slot(key: Key) -> _KeySlot:
         _derive(context, key.secret)
         for context in (CONTEXT_CONTROL_HMAC, CONTEXT_HIGH_WATER_MARK, CONTEXT_KEY_CHECK)
     )
-    return _KeySlot(key, control, hwm, check)
+    return _KeySlot(key, control, hwm, check, _opening(key))
+
+
+_random_nonce = functools.partial(os.urandom, NONCE_BYTES)  # what nacl.utils.random does
 
 
 class XChaChaCipher:
@@ -247,7 +290,7 @@ class XChaChaCipher:
     opens and verifies what it made.
     """
 
-    __slots__ = ("_by_id", "_crypto_error", "_current", "_decrypt", "_encrypt", "_previous")
+    __slots__ = ("_by_id", "_current", "_previous", "_seal")
 
     def __init__(self, current: Key, previous: Key | None = None) -> None:
         """Build the cipher and derive each key's subkeys once.
@@ -263,7 +306,7 @@ class XChaChaCipher:
                 f"the previous key must have another key id than the current key ({current.key_id})"
             )
         # PyNaCl is loaded when a cipher is built, not when unbroken is imported.
-        self._encrypt, self._decrypt, self._crypto_error = _aead()
+        self._seal = _sealing(current, _random_nonce)
         self._current = current
         self._previous = previous
         self._by_id = {k.key_id: _key_slot(k) for k in (previous, current) if k is not None}
@@ -285,9 +328,17 @@ class XChaChaCipher:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         """Encrypt under the current key: ``key_id ‖ nonce ‖ ciphertext ‖ tag``."""
-        nonce = os.urandom(NONCE_BYTES)  # what nacl.utils.random does, without the import
-        sealed = self._encrypt(plaintext, aad, nonce, self._current.secret)
-        return b"".join((bytes((self._current.key_id,)), nonce, sealed))
+        return self._seal(plaintext, aad)
+
+    def sealing(self, nonce: Callable[[], bytes]) -> Callable[[bytes, bytes], bytes]:
+        """``seal`` as one function, its nonces from ``nonce()``, which must never hand
+        out the same 24 bytes twice (for a caller that seals on every step)."""
+        return _sealing(self._current, nonce)
+
+    def opening(self) -> Callable[[bytes, bytes], bytes | None]:
+        """``open(blob, aad)`` as one function for blobs sealed under the current key: it
+        returns ``None`` where ``open`` would raise, or for a blob of another key."""
+        return self._by_id[self._current.key_id].open
 
     def open(self, blob: bytes, aad: bytes) -> bytes:
         """Decrypt a sealed blob with the key its first byte names.
@@ -299,17 +350,15 @@ class XChaChaCipher:
         """
         if len(blob) < SEAL_OVERHEAD:
             raise DecodeError("sealed blob shorter than key id + nonce + tag")
-        key = self.key_for(blob[0])
-        if key is None:
+        slot = self._by_id.get(blob[0])
+        if slot is None:
             raise DecodeError(f"no cipher key registered for key id {blob[0]}")
-        nonce = blob[1 : 1 + NONCE_BYTES]
-        try:
-            plaintext = self._decrypt(blob[1 + NONCE_BYTES :], aad, nonce, key.secret)
-        except self._crypto_error:
+        plaintext = slot.open(blob, aad)
+        if plaintext is None:
             raise ReplayIntegrity(
                 f"sealed payload of {len(blob)} bytes failed authentication under key id "
-                f"{key.key_id} (moved, altered or sealed under another key)"
-            ) from None
+                f"{blob[0]} (moved, altered or sealed under another key)"
+            )
         return plaintext
 
     def control_mac(self, fields: bytes) -> bytes:

@@ -14,7 +14,7 @@ import uuid as _uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from . import checkpoints, control
 from .control import PROMISE, TIMER, ControlCall, Promise, duration_seconds, instant_seconds
@@ -42,7 +42,7 @@ from .runtime import (
     Stopped,
     enter_step,
     now_ms,
-    retry_operation,
+    retry_pause,
     running_task,
     start_operation,
 )
@@ -460,28 +460,26 @@ class Context:
 
     async def _execute(self, call: _Call) -> Any:
         """Run the operation (``runtime.start_operation``) with ``unbroken.current_step()``
-        set, retrying per policy (``runtime.retry_operation``), and journal its outcome."""
-        try:
-            token = enter_step(self._run.execution_id, call.step_id, call.desc.name, call.key, 1)
+        set, retrying per policy (``runtime.retry_pause``), and journal its outcome."""
+        attempt = 1
+        while True:  # an operation that succeeds at once costs no more than this block
+            token = enter_step(
+                self._run.execution_id, call.step_id, call.desc.name, call.key, attempt
+            )
             try:
                 value = await start_operation(
                     call.fn, call.args, call.kwargs, self._run.config.sync_step_inline_us
                 )
+                break
+            except Exception as exc:
+                failed = exc
             finally:
                 token.var.reset(token)
-        except Exception as first:
             try:
-                value = await retry_operation(
-                    self._run.execution_id, call.step_id, call.desc, call.key, call.fn,
-                    call.args, call.kwargs, first, self._check_alive,
-                )
+                await retry_pause(call.desc.retry, attempt, failed, self._check_alive)
             except Exception as exc:
-                self._check_alive()
-                record = {"type": type(exc).__name__, "message": str(exc)}
-                await self._journal(call, EntryKind.ERROR, record)
-                await self._fault_after(call.step_id)
-                name, step_id = call.desc.name, call.step_id
-                raise StepFailed(name, step_id, record["type"], record["message"]) from exc
+                await self._failed(call, exc)
+            attempt += 1
         self._check_alive()
         faults = self._run.faults
         if faults is not None and call.desc.is_guarded and faults.in_window(call.step_id):
@@ -493,6 +491,15 @@ class Context:
         if faults is not None:
             await self._fault_after(call.step_id)
         return value
+
+    async def _failed(self, call: _Call, exc: Exception) -> NoReturn:
+        """The operation failed for good with ``exc``: journal it, raise ``StepFailed``."""
+        self._check_alive()
+        record = {"type": type(exc).__name__, "message": str(exc)}
+        await self._journal(call, EntryKind.ERROR, record)
+        await self._fault_after(call.step_id)
+        name, step_id = call.desc.name, call.step_id
+        raise StepFailed(name, step_id, record["type"], record["message"]) from exc
 
     async def _fault_after(self, step_id: int) -> None:
         """``unbroken.testing``: die once this step's outcome is committed."""

@@ -14,12 +14,12 @@ Which keys an engine uses is decided once, at open (``open_payloads``):
 - ``encrypt_payloads = false`` is honoured on local SQLite and ``memory://`` only, with a
   WARN at every open, and never for a database that already holds sealed data.
 
-Sealing is on every step's path, so ``Payloads`` seals with the current key through
-libsodium directly (``_Sealer``): the same ``key_id ‖ nonce ‖ ciphertext ‖ tag`` layout and
-associated data as ``cipher``, without per-call argument checks, with the associated data's
-head cached per execution, and nonces taken from a buffer of ``os.urandom`` bytes (each
-nonce handed out once; a forked child discards the buffer). Opening still goes through
-``XChaChaCipher``, which checks everything.
+Sealing is on every step's path, so ``Payloads`` (``_Sealer``) seals and opens with the
+current key through the cipher's one-call functions (``XChaChaCipher.sealing``,
+``.opening``), with the associated data's head cached per execution and nonces taken from a
+buffer of ``os.urandom`` bytes (each nonce handed out once; a forked child discards the
+buffer). What they cannot open goes through ``XChaChaCipher.open``, which says why. Replay
+opens its rows into one reused buffer through the cipher's libsodium (``Payloads.opener``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .cipher import (
     XChaChaCipher,
     aad,
     control_fields,
+    libsodium,
 )
 from .config import Config
 from .errors import (
@@ -117,27 +118,16 @@ os.register_at_fork(after_in_child=_NONCES.discard)
 
 
 class _Sealer:
-    """Seals with the current key through libsodium, in ``cipher``'s layout (module doc)."""
+    """Seals and opens with the current key, with ``cipher``'s associated data cached."""
 
-    __slots__ = (
-        "_bytes", "_cipher", "_decrypt", "_encrypt", "_ffi", "_heads", "_key", "_key_id",
-        "_kinds",
-    )
+    __slots__ = ("_heads", "_kinds", "open", "seal")
 
     def __init__(self, cipher: XChaChaCipher) -> None:
-        # PyNaCl's own binding checks every argument on every call; these are ours. Its
-        # cffi module is private: without it, sealing goes through the cipher.
-        try:
-            from nacl._sodium import ffi, lib
-        except ImportError:
-            ffi = lib = None
-        self._cipher = cipher
-        self._ffi: Any = ffi
-        self._bytes = ffi.typeof("unsigned char[]") if ffi is not None else None  # parsed once
-        self._encrypt = getattr(lib, "crypto_aead_xchacha20poly1305_ietf_encrypt", None)
-        self._decrypt = getattr(lib, "crypto_aead_xchacha20poly1305_ietf_decrypt", None)
-        self._key = cipher.current.secret
-        self._key_id = bytes((cipher.current.key_id,))
+        # seal(plaintext, aad) -> key_id ‖ nonce ‖ ciphertext ‖ tag, under the current key;
+        # open(blob, aad) -> the plaintext, or None (another key, too short, or not
+        # authentic: the cipher then says which, and raises).
+        self.seal = cipher.sealing(_NONCES.take)
+        self.open = cipher.opening()
         self._heads: dict[str, bytes] = {}
         self._kinds: dict[str, bytes] = {}
 
@@ -191,35 +181,6 @@ class _Sealer:
         self._heads[execution_id] = bytes((AAD_VERSION,)) + _U32.pack(len(e)) + e
         label = kind.encode("ascii")
         self._kinds[kind] = bytes((len(label),)) + label
-
-    def seal(self, plaintext: bytes, associated: bytes) -> bytes:
-        """``key_id ‖ nonce ‖ ciphertext ‖ tag`` under the current key."""
-        if self._encrypt is None:
-            return self._cipher.seal(plaintext, associated)
-        nonce = _NONCES.take()
-        size = len(plaintext) + TAG_BYTES
-        out = self._ffi.new(self._bytes, size)
-        status = self._encrypt(
-            out, self._ffi.NULL, plaintext, len(plaintext), associated, len(associated),
-            self._ffi.NULL, nonce, self._key,
-        )
-        if status != 0:
-            raise RuntimeError("libsodium refused to seal a payload")
-        return b"".join((self._key_id, nonce, self._ffi.buffer(out, size)[:]))
-
-    def open(self, blob: bytes, associated: bytes) -> bytes | None:
-        """The plaintext of a blob sealed under the current key, or ``None`` (another key,
-        too short, or not authentic: the cipher then says which, and raises)."""
-        if self._decrypt is None or len(blob) < SEAL_OVERHEAD or blob[0] != self._key_id[0]:
-            return None
-        size = len(blob) - SEAL_OVERHEAD
-        out = self._ffi.new("unsigned char[]", size or 1)
-        status = self._decrypt(
-            out, self._ffi.NULL, self._ffi.NULL, blob[1 + NONCE_BYTES :],
-            len(blob) - 1 - NONCE_BYTES, associated, len(associated),
-            blob[1 : 1 + NONCE_BYTES], self._key,
-        )
-        return self._ffi.buffer(out, size)[:] if status == 0 else None
 
 
 class Payloads:
@@ -329,13 +290,13 @@ class Payloads:
         step through it). A blob it cannot open at once goes through ``open_at``, which
         raises what ``open`` raises."""
         slow = self.open_at
-        sealer = self._sealer
-        decrypt = sealer._decrypt if sealer is not None else None
+        sealer, cipher = self._sealer, self._cipher
+        sodium = libsodium() if cipher is not None else None
 
         def open_slowly(blob: bytes | None, step_id: int, idem_key: bytes) -> Any:
             return slow(blob, execution_id, generation, step_id, kind, idem_key)
 
-        if sealer is None or decrypt is None:
+        if sealer is None or cipher is None or sodium is None:
             return open_slowly
         # The associated data around step and key, cut from one ``sealer.aad`` built
         # (and checked) here: ``head ‖ u32 generation ‖ u32 step ‖ label ‖ u8 32 ‖ key``
@@ -347,9 +308,10 @@ class Payloads:
         join = b"".join
         if join((before, pack_step(0), after, bytes(32))) != first:
             return open_slowly
-        ffi, null, key = sealer._ffi, sealer._ffi.NULL, sealer._key
-        new, buffer = ffi.new, ffi.buffer
-        key_id = sealer._key_id[0]
+        ffi, lib = sodium
+        new, buffer, null = ffi.new, ffi.buffer, ffi.NULL
+        decrypt = lib.crypto_aead_xchacha20poly1305_ietf_decrypt
+        key_id, key = cipher.current.key_id, cipher.current.secret
         low, high = SEAL_OVERHEAD, self._read_ceiling
         decode = codec.decode
         # One plaintext buffer for every small row: ``open_row`` copies the row out before

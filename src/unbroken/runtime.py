@@ -16,7 +16,7 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .effects import Step
+from .effects import RetryPolicy
 from .errors import DecodeError, IntegrityError, PayloadTooLarge, ReplayDivergence
 from .operations import start_operation
 from .payloads import Payloads
@@ -36,7 +36,7 @@ __all__ = [
     "current_step",
     "enter_step",
     "now_ms",
-    "retry_operation",
+    "retry_pause",
     "running_task",
     "set_current_step",
     "start_operation",
@@ -154,35 +154,16 @@ def running_task() -> tuple[asyncio.AbstractEventLoop | None, asyncio.Task[Any] 
     return loop, asyncio.current_task(loop)
 
 
-async def retry_operation(
-    execution_id: str,
-    step_id: int,
-    step: Step,
-    key: bytes,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    exc: Exception,
-    check: Callable[[], None],
-) -> Any:
-    """The attempts of a step's operation after its first failed with ``exc``, while the
-    step's retry policy allows (``check`` raises when the run must stop first); raises
-    the last attempt's exception."""
-    policy = step.retry
-    attempt = 1
-    while True:
-        if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
-            raise exc
-        check()
-        await asyncio.sleep(policy.delay_before(attempt + 1))
-        attempt += 1
-        token = enter_step(execution_id, step_id, step.name, key, attempt)
-        try:
-            return await start_operation(fn, args, kwargs)
-        except Exception as error:
-            exc = error
-        finally:
-            token.var.reset(token)
+async def retry_pause(
+    policy: RetryPolicy, attempt: int, exc: Exception, check: Callable[[], None]
+) -> None:
+    """After attempt ``attempt`` of a step's operation failed with ``exc``: raise ``exc``
+    when the step's retry policy allows no further attempt; otherwise ``check`` (it raises
+    when the run must stop first), then wait out the delay before the next attempt."""
+    if attempt >= policy.max_attempts or not isinstance(exc, policy.retry_on):
+        raise exc
+    check()
+    await asyncio.sleep(policy.delay_before(attempt + 1))
 
 
 @dataclass(slots=True)

@@ -5,9 +5,9 @@ that still name the value (INV-5, INV-11)."""
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -191,16 +191,20 @@ def test_without_a_key_values_are_stored_encoded_only() -> None:
     assert payloads.entry_mac(entry) is None
 
 
-def test_without_pynacl_s_private_binding_sealing_goes_through_the_cipher(
-    monkeypatch: pytest.MonkeyPatch,
+def test_without_pynacl_s_private_binding_sealing_goes_through_the_public_one(
+    public_bindings_only: Callable[[], list[str]],
 ) -> None:
-    cipher = XChaChaCipher(Key.generate(7))
-    monkeypatch.setitem(sys.modules, "nacl._sodium", None)  # the import fails
-    payloads = Payloads(cipher, 1 << 20)
-    assert payloads._sealer._encrypt is None  # the fallback, not the direct binding
+    key = Key.generate(7)
+    cipher = XChaChaCipher(key)  # built with the cffi module
+    calls = public_bindings_only()
+    payloads = Payloads(XChaChaCipher(key), 1 << 20)  # built without it
     blob = payloads.seal({"n": 1}, "v", **_where())
+    assert calls == ["encrypt"]  # the fallback, not the cffi module
     assert cipher.open(blob, aad("order-42", 1, 5, "result", bytes(range(32)))) == b'{"n":1}'
     assert payloads.open(blob, "v", **_where()) == {"n": 1}
+    opened = payloads.opener("order-42", 1, "result")(blob, 5, bytes(range(32)))
+    assert opened == {"n": 1}
+    assert calls == ["encrypt", "decrypt", "decrypt"]
 
 
 @given(

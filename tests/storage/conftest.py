@@ -11,13 +11,16 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from unbroken.storage.base import Storage
 from unbroken.storage.memory import MemoryStorage
 from unbroken.storage.sqlite import SqliteStorage
+
+if TYPE_CHECKING:
+    from unbroken.storage.postgres import PostgresStorage
 
 POSTGRES_URL = os.environ.get("UNBROKEN_TEST_POSTGRES_URL", "")
 needs_postgres = pytest.mark.skipif(
@@ -59,6 +62,37 @@ def postgres_schema() -> Iterator[str]:
         pytest.skip("UNBROKEN_TEST_POSTGRES_URL is not set")
     with fresh_schema() as name:
         yield name
+
+
+def signer(execution_id: str, count: int) -> bytes:
+    """A stand-in for a high-water-mark signer: readable, and distinct per count."""
+    return f"{execution_id}:{count}".encode()
+
+
+@pytest.fixture
+def url(postgres_schema: str) -> str:
+    """The URL of a fresh, empty schema."""
+    return schema_url(postgres_schema)
+
+
+@contextmanager
+def open_storage(url: str) -> Iterator[PostgresStorage]:
+    """A PostgreSQL storage opened on ``url``, closed afterwards."""
+    from unbroken.storage.postgres import PostgresStorage
+
+    store = PostgresStorage(url)
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def opened(url: str) -> Iterator[PostgresStorage]:
+    """An open PostgreSQL storage on a fresh schema."""
+    with open_storage(url) as store:
+        yield store
 
 
 def make_storage(backend: str, tmp_path: Path, schema: str = "") -> Storage:

@@ -14,8 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from unbroken.journal import EntryKind, ExecutionStatus, PromiseState, Retention
 from unbroken.storage.base import SCHEMA_VERSION
 from unbroken.storage.sqlite import SqliteStorage
 
-from .conftest import admin_execute, fresh_schema, needs_postgres, schema_url
+from .conftest import admin_execute, fresh_schema, needs_postgres, schema_url, signer
 from .test_contract import control, create, entry, key, promise, run_concurrently
 
 pytest.importorskip("psycopg")
@@ -38,34 +37,6 @@ from unbroken.storage.postgres_schema import MIGRATIONS
 
 PASSWORD = "s3cr3t-pw"
 LOCK = "00112233445566778899aabbccddeeff"
-
-
-def signer(execution_id: str, count: int) -> bytes:
-    return f"{execution_id}:{count}".encode()
-
-
-@pytest.fixture
-def url(postgres_schema: str) -> str:
-    """The URL of a fresh, empty schema."""
-    return schema_url(postgres_schema)
-
-
-@contextmanager
-def open_storage(url: str) -> Iterator[PostgresStorage]:
-    """A storage opened on ``url``, closed afterwards."""
-    store = PostgresStorage(url)
-    store.open()
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-@pytest.fixture
-def opened(url: str) -> Iterator[PostgresStorage]:
-    """An open storage on a fresh schema."""
-    with open_storage(url) as store:
-        yield store
 
 
 def tables(schema: str) -> set[str]:
@@ -557,65 +528,6 @@ def test_a_process_with_over_1024_open_files_keeps_its_locks_reads_and_writes(
         store.close()
         for fd in spare:
             os.close(fd)
-
-
-def test_a_write_right_after_the_lock_session_is_killed_is_refused_as_ownership_lost(
-    url: str,
-) -> None:
-    """Writes run on the lock session: whether the write notices the dead session before
-    sending or when its statement fails, it is refused as ``OwnershipLost`` and the locks
-    are reported lost."""
-    from unbroken.errors import OwnershipLost
-
-    store = PostgresStorage(url)
-    store.open()
-    reported: list[list[str]] = []
-    store.watch(60.0, reported.append)
-    try:
-        create(store, "owned")
-        assert store.try_lock(lock_name("owned")) is None
-        store.append([entry("owned", 0)])
-        admin_execute("SELECT pg_terminate_backend(%s)", (store._lock_pid,))
-        with pytest.raises(OwnershipLost, match="'owned'"):
-            store.append([entry("owned", 1)])
-        assert reported == [[lock_name("owned")]]
-        with pytest.raises(OwnershipLost):
-            store.finalize_execution("owned", ExecutionStatus.COMPLETED, 5)
-        assert [e.step_id for e in store.read_segment("owned", 0, 0, 10)] == [0]
-    finally:
-        store.close()
-
-
-def test_an_owner_whose_lock_session_ended_cannot_write_for_that_execution(url: str) -> None:
-    """Fencing: once the lock session of an owner ends (partition, server-side kill),
-    another process may take the execution; the old owner's writes for it are refused."""
-    from unbroken.ids import lock_name
-
-    old, new = PostgresStorage(url), PostgresStorage(url)
-    old.open()
-    new.open()
-    try:
-        create(old, "owned")
-        create(old, "other")
-        assert old.try_lock(lock_name("owned")) is None
-        old.append([entry("owned", 0)])  # while the lock is held, writes go through
-        admin_execute("SELECT pg_terminate_backend(%s)", (old._lock_pid,))
-        for _ in range(100):  # the server releases the lock as the session ends
-            if new.try_lock(lock_name("owned")) is None:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the lock was not released when its session ended")
-        with pytest.raises(StorageError, match="ownership of execution 'owned' was lost"):
-            old.append([entry("owned", 1), entry("other", 0)])
-        assert [e.step_id for e in new.read_segment("owned", 0, 0, 10)] == [0]
-        assert new.read_segment("other", 0, 0, 10) == []  # the whole batch was refused
-        with pytest.raises(StorageError, match="was lost"):
-            old.finalize_execution("owned", ExecutionStatus.COMPLETED, 5)
-        new.append([entry("owned", 1)])  # the new owner writes on
-    finally:
-        old.close()
-        new.close()
 
 
 # -- queue claims and the lock session --------------------------------------------------

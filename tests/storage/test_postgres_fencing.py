@@ -1,8 +1,10 @@
 """PostgreSQL fencing (SPEC §3 INV-15): each test takes away what one protection alone
 must stop, so each fails when that protection is removed.
 
-- A write on the lock session, after that session lapsed unnoticed (no heartbeat ran),
-  is refused by the in-memory record of lost locks, although the storage reconnects.
+- A write on the lock session, after that session was killed unnoticed (no heartbeat
+  ran), is refused by the in-memory record of lost locks, although the storage reconnects.
+- A lock session that dies under a write (inside its transaction) is lost there and
+  then: the write is refused as ``OwnershipLost`` and ``watch``'s callback hears it.
 - A write that finds the lock session busy runs on a pooled connection: it is refused
   when the lock session no longer holds the lock in ``pg_locks``.
 - The barrier: a new owner's ``barrier`` (which taking ownership runs) waits out an old
@@ -22,11 +24,11 @@ import pytest
 
 from unbroken.errors import ExecutionLocked, OwnershipLost
 from unbroken.ids import lock_name
+from unbroken.journal import ExecutionStatus
 from unbroken.ownership import ownership_for
 
-from .conftest import admin_execute, needs_postgres
+from .conftest import admin_execute, needs_postgres, open_storage, signer
 from .test_contract import claims, create, enqueue, entry
-from .test_postgres import open_storage, url
 
 pytest.importorskip("psycopg")
 
@@ -34,8 +36,8 @@ from unbroken.storage.postgres import PostgresStorage
 from unbroken.storage.postgres_rows import Connection
 
 pytestmark = needs_postgres
-__all__ = ["url"]  # the fixture, shared with test_postgres
 OWNED = "owned"
+OTHER = "other"
 
 
 @pytest.fixture
@@ -131,24 +133,73 @@ def steps(store: PostgresStorage) -> list[int]:
     return [e.step_id for e in store.read_segment(OWNED, 0, 0, 10)]
 
 
-def test_a_write_on_the_lock_session_after_it_lapsed_unnoticed_is_refused(
-    old: PostgresStorage, new: PostgresStorage
+@pytest.mark.parametrize("taken_over", [False, True], ids=["just-killed", "taken-over"])
+def test_writes_after_the_lock_session_was_killed_are_refused_as_ownership_lost(
+    old: PostgresStorage, new: PostgresStorage, taken_over: bool
 ) -> None:
-    """No heartbeat told ``old`` its session ended: the write reconnects a new lock
-    session, and only the remembered loss of the lock refuses it there."""
+    """No heartbeat tells ``old`` its session was killed. Right after the kill, its write
+    either finds the session dead before sending or fails on it; once another owner has
+    taken the lock, it reconnects a new lock session, where only the remembered loss of
+    the lock refuses it. Either way the whole batch is refused, the loss reported, and
+    every later write for the execution refused too."""
+    reported: list[list[str]] = []
+    old.watch(60.0, reported.append)  # no heartbeat within the test
     create(old, OWNED)
+    create(old, OTHER)
     assert old.try_lock(lock_name(OWNED)) is None
     old.append([entry(OWNED, 0)])
-    end_lock_session_and_take_over(old, new)
+    if taken_over:
+        end_lock_session_and_take_over(old, new)
+    else:
+        admin_execute("SELECT pg_terminate_backend(%s)", (old._lock_pid,))
 
-    with pytest.raises(OwnershipLost, match=f"'{OWNED}'"):
-        old.append([entry(OWNED, 1)])
-    assert old._lock_conn is not None and not old._lock_conn.broken  # it did reconnect
+    with pytest.raises(OwnershipLost, match=f"ownership of execution '{OWNED}' was lost"):
+        old.append([entry(OWNED, 1), entry(OTHER, 0)])
+    assert reported == [[lock_name(OWNED)]]
     with pytest.raises(OwnershipLost):
-        old.append([entry(OWNED, 1)])  # and stays refused on the new session
+        old.append([entry(OWNED, 1)])
+    with pytest.raises(OwnershipLost):
+        old.finalize_execution(OWNED, ExecutionStatus.COMPLETED, 5)
+    assert old._lock_conn is not None and not old._lock_conn.broken  # it did reconnect
     assert steps(new) == [0]
-    new.append([entry(OWNED, 1)])
-    assert steps(new) == [0, 1]
+    assert new.read_segment(OTHER, 0, 0, 10) == []  # the whole batch was refused
+    if taken_over:
+        new.append([entry(OWNED, 1)])  # the new owner writes on
+        assert steps(new) == [0, 1]
+
+
+WRITES_IN_A_TRANSACTION: dict[str, Callable[[PostgresStorage], object]] = {
+    "signed append": lambda store: store.append([entry(OWNED, 1)], signer),
+    "abort": lambda store: store.abort_generation(OWNED, 0, 5_000),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_IN_A_TRANSACTION))
+def test_a_lock_session_dying_under_a_write_is_ownership_lost_and_reported_at_once(
+    old: PostgresStorage, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    """The lock session ends inside the write's transaction, after its fence: the write's
+    next statement fails on the dead session, which loses its locks there and then."""
+    reported: list[list[str]] = []
+    old.watch(60.0, reported.append)  # no heartbeat within the test
+    create(old, OWNED)
+    assert old.try_lock(lock_name(OWNED)) is None  # its signed counts are read anew
+    old.append([entry(OWNED, 0)])
+    real_fence = old.fence
+
+    def fence_then_end_session(conn: Connection, op: str, ids: Iterable[str]) -> None:
+        real_fence(conn, op, ids)
+        if conn is old._lock_conn:
+            end_lock_session(old)
+
+    monkeypatch.setattr(old, "fence", fence_then_end_session)
+    with pytest.raises(OwnershipLost, match=f"'{OWNED}'"):
+        WRITES_IN_A_TRANSACTION[write](old)
+    assert reported == [[lock_name(OWNED)]]
+    assert old.lapsed(lock_name(OWNED))
+    assert steps(old) == [0]
+    record = old.get_execution(OWNED)
+    assert record is not None and record.generation == 0
 
 
 def test_a_pooled_write_is_refused_once_the_lock_session_no_longer_holds_the_lock(

@@ -16,9 +16,8 @@ from unbroken.errors import StorageError
 from unbroken.ids import lock_name
 from unbroken.journal import EntryKind, ExecutionStatus, RetentionPolicy
 
-from .conftest import admin_execute, needs_postgres
+from .conftest import admin_execute, needs_postgres, signer
 from .test_contract import create, entry, key, run_concurrently
-from .test_postgres import opened, signer, url
 
 pytest.importorskip("psycopg")
 
@@ -26,7 +25,6 @@ from unbroken.storage.postgres import PostgresStorage
 
 pytestmark = needs_postgres
 APPLICATION = f"unbroken pid {os.getpid()}"
-__all__ = ["opened", "url"]  # fixtures shared with test_postgres
 
 
 def end_every_session_of_this_process() -> None:

@@ -146,8 +146,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             ExecutionCanceled: the execution was canceled (INV-16').
             UnknownExecution: no such execution.
         """
-        with self._write("reopen_execution") as conn:
-            self.fence(conn, "reopen_execution", (execution_id,))
+        with self._write("reopen_execution", (execution_id,)) as conn:
             conn.execute(_REOPEN, (now_ms, execution_id))
             cursor = conn.execute(_SELECT_EXECUTION, (execution_id,))
         return reopened(execution_id, cursor.fetchone())
@@ -165,7 +164,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """Set a terminal status while ``running``; ``False`` if another status won."""
         status = ExecutionStatus(status)
         values = finalize_params(execution_id, status, now_ms, output, error_type, error)
-        with self._fenced("finalize_execution", (execution_id,)) as conn:
+        with self._write("finalize_execution", (execution_id,), one_statement=True) as conn:
             cursor = conn.execute(_FINALIZE, (*values, CHANNEL_PREFIX + WORK_TOPIC))
         if status.is_terminal:
             self._counts.forget((execution_id,))
@@ -179,8 +178,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         Raises:
             UnknownExecution: no such execution.
         """
-        with self._write("abort_generation") as conn:
-            self.fence(conn, "abort_generation", (execution_id,))
+        with self._write("abort_generation", (execution_id,)) as conn:
             row = conn.execute(_ABORT, (now_ms, execution_id, generation)).fetchone()
             if row is None:  # read anew: a concurrent abort may just have moved it
                 row = conn.execute(_GENERATION, (execution_id,)).fetchone()
@@ -208,7 +206,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
             return 0
         added = outcomes_by_execution(entries) if signer is not None else {}
         if signer is None or not added:
-            with self._fenced("append", sorted({e.execution_id for e in entries})) as conn:
+            with self._write("append", _ids_of(entries), one_statement=True) as conn:
                 cursor = conn.execute(*append_statement(entries))
             return last_seq(cursor)
         try:
@@ -238,7 +236,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         counts = {eid: stored[eid] + n for eid, n in added.items()}
         marks = [Mark(eid, n, signer(eid, n), stored[eid]) for eid, n in counts.items()]
         statement = append_statement(entries, marks)
-        with self._fenced("append", sorted({e.execution_id for e in entries})) as conn:
+        with self._write("append", _ids_of(entries), one_statement=True) as conn:
             cursor = conn.execute(*statement)
         self._counts.remember(counts)
         return last_seq(cursor)
@@ -247,8 +245,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         self, entries: Sequence[JournalEntry], signer: Signer, added: Mapping[str, int]
     ) -> int:
         """Insert the batch, add its outcomes to the stored counts, sign what they became."""
-        with self._write("append") as conn:
-            self.fence(conn, "append", sorted({e.execution_id for e in entries}))
+        with self._write("append", _ids_of(entries)) as conn:
             cursor = conn.execute(*append_statement(entries))
             counts = bump_marks(conn, added, entries[-1].created_at_ms)
             sign_marks(conn, {eid: signer(eid, count) for eid, count in counts.items()})
@@ -264,3 +261,8 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
     def add_key_verifier(self, key_id: int, verifier: bytes, now_ms: int) -> None:
         """Record a key's check value unless one is recorded for that id."""
         self._execute("add_key_verifier", _ADD_KEY_VERIFIER, (key_id, verifier, now_ms))
+
+
+def _ids_of(entries: Sequence[JournalEntry]) -> list[str]:
+    """The executions a batch writes for, in id order."""
+    return sorted({e.execution_id for e in entries})

@@ -1,10 +1,7 @@
 """PostgreSQL connections: the pool, the schema check at open, transactions (layer: storage).
 
-Writes run on one connection of their own, outside the pool (``PostgresLocks`` makes it
-the session that holds the ownership locks, see ``postgres_locks.py``); a write that finds
-it busy takes a pooled one instead. Each write is one transaction (``BEGIN ... COMMIT``,
-``ROLLBACK`` on any error), not pipelined, so a client frozen mid-transaction is cut off by
-the server's idle timeouts; a single statement is committed in one round trip. Reads are
+Most writes run on the session that holds the ownership locks (``postgres_locks.py``);
+the pooled transactions here (``_pooled_write``) are for those that must not. Reads are
 single statements in autocommit mode on pooled connections.
 
 A connection is checked before each use without a round trip (a session the server ended,
@@ -99,8 +96,6 @@ class PostgresConnections:
         self._max_size = max_size
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Connection] | None = None
-        self._writer_mutex = threading.RLock()
-        self._writer_wait_secs = 0.0
 
     @property
     def lock_dir(self) -> None:
@@ -240,23 +235,6 @@ class PostgresConnections:
         return pool
 
     @contextmanager
-    def _write(self, op: str) -> Iterator[Connection]:
-        """A writing connection inside one transaction, committed when the block ends.
-
-        Not pipelined: each statement's reply ends with the server ready for the next,
-        so a client that freezes mid-transaction (SIGSTOP, a hung host) is cut off by
-        ``idle_in_transaction_session_timeout`` and its row and advisory locks freed. A
-        pipeline left without its closing sync keeps the server waiting with no timeout
-        at all.
-        """
-        with self._writing(op) as conn:
-            try:
-                with conn.transaction():
-                    yield conn
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
-
-    @contextmanager
     def _pooled_write(self, op: str) -> Iterator[Connection]:
         """A pooled connection inside one transaction, for a transaction that takes
         ownership locks while it holds row or advisory locks of its own: on the lock
@@ -268,41 +246,6 @@ class PostgresConnections:
                 yield conn
         except psycopg.Error as exc:
             raise self._failure(op, exc) from None
-
-    def _execute(self, op: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """Run one writing statement, committed on its own (one round trip); its rows."""
-        with self._writing(op) as conn:
-            try:
-                cursor = conn.execute(query, params)
-                return cursor.fetchall() if cursor.description else []
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
-
-    @contextmanager
-    def _writing(self, op: str) -> Iterator[Connection]:
-        """The writer connection, or a pooled one while another thread has held it for
-        longer than ``_writer_wait_secs``."""
-        pool = self._require(op)
-        if not self._writer_mutex.acquire(timeout=self._writer_wait_secs):
-            try:
-                with pool.connection() as conn:
-                    yield conn
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
-            return
-        try:
-            yield self._writer_connection(op)
-        finally:
-            self._writer_mutex.release()
-            self._after_writing()
-
-    def _after_writing(self) -> None:
-        """Runs once the writer connection is free again (a hook for subclasses)."""
-
-    def _writer_connection(self, op: str) -> Connection:
-        """The connection writes go to (caller holds ``_writer_mutex``): ``PostgresLocks``
-        makes it the session that holds the ownership locks."""
-        raise NotImplementedError
 
     @contextmanager
     def _snapshot(self, op: str) -> Iterator[Connection]:

@@ -11,7 +11,9 @@ A lease bounds how long a silent owner keeps them (``watch``): the lock session 
 lease, so a process that is paused (SIGSTOP), hung or cut off loses its locks one lease
 after it fell silent, and the server ends the session. Locks lost with their session
 (a server restart, a network failure, a lapsed lease) are remembered as lost: ``watch``'s
-callback hears their names, and every later write for those executions is refused.
+callback hears their names, and every later write for those executions is refused. A write
+that finds the session dead, or under which it dies, loses them there and then (the write
+raises ``OwnershipLost``); otherwise the heartbeat notices.
 
 Fencing. Writes run on the lock session itself (it is also the writer connection): a
 transaction there commits only while that session, and with it every lock it holds, is
@@ -33,6 +35,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import blake3
 import psycopg
@@ -101,9 +104,6 @@ class PostgresLocks(PostgresConnections):
         # prunes, which hold server locks of their own while they work, use pooled
         # connections: they must never wait for this mutex's holder, nor it for them.
         self._lock_mutex = threading.RLock()
-        self._writer_mutex = self._lock_mutex
-        self._writer_wait_secs = _WAIT_FOR_SESSION_SECS
-        self._unreported: list[str] = []
         self._lock_conn: Connection | None = None
         self._held: dict[int, str] = {}  # key -> lock name, on the current lock session
         # Lapsed with an earlier session: writes are refused. The value says whether its
@@ -262,25 +262,70 @@ class PostgresLocks(PostgresConnections):
             if key & 0xFFFF_FFFF_FFFF_FFFF not in held:
                 raise OwnershipLost(op, eid)
 
+    # -- writes -----------------------------------------------------------------------
+
     @contextmanager
-    def _fenced(self, op: str, execution_ids: Iterable[str]) -> Iterator[Connection]:
-        """A connection for ONE writing statement that commits only while this storage
-        owns every one of ``execution_ids`` it locked. On the lock session the statement
-        runs alone in autocommit, one round trip (its own transaction: atomic, and over
-        before the server waits on the client again); on a pooled connection it runs in a
-        transaction behind ``fence``.
+    def _writing(self, op: str, execution_ids: Iterable[str] = ()) -> Iterator[Connection]:
+        """The lock session for a write, or a pooled connection while another thread has
+        held it for longer than ``_WAIT_FOR_SESSION_SECS``. A lock session that dies under
+        the write is lost at once (``watch``'s callback hears its locks) rather than at the
+        next heartbeat.
 
         Raises:
-            OwnershipLost: ownership of one of them was lost: the write was refused, or
-                the lock session died under it (a commit whose reply was lost with the
-                session may have landed, before the session ended and so before any
-                other owner could take the lock).
+            OwnershipLost: the lock of one of ``execution_ids`` was lost: the write was
+                refused, or the lock session died under it (a commit whose reply was lost
+                with the session may have landed, before the session ended and so before
+                any other owner could take the lock).
+            StorageError: PostgreSQL failed.
+        """
+        pool = self._require(op)
+        if not self._lock_mutex.acquire(timeout=_WAIT_FOR_SESSION_SECS):
+            try:
+                with pool.connection() as conn:
+                    yield conn
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
+            return
+        lost: list[str] = []
+        try:
+            conn, lost = self._lock_connection(op)
+            try:
+                yield conn
+            except (psycopg.Error, StorageError) as exc:
+                if not conn.broken:
+                    raise
+                # The lock session died under the write: its locks went with it.
+                lost += self._lose_session()
+                failure = self._failure(op, exc) if isinstance(exc, psycopg.Error) else exc
+                raise (self._lost_among(op, execution_ids) or failure) from None
+        finally:
+            self._lock_mutex.release()
+            self._report(lost)
+
+    @contextmanager
+    def _write(
+        self, op: str, execution_ids: Iterable[str], *, one_statement: bool = False
+    ) -> Iterator[Connection]:
+        """A writing connection inside one transaction behind ``fence``, so that the write
+        commits only while this storage owns every one of ``execution_ids`` it locked; the
+        transaction commits when the block ends. For ``one_statement`` on the lock session
+        the block's single statement runs alone in autocommit, one round trip (its own
+        transaction: atomic, and over before the server waits on the client again).
+
+        Not pipelined: each statement's reply ends with the server ready for the next,
+        so a client that freezes mid-transaction (SIGSTOP, a hung host) is cut off by
+        ``idle_in_transaction_session_timeout`` and its row and advisory locks freed. A
+        pipeline left without its closing sync keeps the server waiting with no timeout
+        at all.
+
+        Raises:
+            OwnershipLost: as ``_writing`` says.
             StorageError: PostgreSQL failed.
         """
         ids = list(execution_ids)
-        with self._writing(op) as conn:
+        with self._writing(op, ids) as conn:
             try:
-                if conn is self._lock_conn:
+                if one_statement and conn is self._lock_conn:
                     self.fence(conn, op, ids)  # in memory only, on the lock session
                     yield conn
                     return
@@ -288,12 +333,16 @@ class PostgresLocks(PostgresConnections):
                     self.fence(conn, op, ids)
                     yield conn
             except psycopg.Error as exc:
-                failure: StorageError = self._failure(op, exc)
-                if conn is self._lock_conn and conn.broken:
-                    # The lock session died under the write: its locks went with it.
-                    self._unreported.extend(self._lose_session())
-                    failure = self._lost_among(op, ids) or failure
-                raise failure from None
+                raise self._failure(op, exc) from None
+
+    def _execute(self, op: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run one writing statement, committed on its own (one round trip); its rows."""
+        with self._writing(op) as conn:
+            try:
+                cursor = conn.execute(query, params)
+                return cursor.fetchall() if cursor.description else []
+            except psycopg.Error as exc:
+                raise self._failure(op, exc) from None
 
     def _lost_among(self, op: str, execution_ids: Iterable[str]) -> OwnershipLost | None:
         """``OwnershipLost`` for the first of ``execution_ids`` whose lock was lost."""
@@ -314,16 +363,6 @@ class PostgresLocks(PostgresConnections):
             self._keys.clear()
         self._keys[execution_id] = (namespace, key)
         return key
-
-    def _after_writing(self) -> None:
-        lost, self._unreported = self._unreported, []
-        self._report(lost)
-
-    def _writer_connection(self, op: str) -> Connection:
-        """The lock session (caller holds the mutex)."""
-        conn, lost = self._lock_connection(op)
-        self._unreported.extend(lost)
-        return conn
 
     def close(self) -> None:
         """Close the pool and the lock connection, releasing every lock. Idempotent."""

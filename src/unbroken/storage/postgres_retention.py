@@ -112,8 +112,7 @@ class PostgresRetention(PostgresLocks):
                 row of the checkpoint's execution; nothing changed.
         """
         check_checkpoint(checkpoint)
-        with self._write("fold") as conn:
-            self.fence(conn, "fold", (checkpoint.execution_id,))
+        with self._write("fold", (checkpoint.execution_id,)) as conn:
             replaced = delete_replaced_rows(conn, checkpoint.execution_id, replaced_seqs)
             check_folded(checkpoint, replaced)
             conn.execute(*append_statement([checkpoint]))

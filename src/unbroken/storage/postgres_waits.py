@@ -49,8 +49,7 @@ class PostgresWaits(SqlWaits, PostgresLocks):
         """
         sql = _WAIT_SQL[table]
         slot = (entry.execution_id, entry.generation, entry.step_id)
-        with self._write(op) as conn:
-            self.fence(conn, op, (entry.execution_id,))
+        with self._write(op, (entry.execution_id,)) as conn:
             # Serialises control inserts per execution: the slot check below stays true.
             execution = conn.execute(_LOCK_EXECUTION, (entry.execution_id,))
             taken = conn.execute(sql.taken, (row[0],))
