@@ -15,7 +15,7 @@ entries are committed from a loop timer. Tasks that ask after another task commi
 the same loop iteration join one group commit at its end. When the mutex is taken or
 another connection holds the database's write lock, the work goes to the writer thread,
 so the loop never waits for a lock; both take the mutex before the queue, keeping its
-order; the thread checkpoints the log of inline commits, holding the mutex. PostgreSQL and
+order; the thread checkpoints the log of inline commits (``_checkpoint``). PostgreSQL and
 ``memory://`` keep every commit on the writer thread.
 """
 
@@ -43,7 +43,6 @@ log = logging.getLogger("unbroken.writer")
 T = TypeVar("T")
 
 
-_CHECKPOINT_PAGES = 1000  # log pages between checkpoints (SQLite's own default)
 _DECLINED: Any = object()  # ``_inline``: the work cannot be done on this thread now
 
 
@@ -80,6 +79,7 @@ class JournalWriter:
         self._due_now = False  # the loop asks the thread to commit buffered entries now
         self._timer: asyncio.TimerHandle | None = None
         self._log_pages = 0  # estimated log pages written inline since the last checkpoint
+        self._checkpoint_pages = self._local.checkpoint_pages if self._local is not None else 0
         self._groups = GroupCommit(storage, signer, self.stats)  # the thread's, or inline's
         self._checkpoint_due = False
         self._owner: asyncio.Task[Any] | None = None  # committed inline this loop iteration
@@ -324,7 +324,7 @@ class JournalWriter:
         self.stats.inline_commits += 1
         # About a page per row (the idempotency-key index is random) and a few per commit.
         self._log_pages += n + 4
-        if self._log_pages >= _CHECKPOINT_PAGES:
+        if self._log_pages >= self._checkpoint_pages:
             self._log_pages = 0
             with self._cond:
                 self._checkpoint_due = True
@@ -377,10 +377,7 @@ class JournalWriter:
             if self._checkpoint_due and self._local is not None:
                 self._checkpoint_due = False
                 try:
-                    # Under the mutex: only a complete checkpoint lets the log start over
-                    # (a commit slipping in would leave it growing for good).
-                    with self._commit:
-                        self._local.checkpoint()
+                    self._checkpoint(self._local)
                 except Exception:  # the log only grows until the next one succeeds
                     log.warning("journal log checkpoint failed", exc_info=True)
                 else:
@@ -397,6 +394,14 @@ class JournalWriter:
             # Replies go out once the mutex is free: whoever resumes finds the writer idle.
             for request, value, exc in replies:
                 _resolve(request, value, exc)
+
+    def _checkpoint(self, local: LocalWrites) -> None:
+        """Copy the log of the inline commits into the database: most of it while commits
+        go on, the rest holding the commit mutex. Only a complete checkpoint lets the log
+        start over; one that commits slip past leaves it growing for good."""
+        local.checkpoint()
+        with self._commit:
+            local.checkpoint()
 
     def _wait_for_work(self) -> bool:
         """Wait for work worth committing; ``False`` when closed and drained."""

@@ -19,7 +19,7 @@ from unbroken.journal import EntryKind, ExecutionStatus, JournalEntry
 from unbroken.storage.base import LocalWrites, Storage
 from unbroken.storage.memory import MemoryStorage
 from unbroken.storage.sqlite import SqliteStorage
-from unbroken.writer import _CHECKPOINT_PAGES, JournalWriter
+from unbroken.writer import JournalWriter
 
 
 def _entry(step: int, kind: EntryKind = EntryKind.RESULT, eid: str = "e") -> JournalEntry:
@@ -312,29 +312,30 @@ async def test_a_bad_entry_committed_inline_is_set_apart_by_the_thread(
 
 
 async def test_the_thread_checkpoints_the_log_of_inline_commits(
-    writer: JournalWriter, db: Path
+    writer: JournalWriter, storage: SqliteStorage, db: Path
 ) -> None:
-    for i in range(300):
+    commits = storage.checkpoint_pages // 4  # each writes a few pages: past the threshold
+    for i in range(commits):
         await writer.append_acked(_entry(i))
     for _ in range(500):
         if writer.stats.checkpoints:
             break
         await asyncio.sleep(0.01)
     assert writer.stats.checkpoints >= 1
-    assert len(_steps(db)) == 300
+    assert len(_steps(db)) == commits
 
 
 async def test_the_log_stays_short_while_inline_commits_keep_coming(
-    writer: JournalWriter, db: Path
+    writer: JournalWriter, storage: SqliteStorage, db: Path
 ) -> None:
     # A checkpoint that commits can slip past is never complete, so the log never starts
     # over: it grows by every commit's pages for as long as the process runs.
-    for i in range(4000):
+    for i in range(8000):
         await writer.append_acked(_entry(i))
     assert writer.stats.checkpoints >= 3
     log_bytes = db.with_name(db.name + "-wal").stat().st_size
-    assert log_bytes < 3 * _CHECKPOINT_PAGES * 4096
-    assert len(_steps(db)) == 4000
+    assert log_bytes < 3 * storage.checkpoint_pages * 4096
+    assert len(_steps(db)) == 8000
 
 
 # -- concurrent acknowledgements: one group commit ---------------------------------------

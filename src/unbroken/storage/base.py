@@ -134,6 +134,11 @@ class LocalWrites(Protocol):
         """
         ...
 
+    @property
+    def checkpoint_pages(self) -> int:
+        """Log pages written by ``try_write`` worth a ``checkpoint``."""
+        ...
+
     def checkpoint(self) -> None:
         """Move committed log pages into the database file, without waiting for readers
         or writers (the writer thread calls it, so the caller of ``try_write`` never
