@@ -20,8 +20,9 @@ hand-over at all: once its last ``QUICK_RUNS`` runs in a worker thread each retu
 without raising, within the engine's ``sync_step_inline_us``. Each such run is timed too:
 one over the limit sends the function back to the worker threads (to show itself quick
 again), one over ten times the limit for good, so a function that turns slow blocks the
-loop at most once. Functions are told apart by their code object; one without
-(a ``functools.partial``, a callable object) always runs in a worker thread.
+loop at most once; time the process spent collecting garbage meanwhile does not count.
+Functions are told apart by their code object; one without (a ``functools.partial``, a
+callable object) always runs in a worker thread.
 
 A task that got ``_HOLDS_BEFORE_YIELD`` results in a row without yielding (inline, or while
 the loop waited) takes the worker-thread path once, which yields, so the selector is polled
@@ -35,6 +36,7 @@ import atexit
 import contextlib
 import contextvars
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -106,6 +108,27 @@ QUICK_RUNS = 8
 _NEVER = -1  # in ``StepThreads._quick``: was slow on the loop's thread, never runs there again
 _SLOW_FOR_GOOD = 10  # times the limit: a run on the loop's thread this long bans the function
 _KNOWN_FUNCTIONS = 4096  # functions whose speed is remembered (then forgotten, all at once)
+
+
+class _GcClock:
+    """Seconds the process has spent collecting garbage: a run is timed without them (a
+    full collection that happens to start inside a quick function is not its slowness)."""
+
+    __slots__ = ("_began", "spent")
+
+    def __init__(self) -> None:
+        self._began = 0.0
+        self.spent = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.spent += time.perf_counter() - self._began
+
+
+_GC_CLOCK = _GcClock()
+gc.callbacks.append(_GC_CLOCK)
 
 
 class _Job:
@@ -215,12 +238,13 @@ class StepThreads:
         """Run ``fn()`` on this thread, in a copy of the context, as a worker would; a run
         that raised or took longer than ``limit`` ends the function's inline runs."""
         job = _Job(contextvars.copy_context(), fn, None, None, None)
+        collecting = _GC_CLOCK.spent
         start = time.perf_counter()
         try:
             job.value = job.ctx.run(fn)
         except BaseException as error:  # the step's outcome, whatever it is
             job.exc = error
-        took = time.perf_counter() - start
+        took = time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
         job.finished = True
         if job.exc is not None or took > limit:
             slow = took > _SLOW_FOR_GOOD * limit
@@ -270,12 +294,13 @@ class StepThreads:
                         self._threads -= 1
                         return
                 continue
+            collecting = _GC_CLOCK.spent
             start = time.perf_counter()
             try:
                 value, exc = job.ctx.run(job.fn), None
             except BaseException as error:  # the step's outcome, whatever it is
                 value, exc = None, error
-            took = time.perf_counter() - start
+            took = time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
             with self._lock:
                 if job.code is not None:
                     self._learn(job.code, exc is None and took <= job.limit)

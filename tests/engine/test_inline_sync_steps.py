@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import gc
 import threading
 import time
 from typing import Any
@@ -214,3 +215,29 @@ async def test_a_function_without_code_of_its_own_always_runs_in_worker_threads(
     async with engine:
         await engine.run(wf)
     assert set(_where(idents)) == {"worker"}
+
+
+async def test_garbage_collection_inside_a_quick_function_is_not_its_slowness(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(sync_step_inline_us=1_000, journal_flush_interval_ms=QUIET_MS)
+    idents: list[int] = []
+    heap = [[i] for i in range(2_000_000)]  # a full collection of this takes > 10 ms
+    collect_at = QUICK_RUNS
+
+    def op(i: int) -> None:
+        idents.append(threading.get_ident())
+        if i == collect_at:
+            started = time.perf_counter()
+            gc.collect()  # as if the allocation threshold had been crossed here
+            assert time.perf_counter() - started > 10 * 1_000 / 1e6
+
+    @engine.workflow
+    async def wf(ctx: Context) -> None:
+        for i in range(QUICK_RUNS + 4):
+            await ctx.step("op", op, i)
+
+    async with engine:
+        await engine.run(wf)
+    assert len(heap) == 2_000_000
+    assert _where(idents)[QUICK_RUNS:] == ["loop"] * 4
