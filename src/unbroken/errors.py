@@ -137,12 +137,14 @@ class StorageUnavailable(StorageError):
 
 class OwnershipLost(StorageError):
     """This process no longer owns the execution (its ownership lock lapsed with a lost
-    database session): the write was refused whole. Another process may own it now; the
-    run stops without finalizing, and whoever owns it next resumes it from the journal."""
+    database session): the write was refused whole, or, when the session died under it,
+    is unconfirmed (its commit may have landed, before the session ended and so before
+    any other owner could take the lock). Another process may own it now; the run stops
+    without finalizing, and whoever owns it next resumes it from the journal."""
 
     def __init__(self, op: str, execution_id: str) -> None:
         super().__init__(
-            op, f"ownership of execution {execution_id!r} was lost; nothing was written"
+            op, f"ownership of execution {execution_id!r} was lost; the write is not confirmed"
         )
         self.execution_id = execution_id
 
