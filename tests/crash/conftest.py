@@ -1,4 +1,5 @@
-"""Fixtures of the crash tests: the counting service, worker subprocesses, the oracle.
+"""Fixtures of the crash tests: the counting service, worker subprocesses, the oracle, and
+the queued work that worker processes of ``queue_app.py`` drain.
 
 Workers are real processes (``worker.py``) that SIGKILL themselves at a chosen point; the
 tests resume them on the same database and compare against a crash-free run.
@@ -14,7 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from unbroken import Engine, ExecutionInfo
+from unbroken import Context, Engine, ExecutionInfo
 from unbroken.journal import EntryKind
 
-from ..storage.conftest import admin_execute, schema_url
+from ..storage.conftest import admin_execute, fresh_schema, schema_url
 from .service import CountingService
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -244,3 +245,125 @@ def assert_journal_complete(info: ExecutionInfo) -> None:
     assert {step.generation for step in info.steps} == {0}, "no divergence restart expected"
     for step in info.steps:
         assert step.name == OPS[step.step_id], step
+
+
+# -- queued work: ``python -m unbroken worker`` processes of queue_app.py on PostgreSQL ----
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.crash.queue_app:engine"
+STEP_SECS = 0.01
+STALE_OWNER_SECS = 2
+
+
+@dataclass
+class Queue:
+    """A fresh schema, its URL and the environment of its workers."""
+
+    schema: str
+    url: str
+    records: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        """A worker process; its stderr goes to a file (a pipe nobody reads while it runs
+        would fill up and block the worker's logging)."""
+        log_path = self.records.parent / f"worker-{len(self.procs)}.err"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "unbroken", "worker", APP, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        self.procs.append(proc)
+        self.logs[proc.pid] = log_path
+        return proc
+
+    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
+        """What ``proc`` wrote to stderr so far."""
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def count(self, status: str, queue: str = "default") -> int:
+        rows = admin_execute(
+            f"SELECT COUNT(*) FROM {self.schema}.executions WHERE status = %s AND queue = %s",
+            (status, queue),
+        )
+        return int(rows[0][0])
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+        """SIGTERM ``proc``; its exit code and stderr."""
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return proc.returncode, self.stderr(proc)
+
+
+@pytest.fixture
+def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queue]:
+    """A fresh schema; every worker started on it is killed and reaped afterwards."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    monkeypatch.setenv("UNBROKEN_KEY", key)  # the test process enqueues and inspects
+    records = tmp_path / "records"
+    records.mkdir()
+    with fresh_schema() as schema:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UNBROKEN_")}
+        env |= {
+            "UNBROKEN_DATABASE_URL": schema_url(schema),
+            "UNBROKEN_KEY": key,
+            "UNBROKEN_STALE_OWNER_SECS": str(STALE_OWNER_SECS),
+            "UNBROKEN_WORKER_POLL_INTERVAL_SECS": "0.5",
+            "UNBROKEN_QUEUE_CONCURRENCY": "limited=2",
+            "QUEUE_APP_RECORDS": str(records),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        q = Queue(schema, schema_url(schema), records, env)
+        try:
+            yield q
+        finally:
+            for proc in q.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+
+
+def enqueue(q: Queue, count: int, *, queue: str = "default", seconds: float = STEP_SECS) -> None:
+    """Enqueue ``count`` executions of ``small`` (ids ``<queue>-00000``...), running none."""
+
+    async def never(ctx: Context, seconds: float) -> int:
+        raise AssertionError("the test process never runs queued work")
+
+    async def go() -> None:
+        engine = Engine(q.url)
+        engine.workflow(name="small")(never)
+        async with engine:
+            for i in range(count):
+                eid = f"{queue}-{i:05d}"
+                await engine.enqueue("small", seconds, execution_id=eid, queue=queue)
+
+    asyncio.run(go())
+
+
+@dataclass
+class Record:
+    pid: int
+    step: int
+    phase: str
+    at: float
+
+
+def read_records(directory: Path) -> dict[str, list[Record]]:
+    """Every line the workers wrote, by execution id (a torn last line is dropped)."""
+    found: dict[str, list[Record]] = defaultdict(list)
+    for path in directory.glob("*.log"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 5:
+                eid, pid, step, phase, at = parts
+                found[eid].append(Record(int(pid), int(step), phase, float(at)))
+    return found

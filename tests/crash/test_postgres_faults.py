@@ -30,9 +30,7 @@ import pytest
 from unbroken import Context, Engine
 
 from ..storage.conftest import POSTGRES_URL, admin_execute
-from .test_workers import STALE_OWNER_SECS, Queue, enqueue, queue, read_records
-
-__all__ = ["queue"]  # the fixture, imported for the tests below
+from .conftest import STALE_OWNER_SECS, Queue, enqueue, read_records
 
 pytestmark = [
     pytest.mark.crash,

@@ -9,157 +9,28 @@ ran any step twice. Skipped without ``UNBROKEN_TEST_POSTGRES_URL``.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import itertools
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from unbroken import Context, Engine
-
-from ..storage.conftest import POSTGRES_URL, admin_execute, fresh_schema, schema_url
+from ..storage.conftest import POSTGRES_URL, admin_execute
+from .conftest import STALE_OWNER_SECS, Queue, Record, enqueue, read_records
 
 pytestmark = [
     pytest.mark.crash,
     pytest.mark.skipif(not POSTGRES_URL, reason="UNBROKEN_TEST_POSTGRES_URL is not set"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = "tests.crash.queue_app:engine"
-
 EXECUTIONS = 2000
 WORKERS = 4
 CONCURRENCY = 16
-STEP_SECS = 0.01
 DRAIN_LIMIT_SECS = 120.0
-STALE_OWNER_SECS = 2
 RECLAIM_LIMIT_SECS = STALE_OWNER_SECS + 8.0
 """A dead worker's executions end this soon after the kill: its locks lapse with its
 session at once, the survivors claim them (oldest first) at their next free slot."""
-
-
-@dataclass
-class Queue:
-    """A fresh schema, its URL and the environment of its workers."""
-
-    schema: str
-    url: str
-    records: Path
-    env: dict[str, str]
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    logs: dict[int, Path] = field(default_factory=dict)
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        """A worker process; its stderr goes to a file (a pipe nobody reads while it runs
-        would fill up and block the worker's logging)."""
-        log_path = self.records.parent / f"worker-{len(self.procs)}.err"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "unbroken", "worker", APP, *args],
-                cwd=ROOT,
-                env=self.env,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )
-        self.procs.append(proc)
-        self.logs[proc.pid] = log_path
-        return proc
-
-    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
-        """What ``proc`` wrote to stderr so far."""
-        return self.logs[proc.pid].read_text(errors="replace")
-
-    def count(self, status: str, queue: str = "default") -> int:
-        rows = admin_execute(
-            f"SELECT COUNT(*) FROM {self.schema}.executions WHERE status = %s AND queue = %s",
-            (status, queue),
-        )
-        return int(rows[0][0])
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-        """SIGTERM ``proc``; its exit code and stderr."""
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return proc.returncode, self.stderr(proc)
-
-
-@pytest.fixture
-def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queue]:
-    """A fresh schema; every worker started on it is killed and reaped afterwards."""
-    key = base64.b64encode(os.urandom(32)).decode()
-    monkeypatch.setenv("UNBROKEN_KEY", key)  # the test process enqueues and inspects
-    records = tmp_path / "records"
-    records.mkdir()
-    with fresh_schema() as schema:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("UNBROKEN_")}
-        env |= {
-            "UNBROKEN_DATABASE_URL": schema_url(schema),
-            "UNBROKEN_KEY": key,
-            "UNBROKEN_STALE_OWNER_SECS": str(STALE_OWNER_SECS),
-            "UNBROKEN_WORKER_POLL_INTERVAL_SECS": "0.5",
-            "UNBROKEN_QUEUE_CONCURRENCY": "limited=2",
-            "QUEUE_APP_RECORDS": str(records),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-        q = Queue(schema, schema_url(schema), records, env)
-        try:
-            yield q
-        finally:
-            for proc in q.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-
-
-def enqueue(q: Queue, count: int, *, queue: str = "default", seconds: float = STEP_SECS) -> None:
-    """Enqueue ``count`` executions of ``small`` (ids ``<queue>-00000``...), running none."""
-
-    async def never(ctx: Context, seconds: float) -> int:
-        raise AssertionError("the test process never runs queued work")
-
-    async def go() -> None:
-        engine = Engine(q.url)
-        engine.workflow(name="small")(never)
-        async with engine:
-            for i in range(count):
-                eid = f"{queue}-{i:05d}"
-                await engine.enqueue("small", seconds, execution_id=eid, queue=queue)
-
-    asyncio.run(go())
-
-
-@dataclass
-class Record:
-    pid: int
-    step: int
-    phase: str
-    at: float
-
-
-def read_records(directory: Path) -> dict[str, list[Record]]:
-    """Every line the workers wrote, by execution id (a torn last line is dropped)."""
-    found: dict[str, list[Record]] = defaultdict(list)
-    for path in directory.glob("*.log"):
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 5:
-                eid, pid, step, phase, at = parts
-                found[eid].append(Record(int(pid), int(step), phase, float(at)))
-    return found
 
 
 def spans(

@@ -18,9 +18,7 @@ from unbroken.errors import ExecutionLocked
 from unbroken.ids import lock_name
 from unbroken.ownership import Ownership
 
-from .test_ownership import EXECUTION, holder, lock_dir, subprocess_env
-
-__all__ = ["holder", "lock_dir"]  # the fixtures, shared with test_ownership
+from .conftest import EXECUTION, subprocess_env
 
 TRY = textwrap.dedent(
     """
