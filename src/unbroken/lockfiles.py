@@ -251,14 +251,22 @@ class _Spares:
     async def made(self) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        waiter = (loop, future)
         with self._cond:
             if self._closed or self._ready:
                 return
-            self._waiting.append((loop, future))
+            self._waiting.append(waiter)
             # Keep as many ready as waited at once: the next burst like it waits for none.
             self._keep = min(max(self._keep, len(self._waiting)), _MAX_KEEP)
             self._cond.notify()
-        await future
+        try:
+            await future
+        except asyncio.CancelledError:
+            # Forget it: counted, it would take the place of a waiter behind it (which a
+            # spare would then not wake) and keep the maker making for no one.
+            with self._cond, contextlib.suppress(ValueError):  # woken already
+                self._waiting.remove(waiter)
+            raise
 
     def close(self) -> None:
         if self.pid != os.getpid():  # a forked child: the spares are its parent's

@@ -4,18 +4,23 @@ uses it): a file linked into place is a lock like any other."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import unbroken
-from unbroken import Engine
+from unbroken import Engine, lockfiles
 from unbroken.errors import ExecutionLocked
 from unbroken.ids import lock_name
+from unbroken.lockfiles import LockDir
 from unbroken.ownership import Ownership
 
 from .conftest import EXECUTION, subprocess_env
@@ -159,3 +164,59 @@ async def test_an_engine_that_starts_nothing_makes_no_lock_files_ahead(tmp_path:
     async with Engine(f"sqlite:///{tmp_path / 'app.db'}"):
         pass
     assert not (tmp_path / "app.db.locks" / ".spares").exists()
+
+
+class Gate:
+    """Holds the spare maker before each file it makes, until ``allow``ed or ``open``."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()  # the maker reached the gate
+        self._allowed = threading.Semaphore(0)
+        self._open = threading.Event()
+
+    def count(self) -> Iterator[int]:
+        """``itertools.count`` for the maker's spare names, through the gate."""
+        for n in itertools.count():
+            self.entered.set()
+            if not self._open.is_set():
+                self._allowed.acquire()
+            yield n
+
+    def allow(self, files: int) -> None:
+        self._allowed.release(files)
+
+    def open(self) -> None:
+        self._open.set()
+        self._allowed.release()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    held = Gate()
+    monkeypatch.setattr(lockfiles, "itertools", types.SimpleNamespace(count=held.count))
+    try:
+        yield held
+    finally:
+        held.open()
+
+
+async def test_a_start_cancelled_while_waiting_for_a_spare_is_forgotten(
+    lock_dir: Path, gate: Gate
+) -> None:
+    files = LockDir(lock_dir, ahead=True)
+    try:
+        assert files.short()  # the maker starts, held before its first file
+        cancelled = [asyncio.create_task(files.made()) for _ in range(8)]
+        await asyncio.sleep(0)
+        for task in cancelled:
+            task.cancel()
+        await asyncio.gather(*cancelled, return_exceptions=True)
+        waiting = asyncio.create_task(files.made())
+        await asyncio.sleep(0)
+        gate.allow(1)
+        # The first file is the one waiter's: it is not kept waiting for eight more.
+        await asyncio.wait_for(waiting, 2)
+    finally:
+        gate.open()
+        await asyncio.to_thread(files.close)
+
