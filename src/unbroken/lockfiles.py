@@ -127,8 +127,9 @@ class LockDir:
         return spares if spares is not None and spares.pid == os.getpid() else None
 
     def close(self) -> None:
-        """Stop making spares, remove those not used, close the directory. Blocking (it
-        waits for the maker's batch in progress): call it off the event loop."""
+        """Stop making spares, remove those not used, close the directory; no spare is made
+        once it returns. Blocking (it waits for the file the maker is making, and for a
+        maker stopped when the directory was removed): call it off the event loop."""
         with self._guard:
             self._handles.close()
 
@@ -154,7 +155,7 @@ class LockDir:
         except FileNotFoundError:  # the directory was removed: make it again, once
             with self._guard:
                 if handles.dir_fd == dir_fd:
-                    handles.close()
+                    handles.close(wait=False)  # on the event loop: ``close`` waits for it
                     self._started = False
             return os.open(name, _OPEN, 0o600, dir_fd=self._open_dir()), False
 
@@ -186,17 +187,28 @@ class LockDir:
 class _Handles:
     """What a ``LockDir`` holds open (closed by ``close``, or when it is collected)."""
 
-    __slots__ = ("dir_fd", "spares")
+    __slots__ = ("dir_fd", "spares", "stopped")
 
     def __init__(self) -> None:
         self.dir_fd: int | None = None
         self.spares: _Spares | None = None
+        self.stopped: list[_Spares] = []  # told to stop, not waited for yet
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Close what is open; ``wait``: wait for every maker to end, else only tell the
+        one running to stop (those that ended are closed: each holds its directory)."""
         spares, self.spares = self.spares, None
         dir_fd, self.dir_fd = self.dir_fd, None
         if spares is not None:
-            spares.close()
+            spares.stop()
+            self.stopped.append(spares)
+        running = []
+        for maker in self.stopped:
+            if wait or not maker.running:
+                maker.close()
+            else:
+                running.append(maker)
+        self.stopped = running
         if dir_fd is not None:
             os.close(dir_fd)
 
@@ -268,13 +280,24 @@ class _Spares:
                 self._waiting.remove(waiter)
             raise
 
+    @property
+    def running(self) -> bool:
+        """Whether the maker has not ended (a forked child's never runs)."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Tell the maker to stop after the file it is making, without waiting for it."""
+        if self.pid == os.getpid():  # (in a forked child no maker could release the lock)
+            with self._cond:
+                self._closed = True
+                self._cond.notify()
+
     def close(self) -> None:
+        """Stop the maker and wait for it, remove the spares not used, close the directory."""
         if self.pid != os.getpid():  # a forked child: the spares are its parent's
             os.close(self.dir_fd)
             return
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self.stop()
         self._thread.join()
         self._ready.extend(self._used)
         self._remove(self._ready)
@@ -286,6 +309,8 @@ class _Spares:
             while self._wait():
                 self._remove(self._used)
                 for _ in range(_BATCH):
+                    if self._closed:
+                        break
                     name = next(self._names)
                     fd = os.open(name, _OPEN | os.O_EXCL, 0o600, dir_fd=self.dir_fd)
                     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -220,3 +221,35 @@ async def test_a_start_cancelled_while_waiting_for_a_spare_is_forgotten(
         gate.open()
         await asyncio.to_thread(files.close)
 
+
+def test_a_removed_lock_directory_does_not_make_acquire_wait_for_the_maker(
+    lock_dir: Path, gate: Gate
+) -> None:
+    files = LockDir(lock_dir, ahead=True)
+    before = set(threading.enumerate())
+    assert files.short()  # the maker starts, held before its first file
+    (maker,) = (t for t in threading.enumerate() if t not in before and t.name == "unbroken-locks")
+    assert gate.entered.wait(10)
+    shutil.rmtree(lock_dir)
+    acquired = threading.Event()
+
+    def acquire() -> None:  # on the event loop's thread, as an engine's start does
+        os.close(files.acquire(EXECUTION))
+        acquired.set()
+
+    thread = threading.Thread(target=acquire)
+    closing = threading.Thread(target=files.close)
+    thread.start()
+    try:
+        assert acquired.wait(2), "acquire waited for the maker's file in progress"
+        closing.start()
+        closing.join(0.2)
+        assert closing.is_alive(), "close did not wait for the maker stopped meanwhile"
+    finally:
+        gate.open()
+        thread.join()
+        if closing.ident is None:
+            closing.start()
+        closing.join()
+    assert not maker.is_alive()  # no spare is made once close returned
+    assert _lock_file(lock_dir).exists()
