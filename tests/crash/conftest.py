@@ -332,19 +332,28 @@ def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queue]:
                 proc.wait()
 
 
-def enqueue(q: Queue, count: int, *, queue: str = "default", seconds: float = STEP_SECS) -> None:
-    """Enqueue ``count`` executions of ``small`` (ids ``<queue>-00000``...), running none."""
+def enqueue(
+    q: Queue,
+    count: int,
+    *,
+    queue: str = "default",
+    seconds: float = STEP_SECS,
+    workflow: str = "small",
+    ids: str | None = None,
+) -> None:
+    """Enqueue ``count`` executions of ``workflow`` (ids ``<ids or queue>-00000``...),
+    running none."""
 
     async def never(ctx: Context, seconds: float) -> int:
         raise AssertionError("the test process never runs queued work")
 
     async def go() -> None:
         engine = Engine(q.url)
-        engine.workflow(name="small")(never)
+        engine.workflow(name=workflow)(never)
         async with engine:
             for i in range(count):
-                eid = f"{queue}-{i:05d}"
-                await engine.enqueue("small", seconds, execution_id=eid, queue=queue)
+                eid = f"{ids or queue}-{i:05d}"
+                await engine.enqueue(workflow, seconds, execution_id=eid, queue=queue)
 
     asyncio.run(go())
 

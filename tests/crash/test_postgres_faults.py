@@ -80,20 +80,6 @@ def _log_lines(err: str) -> list[str]:
     return lines[-25:]
 
 
-def _enqueue_traced(q: Queue, count: int, seconds: float) -> None:
-    async def never(ctx: Context, seconds: float) -> list[int]:
-        raise AssertionError("the test process never runs queued work")
-
-    async def go() -> None:
-        engine = Engine(q.url)
-        engine.workflow(name="traced")(never)
-        async with engine:
-            for i in range(count):
-                await engine.enqueue("traced", seconds, execution_id=f"traced-{i:05d}")
-
-    asyncio.run(go())
-
-
 def _outputs(q: Queue, count: int) -> dict[str, list[int]]:
     """The journaled output of every ``traced`` execution (read, not re-run)."""
 
@@ -165,7 +151,7 @@ def test_a_worker_paused_past_its_lease_commits_nothing_after_it_resumes(
     queue: Queue,
 ) -> None:
     total, seconds = 48, 0.4
-    _enqueue_traced(queue, total, seconds)
+    enqueue(queue, total, seconds=seconds, workflow="traced", ids="traced")
     paused = queue.start("--concurrency", "16")
     records_of_paused = queue.records / f"{paused.pid}.log"
     deadline = time.monotonic() + 60
