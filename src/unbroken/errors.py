@@ -12,6 +12,8 @@ sizes, never payload bytes, resolver tokens or key material.
     ├── UnknownWorkflow
     ├── WorkflowMismatch
     ├── StorageError
+    │   ├── StorageUnavailable
+    │   ├── OwnershipLost
     │   ├── NotAnUnbrokenDatabase
     │   └── SchemaTooNew
     ├── JournalUnavailable
@@ -42,6 +44,8 @@ shutdown, cancel) derives from ``BaseException`` and lives in the engine layer.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 __all__ = [
     "AmbiguityPolicyRequired",
@@ -137,16 +141,29 @@ class StorageUnavailable(StorageError):
 
 class OwnershipLost(StorageError):
     """This process no longer owns the execution (its ownership lock lapsed with a lost
-    database session): the write was refused whole, or, when the session died under it,
-    is unconfirmed (its commit may have landed, before the session ended and so before
-    any other owner could take the lock). Another process may own it now; the run stops
-    without finalizing, and whoever owns it next resumes it from the journal."""
+    database session). A write for it (``write``) was refused whole, or is unconfirmed: the
+    session died under it, and its commit may have landed, before the session ended and so
+    before any other owner could take the lock. Another process may own it now; the run
+    stops without finalizing, and whoever owns it next resumes it from the journal."""
 
-    def __init__(self, op: str, execution_id: str) -> None:
-        super().__init__(
-            op, f"ownership of execution {execution_id!r} was lost; the write is not confirmed"
-        )
+    def __init__(
+        self,
+        op: str,
+        execution_id: str,
+        *,
+        write: Literal["refused", "unconfirmed"] | None = None,
+    ) -> None:
+        lost = f"ownership of execution {execution_id!r} was lost"
+        if write is not None:
+            lost += _WRITE_OUTCOMES[write]
+        super().__init__(op, lost)
         self.execution_id = execution_id
+
+
+_WRITE_OUTCOMES = {
+    "refused": "; the write was refused, nothing was written",
+    "unconfirmed": "; the write may have committed",
+}
 
 
 class NotAnUnbrokenDatabase(StorageError):

@@ -3,8 +3,9 @@ must stop, so each fails when that protection is removed.
 
 - A write on the lock session, after that session was killed unnoticed (no heartbeat
   ran), is refused by the in-memory record of lost locks, although the storage reconnects.
-- A lock session that dies under a write (inside its transaction) is lost there and
-  then: the write is refused as ``OwnershipLost`` and ``watch``'s callback hears it.
+- A lock session that dies under a write (inside its transaction, or under its one
+  autocommitted statement) is lost there and then: the write fails as ``OwnershipLost``
+  (unconfirmed) and ``watch``'s callback hears it, even when reconnecting fails.
 - A write that finds the lock session busy runs on a pooled connection: it is refused
   when the lock session no longer holds the lock in ``pg_locks``.
 - The barrier: a new owner's ``barrier`` (which taking ownership runs) waits out an old
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from unbroken.errors import ExecutionLocked, OwnershipLost
+from unbroken.errors import ExecutionLocked, OwnershipLost, StorageUnavailable
 from unbroken.ids import lock_name
 from unbroken.journal import ExecutionStatus
 from unbroken.ownership import ownership_for
@@ -168,13 +169,15 @@ def test_writes_after_the_lock_session_was_killed_are_refused_as_ownership_lost(
         assert steps(new) == [0, 1]
 
 
-WRITES_IN_A_TRANSACTION: dict[str, Callable[[PostgresStorage], object]] = {
+WRITES_ON_THE_LOCK_SESSION: dict[str, Callable[[PostgresStorage], object]] = {
     "signed append": lambda store: store.append([entry(OWNED, 1)], signer),
     "abort": lambda store: store.abort_generation(OWNED, 0, 5_000),
+    "append": lambda store: store.append([entry(OWNED, 1)]),  # one statement, autocommit
+    "finalize": lambda store: store.finalize_execution(OWNED, ExecutionStatus.COMPLETED, 5),
 }
 
 
-@pytest.mark.parametrize("write", list(WRITES_IN_A_TRANSACTION))
+@pytest.mark.parametrize("write", list(WRITES_ON_THE_LOCK_SESSION))
 def test_a_lock_session_dying_under_a_write_is_ownership_lost_and_reported_at_once(
     old: PostgresStorage, monkeypatch: pytest.MonkeyPatch, write: str
 ) -> None:
@@ -193,13 +196,36 @@ def test_a_lock_session_dying_under_a_write_is_ownership_lost_and_reported_at_on
             end_lock_session(old)
 
     monkeypatch.setattr(old, "fence", fence_then_end_session)
-    with pytest.raises(OwnershipLost, match=f"'{OWNED}'"):
-        WRITES_IN_A_TRANSACTION[write](old)
+    with pytest.raises(OwnershipLost, match=f"'{OWNED}' was lost; the write may have"):
+        WRITES_ON_THE_LOCK_SESSION[write](old)
     assert reported == [[lock_name(OWNED)]]
     assert old.lapsed(lock_name(OWNED))
     assert steps(old) == [0]
     record = old.get_execution(OWNED)
     assert record is not None and record.generation == 0
+    assert record.status is ExecutionStatus.RUNNING
+
+
+def test_locks_lost_with_a_session_are_reported_when_reconnecting_fails(
+    old: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next write finds the lock session dead and the server still unreachable: the
+    write fails to connect, and the locks that went with the session are reported all the
+    same (no heartbeat would: there is no session left to beat on)."""
+    reported: list[list[str]] = []
+    old.watch(60.0, reported.append)  # no heartbeat within the test
+    create(old, OWNED)
+    assert old.try_lock(lock_name(OWNED)) is None
+    end_lock_session(old)
+
+    def unreachable(op: str) -> Connection:
+        raise StorageUnavailable(op, "the server cannot be reached")
+
+    monkeypatch.setattr(old, "_connect", unreachable)
+    with pytest.raises(StorageUnavailable):
+        old.create_execution("another", "wf", b"", 0)  # a write that names no lock
+    assert reported == [[lock_name(OWNED)]]
+    assert old.lapsed(lock_name(OWNED))
 
 
 def test_a_pooled_write_is_refused_once_the_lock_session_no_longer_holds_the_lock(

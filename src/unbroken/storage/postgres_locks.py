@@ -12,8 +12,8 @@ lease, so a process that is paused (SIGSTOP), hung or cut off loses its locks on
 after it fell silent, and the server ends the session. Locks lost with their session
 (a server restart, a network failure, a lapsed lease) are remembered as lost: ``watch``'s
 callback hears their names, and every later write for those executions is refused. A write
-that finds the session dead, or under which it dies, loses them there and then (the write
-raises ``OwnershipLost``); otherwise the heartbeat notices.
+that finds the session dead, or under which it dies, loses them there and then (a write for
+one of those executions raises ``OwnershipLost``); otherwise the heartbeat notices.
 
 Fencing. Writes run on the lock session itself (it is also the writer connection): a
 transaction there commits only while that session, and with it every lock it holds, is
@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -114,6 +115,10 @@ class PostgresLocks(PostgresConnections):
         self._lock_pid = 0
         self._lease_ms = 0
         self._on_lost: Callable[[list[str]], None] | None = None
+        # Names of locks lost with a session and not yet reported: whichever thread lost
+        # them reports them once it has let go of the mutex (``_report``), whatever failed
+        # after (a reconnect to a server still down, say).
+        self._unreported: deque[str] = deque()
         self._beat_stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -149,10 +154,9 @@ class PostgresLocks(PostgresConnections):
             StorageError: the storage is closed, or the server cannot be reached.
         """
         lock_key(name)  # validate before any I/O
-        lost: list[str] = []
         try:
             with self._lock_mutex:
-                conn, lost = self._lock_connection("try_lock")
+                conn = self._lock_connection("try_lock")
                 key = lock_key(name, self._namespace)
                 if key in self._held or self._lost.get(key) is False:
                     return os.getpid()  # a lapsed lock stays ours until its owner lets go
@@ -164,10 +168,10 @@ class PostgresLocks(PostgresConnections):
                         return None
                     return self._holder(conn, key)
                 except psycopg.Error as exc:
-                    lost += self._lose_session()
+                    self._lose_session()
                     raise self._failure("try_lock", exc) from None
         finally:
-            self._report(lost)
+            self._report()
 
     def unlock(self, name: str) -> None:
         """Release the lock of ``name`` if this storage holds it; forget it if it lapsed.
@@ -178,7 +182,6 @@ class PostgresLocks(PostgresConnections):
             ValueError: ``name`` is not a lock name.
         """
         lock_key(name)
-        lost: list[str] = []
         with self._lock_mutex:
             key = lock_key(name, self._namespace)
             if key in self._lost:
@@ -190,12 +193,13 @@ class PostgresLocks(PostgresConnections):
             try:
                 self._lock_conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             except psycopg.Error:
-                lost = self._lose_session()
+                self._lose_session()
                 self._lost[key] = True
-                lost = [n for n in lost if n != name]
+                with suppress(ValueError):
+                    self._unreported.remove(name)  # let go of: not news to its owner
             else:
                 del self._held[key]
-        self._report(lost)
+        self._report()
 
     def lapsed(self, name: str) -> bool:
         """Whether the lock ``name`` was lost with a session and not yet given back.
@@ -248,7 +252,7 @@ class PostgresLocks(PostgresConnections):
         for eid in execution_ids:
             key = self._key_of(eid)
             if key in self._lost:
-                raise OwnershipLost(op, eid)
+                raise OwnershipLost(op, eid, write="refused")
             if key in self._held:
                 mine[eid] = key
         if not mine or conn is self._lock_conn:
@@ -260,22 +264,22 @@ class PostgresLocks(PostgresConnections):
         held = {((hi << 32) | lo) for hi, lo in rows}
         for eid, key in mine.items():
             if key & 0xFFFF_FFFF_FFFF_FFFF not in held:
-                raise OwnershipLost(op, eid)
+                raise OwnershipLost(op, eid, write="refused")
 
     # -- writes -----------------------------------------------------------------------
 
     @contextmanager
     def _writing(self, op: str, execution_ids: Iterable[str] = ()) -> Iterator[Connection]:
         """The lock session for a write, or a pooled connection while another thread has
-        held it for longer than ``_WAIT_FOR_SESSION_SECS``. A lock session that dies under
-        the write is lost at once (``watch``'s callback hears its locks) rather than at the
-        next heartbeat.
+        held it for longer than ``_WAIT_FOR_SESSION_SECS``. A lock session found dead, or
+        that dies under the write, is lost at once (``watch``'s callback hears its locks)
+        rather than at the next heartbeat.
 
         Raises:
-            OwnershipLost: the lock of one of ``execution_ids`` was lost: the write was
-                refused, or the lock session died under it (a commit whose reply was lost
-                with the session may have landed, before the session ended and so before
-                any other owner could take the lock).
+            OwnershipLost: the lock session died under the write and took the lock of one
+                of ``execution_ids`` with it (the write is unconfirmed: a commit whose reply
+                was lost with the session may have landed, before the session ended and so
+                before any other owner could take the lock).
             StorageError: PostgreSQL failed.
         """
         pool = self._require(op)
@@ -286,21 +290,21 @@ class PostgresLocks(PostgresConnections):
             except psycopg.Error as exc:
                 raise self._failure(op, exc) from None
             return
-        lost: list[str] = []
         try:
-            conn, lost = self._lock_connection(op)
+            conn = self._lock_connection(op)
             try:
                 yield conn
             except (psycopg.Error, StorageError) as exc:
                 if not conn.broken:
                     raise
                 # The lock session died under the write: its locks went with it.
-                lost += self._lose_session()
+                self._lose_session()
                 failure = self._failure(op, exc) if isinstance(exc, psycopg.Error) else exc
-                raise (self._lost_among(op, execution_ids) or failure) from None
+                lost = self._lost_among(op, execution_ids)
+                raise (lost or failure) from None
         finally:
             self._lock_mutex.release()
-            self._report(lost)
+            self._report()
 
     @contextmanager
     def _write(
@@ -345,10 +349,11 @@ class PostgresLocks(PostgresConnections):
                 raise self._failure(op, exc) from None
 
     def _lost_among(self, op: str, execution_ids: Iterable[str]) -> OwnershipLost | None:
-        """``OwnershipLost`` for the first of ``execution_ids`` whose lock was lost."""
+        """``OwnershipLost`` for the first of ``execution_ids`` whose lock was lost with a
+        session that died under the write."""
         for eid in execution_ids:
             if self._key_of(eid) in self._lost:
-                return OwnershipLost(op, eid)
+                return OwnershipLost(op, eid, write="unconfirmed")
         return None
 
     def _key_of(self, execution_id: str) -> int:
@@ -378,14 +383,13 @@ class PostgresLocks(PostgresConnections):
 
     # -- the lock session ------------------------------------------------------------
 
-    def _lock_connection(self, op: str) -> tuple[Connection, list[str]]:
+    def _lock_connection(self, op: str) -> Connection:
         """The lock connection, opened on first use or after the last one failed (whose
-        locks are then lost: their names come back second). Caller holds ``_lock_mutex``."""
+        locks are then lost). Caller holds ``_lock_mutex``."""
         self._require(op)
         conn = self._lock_conn
-        lost: list[str] = []
         if conn is not None and not _usable(conn):
-            lost = self._lose_session()
+            self._lose_session()
             conn = None
         if conn is None:
             conn = self._connect(op)
@@ -399,7 +403,7 @@ class PostgresLocks(PostgresConnections):
             self._lock_conn = conn
             self._namespace = str(row[0]) if row and row[0] else ""
             self._lock_pid = conn.info.backend_pid
-        return conn, lost
+        return conn
 
     def _apply_lease(self, conn: Connection) -> None:
         """End the session if it stays silent for a lease (PostgreSQL 14 and newer)."""
@@ -421,30 +425,36 @@ class PostgresLocks(PostgresConnections):
     def _heartbeat(self) -> None:
         """Touch the lock session a few times per lease; report locks lost with it."""
         while not self._beat_stop.wait(max(self._lease_ms / 1000 / _BEATS_PER_LEASE, 0.05)):
-            lost: list[str] = []
             with self._lock_mutex:
                 conn = self._lock_conn
-                if conn is None:
-                    continue
-                try:
-                    conn.execute("SELECT 1")
-                except psycopg.Error:
-                    lost = self._lose_session()
-            self._report(lost)
+                if conn is not None:
+                    try:
+                        conn.execute("SELECT 1")
+                    except psycopg.Error:
+                        self._lose_session()
+            self._report()
 
-    def _lose_session(self) -> list[str]:
-        """The lock session failed: its locks are gone. Remember them as lost; their names.
-        Caller holds ``_lock_mutex``."""
+    def _lose_session(self) -> None:
+        """The lock session failed: its locks are gone. Remember them as lost, and to be
+        reported (``_report``). Caller holds ``_lock_mutex``."""
         held = dict(self._held)
         # Lost before forgotten: ``fence`` on a pooled connection (no mutex) passes keys
         # in neither map unguarded, as executions this storage never locked.
         self._lost.update(dict.fromkeys(held, False))
         self._drop_lock_connection()
         self._held.clear()
-        return list(held.values())
+        self._unreported.extend(held.values())
 
-    def _report(self, names: list[str]) -> None:
-        """Tell the watcher which locks were lost (outside ``_lock_mutex``)."""
+    def _report(self) -> None:
+        """Tell the watcher which locks were lost since the last report (call it outside
+        ``_lock_mutex``)."""
+        pending = self._unreported
+        if not pending:
+            return
+        names: list[str] = []
+        with suppress(IndexError):  # another thread may be reporting them meanwhile
+            while True:
+                names.append(pending.popleft())
         if names:
             log.warning(
                 "the PostgreSQL lock session ended; ownership of %d execution(s) is lost",
