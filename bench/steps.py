@@ -7,7 +7,8 @@ several repetitions (the machine is shared: medians, not means, and min/max besi
 
 - the commit floor: one ``BEGIN IMMEDIATE; UPDATE one row; COMMIT``, on ``NORMAL`` and
   ``FULL``, the unit the SPEC §8 targets are stated in;
-- wall time per fresh idempotent step, with a sync and with an async step function;
+- wall time per fresh idempotent step, with a sync and with an async step function, and
+  with a sync one under ``sync_step_inline_us = 100`` (opt-in: run on the loop's thread);
 - wall time per fresh guarded (``COST_BEARING``) step, sync and async, on ``NORMAL`` and
   ``FULL``: two acknowledged commits each (intent, result);
 - wall time per idempotent step under ``journal_ack_every_step`` (one acknowledged commit
@@ -59,6 +60,7 @@ GUARDED = Step.guarded("paid", Intent.COST_BEARING)
 FULL = {"sqlite_synchronous": "FULL"}
 ACKED = {"journal_ack_every_step": True}
 PLAIN = {"encrypt_payloads": False}
+INLINE = {"sync_step_inline_us": 100}  # quick sync step functions on the loop's thread
 
 
 def _sync_op(i: int) -> int:
@@ -203,6 +205,7 @@ def _targets(results: dict[str, Any]) -> dict[str, float]:
     }
     targets = {
         "idempotent_step_sync_us": 30.0,
+        "idempotent_step_sync_inline_us": 30.0,
         "idempotent_step_async_us": 10.0,
         "guarded_step_us": 60.0,
         "guarded_step_async_us": 60.0,
@@ -235,6 +238,7 @@ def _workloads(quick: bool, fresh_db: Callable[[], Path]) -> dict[str, Callable[
         "commit_floor_normal_us": lambda: _commit_floor_us(fresh_db(), "NORMAL", 2000),
         "commit_floor_full_us": lambda: _commit_floor_us(fresh_db(), "FULL", 300),
         "idempotent_step_sync_us": steps("sync_steps", n_fast, {}),
+        "idempotent_step_sync_inline_us": steps("sync_steps", n_fast, INLINE),
         "idempotent_step_async_us": steps("async_steps", n_fast, {}),
         "guarded_step_us": steps("guarded_steps", n_acked, {}),
         "guarded_step_async_us": steps("guarded_async_steps", n_acked, {}),

@@ -166,7 +166,20 @@ async def _run(workload: str, params: dict[str, Any], env: Env) -> list[dict[str
             per = (now() - start) / n * 1e6
         case = f"N={n}, {size_label(size)}"
         out.append(record(case, "µs/step", per, durability=EVERY_STEP))
+    n, size = params.get("sync_fn_case", (0, 0)) if workload == "steps" else (0, 0)
+    if n:  # sync step functions on the loop's thread once quick (opt-in, per engine)
+        engine = make_engine(env, sync_step_inline_us=INLINE_US)
+        async with engine:
+            await _warm_up(engine)
+            start = now()
+            await engine.run("steps_sync_fn", n, size)
+            per = (now() - start) / n * 1e6
+        case = f"N={n}, {size_label(size)}, sync step fn, sync_step_inline_us={INLINE_US}"
+        out.append(record(case, "µs/step", per, durability="buffered (idempotent)"))
     return out
+
+
+INLINE_US = 100  # ``sync_step_inline_us`` of the opted-in sync step case
 
 
 async def _warm_up(engine: Engine) -> None:
@@ -194,7 +207,7 @@ async def _steps(engine: Engine, p: dict[str, Any]) -> list[dict[str, Any]]:
             case = f"N={n}, {size_label(size)}"
             out.append(record(case, "µs/step", per, durability=cls))
     n, size = p.get("sync_fn_case", (0, 0))
-    if n:  # the same buffered steps with a plain (sync) step function
+    if n:  # the same buffered steps with a plain (sync) step function, in worker threads
         start = now()
         await engine.run("steps_sync_fn", n, size)
         per = (now() - start) / n * 1e6

@@ -41,13 +41,14 @@ class Config:
     """Acknowledge every step's outcome (idempotent and at-least-once ones too) before the
     step returns, as guarded steps always are: a crash right after a step returns loses
     nothing, at one commit per step (``UNBROKEN_JOURNAL_ACK_EVERY_STEP``)."""
-    sync_step_inline_us: int = 100
-    """A sync step function whose last runs in worker threads each returned within this
-    many microseconds runs on the event loop's thread, skipping the hand-over to a worker
-    thread and back (tens of microseconds); one run there over ten times this sends it
-    back to worker threads for good. 0: sync step functions always run in worker threads
-    (needed if a quick one can block on work of the event loop itself, such as a queue that
-    async tasks fill: on the loop's thread it would wait forever)."""
+    sync_step_inline_us: int = 0
+    """Opt-in: a sync step function whose last 8 runs in worker threads each returned,
+    without raising, within this many microseconds runs on the event loop's thread,
+    skipping the hand-over to a thread and back (tens of µs); a run there over the limit
+    or that raises sends it back to show itself quick again, one over ten times the limit
+    for good. 0 (default): sync step functions always run in worker threads. Not for
+    functions that can wait for work of the loop itself (a queue async tasks fill): on the
+    loop's thread they would wait forever."""
     max_payload_bytes: int = 1_048_576
     max_steps_per_execution: int = 10_000
     replay_segment_steps: int = 100

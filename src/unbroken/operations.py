@@ -15,14 +15,18 @@ instead, up to half a millisecond (``StepThreads.call``), which saves the self-p
 the selector's return and a loop iteration, and the GIL hand-overs they cost. Still
 running after that, the job resolves through the inbox as usual.
 
-A sync function that has shown itself quick runs on the loop's thread instead, with no
-hand-over at all: once its last ``QUICK_RUNS`` runs in a worker thread each returned,
-without raising, within the engine's ``sync_step_inline_us``. Each such run is timed too:
-one over the limit sends the function back to the worker threads (to show itself quick
-again), one over ten times the limit for good, so a function that turns slow blocks the
-loop at most once; time the process spent collecting garbage meanwhile does not count.
-Functions are told apart by their code object; one without (a ``functools.partial``, a
-callable object) always runs in a worker thread.
+With the engine's ``sync_step_inline_us`` set (0, the default, keeps every sync function
+in worker threads), a function that has shown itself quick runs on the loop's thread
+instead, with no hand-over at all: once its last ``QUICK_RUNS`` runs in a worker thread
+each returned, without raising, within that many microseconds. It runs there with the
+running loop hidden (``asyncio.get_running_loop()`` fails, as in a worker thread), timed:
+a run over the limit, or that raised, sends the function back to the worker threads (to
+show itself quick again), one over ten times the limit for good (logged), so a function
+that turns slow blocks the loop at most once; time the process spent collecting garbage
+meanwhile does not count. What is learned is learned per function object, for the
+process; anything else (a ``functools.partial``, a bound method, a callable object) always
+runs in a worker thread. A function that can wait for work of the loop itself (a queue its
+tasks fill) would wait forever there: that is why it is opt-in.
 
 A task that got ``_HOLDS_BEFORE_YIELD`` results in a row without yielding (inline, or while
 the loop waited) takes the worker-thread path once, which yields, so the selector is polled
@@ -65,7 +69,7 @@ class _Inbox:
         self._lock = threading.Lock()
         self._items: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         self._signaled = False
-        self.holds = 0  # sync steps in a row that finished while the loop's thread waited
+        self.holds = 0  # sync steps in a row that finished inline or while the loop waited
 
     def post(self, future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
         with self._lock:
@@ -107,7 +111,6 @@ QUICK_RUNS = 8
 
 _NEVER = -1  # in ``StepThreads._quick``: was slow on the loop's thread, never runs there again
 _SLOW_FOR_GOOD = 10  # times the limit: a run on the loop's thread this long bans the function
-_KNOWN_FUNCTIONS = 4096  # functions whose speed is remembered (then forgotten, all at once)
 
 
 class _GcClock:
@@ -137,7 +140,7 @@ class _Job:
     the job itself, ``done`` released."""
 
     __slots__ = (
-        "code", "ctx", "done", "exc", "finished", "fn", "future", "inbox", "limit", "value"
+        "ctx", "done", "exc", "finished", "fn", "future", "inbox", "learn", "limit", "value"
     )
 
     def __init__(
@@ -147,7 +150,7 @@ class _Job:
         inbox: _Inbox | None,
         future: asyncio.Future[Any] | None,
         done: threading.Lock | None,
-        code: types.CodeType | None = None,
+        learn: types.FunctionType | None = None,
         limit: float = 0.0,
     ) -> None:
         self.ctx = ctx
@@ -155,7 +158,7 @@ class _Job:
         self.inbox = inbox
         self.future = future
         self.done = done
-        self.code = code  # the function's, when its speed is being learned
+        self.learn = learn  # the step function, when its speed is being learned
         self.limit = limit  # seconds: a run within this is quick
         self.finished = False
         self.value: Any = None
@@ -179,8 +182,11 @@ class StepThreads:
         self._inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = (
             weakref.WeakKeyDictionary()
         )
-        # A function's quick runs in a row in worker threads, or _NEVER (under ``_lock``).
-        self._quick: dict[types.CodeType, int] = {}
+        # A function's quick runs in a row in worker threads, or _NEVER (under ``_lock``);
+        # weak: a closure made for one call is forgotten with it.
+        self._quick: weakref.WeakKeyDictionary[types.FunctionType, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn()`` in a worker thread in a copy of the current context; the future
@@ -191,18 +197,18 @@ class StepThreads:
         return future
 
     def call(
-        self, fn: Callable[[], Any], code: types.CodeType | None = None, limit: float = 0.0
+        self, fn: Callable[[], Any], learn: types.FunctionType | None = None, limit: float = 0.0
     ) -> _Job | asyncio.Future[Any]:
         """``run``, except that a finished job may come back itself (``.value``, ``.exc``):
 
-        - when ``code`` (``fn``'s function's) has shown itself quick (``QUICK_RUNS`` runs in
-          a row in worker threads, each within ``limit`` seconds, none raising), ``fn()``
-          runs right here, on the loop's thread, timed;
+        - when ``learn`` (the step function ``fn`` calls) has shown itself quick
+          (``QUICK_RUNS`` runs in a row in worker threads, each within ``limit`` seconds,
+          none raising), ``fn()`` runs right here, on the loop's thread, timed;
         - else, when nothing else on the loop is ready to run (no callback, no timer due)
           and no other sync step function is running, the loop's thread waits for ``fn()``
           up to ``hold_secs``, which saves the loop's wake-up and its extra iteration.
 
-        With no ``code``, ``fn``'s speed is not learned. A loop without a visible ready
+        With no ``learn``, ``fn``'s speed is not learned. A loop without a visible ready
         queue (not asyncio's own) never waits.
         """
         loop = asyncio.get_running_loop()
@@ -212,17 +218,17 @@ class StepThreads:
         due = inbox.holds >= _HOLDS_BEFORE_YIELD or (
             timers and timers[0].when() <= loop.time()  # e.g. the journal's flush
         )
-        if not due and code is not None and self._quick.get(code, 0) >= QUICK_RUNS:
+        if not due and learn is not None and self._quick.get(learn, 0) >= QUICK_RUNS:
             inbox.holds += 1
-            return self._inline(fn, code, limit)
+            return self._inline(loop, fn, learn, limit)
         if ready is None or ready or self._outstanding or due:
             inbox.holds = 0
             future: asyncio.Future[Any] = loop.create_future()
-            self._submit(_Job(contextvars.copy_context(), fn, inbox, future, None, code, limit))
+            self._submit(_Job(contextvars.copy_context(), fn, inbox, future, None, learn, limit))
             return future
         done = threading.Lock()
         done.acquire()
-        job = _Job(contextvars.copy_context(), fn, None, None, done, code, limit)
+        job = _Job(contextvars.copy_context(), fn, None, None, done, learn, limit)
         self._submit(job)
         if done.acquire(timeout=self._hold_secs):
             inbox.holds += 1
@@ -234,38 +240,44 @@ class StepThreads:
                 return job.future
         return job
 
-    def _inline(self, fn: Callable[[], Any], code: types.CodeType, limit: float) -> _Job:
-        """Run ``fn()`` on this thread, in a copy of the context, as a worker would; a run
-        that raised or took longer than ``limit`` ends the function's inline runs."""
+    def _inline(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[[], Any],
+        learn: types.FunctionType,
+        limit: float,
+    ) -> _Job:
+        """Run ``fn()`` on this thread as a worker would (a copy of the context, no running
+        loop); a run that raised or took longer than ``limit`` ends its inline runs."""
         job = _Job(contextvars.copy_context(), fn, None, None, None)
         collecting = _GC_CLOCK.spent
         start = time.perf_counter()
+        asyncio._set_running_loop(None)
         try:
             job.value = job.ctx.run(fn)
         except BaseException as error:  # the step's outcome, whatever it is
             job.exc = error
+        finally:
+            asyncio._set_running_loop(loop)
         took = time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
         job.finished = True
         if job.exc is not None or took > limit:
             slow = took > _SLOW_FOR_GOOD * limit
             with self._lock:
-                self._quick[code] = _NEVER if slow else 0
+                self._quick[learn] = _NEVER if slow else 0
             if slow:
-                log.debug(
-                    "sync step function %s took %.1f ms on the event loop's thread; "
-                    "it runs in worker threads from now on", code.co_qualname, took * 1e3,
+                log.warning(
+                    "sync step function %s took %.1f ms on the event loop's thread, holding "
+                    "up everything else on it; it runs in worker threads from now on",
+                    learn.__qualname__, took * 1e3,
                 )
         return job
 
-    def _learn(self, code: types.CodeType, quick: bool) -> None:
+    def _learn(self, fn: types.FunctionType, quick: bool) -> None:
         """Count a run in a worker thread (caller holds ``_lock``)."""
-        known = self._quick
-        runs = known.get(code, 0)
-        if runs == _NEVER:
-            return
-        if runs == 0 and len(known) >= _KNOWN_FUNCTIONS:
-            known.clear()  # functions made at run time (lambdas of exec'd code) come and go
-        known[code] = runs + 1 if quick else 0
+        runs = self._quick.get(fn, 0)
+        if runs != _NEVER:
+            self._quick[fn] = runs + 1 if quick else 0
 
     def _inbox(self, loop: asyncio.AbstractEventLoop) -> _Inbox:
         inbox = self._inboxes.get(loop)
@@ -302,8 +314,8 @@ class StepThreads:
                 value, exc = None, error
             took = time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
             with self._lock:
-                if job.code is not None:
-                    self._learn(job.code, exc is None and took <= job.limit)
+                if job.learn is not None:
+                    self._learn(job.learn, exc is None and took <= job.limit)
                 self._outstanding -= 1
                 if not self._outstanding:
                     self._all_done.notify_all()
@@ -338,9 +350,9 @@ def start_operation(
     inline_us: int = 0,
 ) -> Awaitable[Any]:
     """A step's operation, started: an async one is its coroutine (it runs in the awaiting
-    task), a sync one runs in a worker thread with the context variables copied, or on
-    the loop's thread once its runs have shown it returns within ``inline_us``
-    microseconds (0: always a worker thread; see the module docstring)."""
+    task), a sync one runs in a worker thread with the context variables copied, or, with
+    ``inline_us``, on the loop's thread once its runs have shown it returns within that
+    many microseconds (see the module docstring)."""
     code = getattr(fn, "__code__", None)
     if code is not None and code.co_flags & inspect.CO_COROUTINE:
         awaitable: Awaitable[Any] = fn(*args, **kwargs)  # plain ``async def``: the fast path
@@ -352,8 +364,8 @@ def start_operation(
         awaitable = fn(*args, **kwargs)
         return awaitable
     call = functools.partial(fn, *args, **kwargs)
-    if inline_us:
-        return _run_sync(call, code, inline_us / 1e6)
+    if inline_us and type(fn) is types.FunctionType:
+        return _run_sync(call, fn, inline_us / 1e6)
     return _run_sync(call, None, 0.0)
 
 
@@ -361,8 +373,10 @@ _NEVER_AWAITABLE = frozenset({int, str, float, bool, bytes, type(None), dict, li
 """Result types of sync step functions that ``inspect.isawaitable`` need not look at."""
 
 
-async def _run_sync(fn: Callable[[], Any], code: types.CodeType | None, limit: float) -> Any:
-    outcome = _STEP_THREADS.call(fn, code, limit)
+async def _run_sync(
+    fn: Callable[[], Any], learn: types.FunctionType | None, limit: float
+) -> Any:
+    outcome = _STEP_THREADS.call(fn, learn, limit)
     if isinstance(outcome, _Job):  # it finished inline, or while the loop's thread waited
         if outcome.exc is not None:
             raise _settled(outcome.exc)

@@ -1,13 +1,16 @@
-"""Sync step functions that have shown themselves quick run on the event loop's thread
-(``sync_step_inline_us``); one that turns slow there goes back to worker threads."""
+"""With ``sync_step_inline_us`` (opt-in), sync step functions that have shown themselves
+quick run on the event loop's thread; one that turns slow there goes back to worker
+threads."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import gc
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,8 +28,8 @@ REQUEST = contextvars.ContextVar("request", default="none")
 
 @pytest.fixture(autouse=True)
 def _unlearned() -> None:
-    """What the pool learned of a function (by its code) lasts the process: each test's
-    functions start unknown, whichever backend ran them before."""
+    """What the pool learned of a function lasts the process: each test's functions start
+    unknown, whichever backend ran them before."""
     operations._STEP_THREADS._quick.clear()
 
 
@@ -63,16 +66,19 @@ async def test_a_quick_sync_function_runs_on_the_loop_s_thread_after_its_quick_r
     ]
 
 
-async def test_with_the_setting_at_zero_sync_functions_always_run_in_worker_threads(
+async def test_by_default_sync_functions_always_run_in_worker_threads(
     make_engine: EngineFactory,
 ) -> None:
-    engine = make_engine(sync_step_inline_us=0, journal_flush_interval_ms=QUIET_MS)
+    engine = make_engine(journal_flush_interval_ms=QUIET_MS)
     idents: list[int] = []
+
+    def op() -> None:
+        idents.append(threading.get_ident())
 
     @engine.workflow
     async def wf(ctx: Context) -> None:
         for _ in range(QUICK_RUNS + 4):
-            await ctx.step("op", lambda: idents.append(threading.get_ident()))
+            await ctx.step("op", op)
 
     async with engine:
         await engine.run(wf)
@@ -190,8 +196,8 @@ async def test_a_quick_function_s_errors_on_the_loop_s_thread_are_the_step_s(
     assert where[QUICK_RUNS + 1 : 2 * QUICK_RUNS + 1] == ["worker"] * QUICK_RUNS
 
 
-@pytest.mark.parametrize("kind", ["partial", "callable object"])
-async def test_a_function_without_code_of_its_own_always_runs_in_worker_threads(
+@pytest.mark.parametrize("kind", ["partial", "callable object", "bound method"])
+async def test_a_callable_that_is_not_a_function_always_runs_in_worker_threads(
     make_engine: EngineFactory, kind: str
 ) -> None:
     engine = make_engine(sync_step_inline_us=LIMIT_US, journal_flush_interval_ms=QUIET_MS)
@@ -201,11 +207,14 @@ async def test_a_function_without_code_of_its_own_always_runs_in_worker_threads(
         def __call__(self) -> None:
             idents.append(threading.get_ident())
 
-    fn: Any = (
-        functools.partial(lambda: idents.append(threading.get_ident()))
-        if kind == "partial"
-        else Record()
-    )
+        def record(self) -> None:
+            idents.append(threading.get_ident())
+
+    fn: Any = {
+        "partial": functools.partial(lambda: idents.append(threading.get_ident())),
+        "callable object": Record(),
+        "bound method": Record().record,
+    }[kind]
 
     @engine.workflow
     async def wf(ctx: Context) -> None:
@@ -220,17 +229,19 @@ async def test_a_function_without_code_of_its_own_always_runs_in_worker_threads(
 async def test_garbage_collection_inside_a_quick_function_is_not_its_slowness(
     make_engine: EngineFactory,
 ) -> None:
-    engine = make_engine(sync_step_inline_us=1_000, journal_flush_interval_ms=QUIET_MS)
+    limit_us = 500
+    engine = make_engine(sync_step_inline_us=limit_us, journal_flush_interval_ms=QUIET_MS)
     idents: list[int] = []
-    heap = [[i] for i in range(2_000_000)]  # a full collection of this takes > 10 ms
+    heap = [[i] for i in range(400_000)]  # a full collection takes milliseconds
     collect_at = QUICK_RUNS
+    collected: list[float] = []
 
     def op(i: int) -> None:
         idents.append(threading.get_ident())
         if i == collect_at:
             started = time.perf_counter()
             gc.collect()  # as if the allocation threshold had been crossed here
-            assert time.perf_counter() - started > 10 * 1_000 / 1e6
+            collected.append(time.perf_counter() - started)
 
     @engine.workflow
     async def wf(ctx: Context) -> None:
@@ -239,5 +250,61 @@ async def test_garbage_collection_inside_a_quick_function_is_not_its_slowness(
 
     async with engine:
         await engine.run(wf)
-    assert len(heap) == 2_000_000
+    assert len(heap) == 400_000
+    assert collected[0] > 10 * limit_us / 1e6  # long enough to ban it, were it counted
     assert _where(idents)[QUICK_RUNS:] == ["loop"] * 4
+
+
+async def test_functions_that_share_their_code_are_learned_apart(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(sync_step_inline_us=LIMIT_US, journal_flush_interval_ms=QUIET_MS)
+    idents: dict[str, list[int]] = {"quick": [], "other": []}
+
+    def make(label: str) -> Callable[[], None]:
+        def op() -> None:  # one code object, two functions
+            idents[label].append(threading.get_ident())
+
+        return op
+
+    quick, other = make("quick"), make("other")
+
+    @engine.workflow
+    async def wf(ctx: Context) -> None:
+        for _ in range(QUICK_RUNS + 1):
+            await ctx.step("quick", quick)
+        await ctx.step("other", other)
+
+    async with engine:
+        await engine.run(wf)
+    assert _where(idents["quick"])[-1] == "loop"
+    assert _where(idents["other"]) == ["worker"]  # nothing shown of it yet
+
+
+async def test_on_the_loop_s_thread_a_function_sees_no_running_loop(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(sync_step_inline_us=LIMIT_US, journal_flush_interval_ms=QUIET_MS)
+    seen: list[tuple[int, bool]] = []
+
+    def op() -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            running = False
+        else:
+            running = True
+        seen.append((threading.get_ident(), running))
+
+    @engine.workflow
+    async def wf(ctx: Context) -> bool:
+        for _ in range(QUICK_RUNS + 1):
+            await ctx.step("op", op)
+        asyncio.get_running_loop()  # the workflow's own loop is back
+        return True
+
+    async with engine:
+        assert await engine.run(wf)
+    where = _where([ident for ident, _ in seen])
+    assert where == ["worker"] * QUICK_RUNS + ["loop"]
+    assert [running for _, running in seen] == [False] * (QUICK_RUNS + 1)  # as in a worker
