@@ -33,6 +33,7 @@ from .errors import (
 )
 from .ids import step_keys
 from .journal import EntryKind, JournalEntry, new_entry
+from .operations import start_operation
 from .replay import StepRows
 from .runtime import (
     Diverged,
@@ -44,7 +45,6 @@ from .runtime import (
     now_ms,
     retry_pause,
     running_task,
-    start_operation,
 )
 
 __all__ = ["Context", "StepOutcome"]
@@ -459,7 +459,7 @@ class Context:
         return await self._execute(call)
 
     async def _execute(self, call: _Call) -> Any:
-        """Run the operation (``runtime.start_operation``) with ``unbroken.current_step()``
+        """Run the operation (``operations.start_operation``) with ``unbroken.current_step()``
         set, retrying per policy (``runtime.retry_pause``), and journal its outcome."""
         attempt = 1
         while True:  # an operation that succeeds at once costs no more than this block
@@ -479,6 +479,7 @@ class Context:
                 await retry_pause(call.desc.retry, attempt, failed, self._check_alive)
             except Exception as exc:
                 await self._failed(call, exc)
+            del failed  # its traceback holds this frame: no cycle kept across attempts
             attempt += 1
         self._check_alive()
         faults = self._run.faults

@@ -18,7 +18,6 @@ from .clock import Clock
 from .config import Config
 from .effects import RetryPolicy
 from .errors import DecodeError, IntegrityError, PayloadTooLarge, ReplayDivergence
-from .operations import start_operation
 from .payloads import Payloads
 from .storage import Storage
 from .waiting import PromiseWaiters
@@ -39,7 +38,6 @@ __all__ = [
     "retry_pause",
     "running_task",
     "set_current_step",
-    "start_operation",
 ]
 
 

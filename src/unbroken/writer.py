@@ -281,8 +281,9 @@ class JournalWriter:
     def _inline_group(
         self, local: LocalWrites, items: list[JournalEntry | Request], own: Request
     ) -> Any:
-        """Queued requests too: ``_process`` (the thread's) in one transaction, each write
-        a savepoint, so one refused entry or failed call is set apart as on the thread."""
+        """Queued requests too: ``GroupCommit.process`` (the thread's) in one transaction,
+        each write a savepoint, so one refused entry or failed call is set apart as on the
+        thread."""
         saved = (self.stats.commits, self.stats.entries, self.stats.last_seq)
         mine = own.entry is not None or own.call is not None
         work: list[JournalEntry | Request] = [*items, own] if mine else items
@@ -292,7 +293,7 @@ class JournalWriter:
             done = False
         if not done:
             self.stats.commits, self.stats.entries, self.stats.last_seq = saved
-            self._groups.replies.clear()
+            self._groups.take_replies()  # of a transaction rolled back: dropped
             self._requeue(items)
             return _DECLINED
         self._inline_done(self.stats.entries - saved[1])
@@ -398,7 +399,9 @@ class JournalWriter:
     def _checkpoint(self, local: LocalWrites) -> None:
         """Copy the log of the inline commits into the database: most of it while commits
         go on, the rest holding the commit mutex. Only a complete checkpoint lets the log
-        start over; one that commits slip past leaves it growing for good."""
+        start over; one that commits slip past leaves it growing for good. The second pass
+        syncs the log and the database file: acknowledged work meanwhile goes to this
+        thread and waits for it (milliseconds, once per ``checkpoint_pages``)."""
         local.checkpoint()
         with self._commit:
             local.checkpoint()

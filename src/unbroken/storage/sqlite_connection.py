@@ -267,7 +267,8 @@ class SqliteConnections:
         """Log pages between checkpoints of ``try_write``'s commits. A checkpoint syncs the
         log and the database file: under ``NORMAL``, where commits do not sync, fewer and
         longer ones cost less (the pages a log repeats are copied once); under ``FULL``,
-        where each commit syncs the log already, a long log only costs (SQLite's 1,000)."""
+        where each commit syncs the log already, a long log only costs (SQLite's 1,000).
+        The other connections keep SQLite's own checkpoints every 1,000 pages."""
         return 4000 if self._synchronous == "NORMAL" else 1000
 
     def checkpoint(self) -> None:
