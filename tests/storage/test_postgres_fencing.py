@@ -2,7 +2,9 @@
 must stop, so each fails when that protection is removed.
 
 - A write on the lock session, after that session was killed unnoticed (no heartbeat
-  ran), is refused by the in-memory record of lost locks, although the storage reconnects.
+  ran), is refused: right after the kill it finds the session dead or fails on it (which
+  way is timing), losing its locks there; after a take-over, on the new session it
+  reconnected, only the in-memory record of lost locks refuses it.
 - A lock session that dies under a write (inside its transaction, or under its one
   autocommitted statement) is lost there and then: the write fails as ``OwnershipLost``
   (unconfirmed) and ``watch``'s callback hears it, even when reconnecting fails.
