@@ -277,8 +277,7 @@ class Context:
         self._run.metrics.degraded_appends += 1
         log.warning(
             "journal writer unavailable; timer at step %d of execution %r is not durable",
-            call.step_id,
-            self._run.execution_id,
+            call.step_id, self._run.execution_id,
         )
 
     def _take_step(
@@ -392,8 +391,7 @@ class Context:
         )
         log.warning(
             "replay divergence in execution %r: %s; the journal generation is aborted",
-            self._run.execution_id,
-            error,
+            self._run.execution_id, error,
         )
         self._dead = True
         raise Diverged(error)
@@ -571,9 +569,7 @@ class Context:
         self._run.metrics.degraded_appends += 1
         log.warning(
             "journal writer unavailable; step %d (%r) of execution %r degrades to non-durable mode",
-            call.step_id,
-            call.desc.name,
-            self._run.execution_id,
+            call.step_id, call.desc.name, self._run.execution_id,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
