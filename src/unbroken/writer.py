@@ -284,7 +284,8 @@ class JournalWriter:
         """Queued requests too: ``GroupCommit.process`` (the thread's) in one transaction,
         each write a savepoint, so one refused entry or failed call is set apart as on the
         thread."""
-        saved = (self.stats.commits, self.stats.entries, self.stats.last_seq)
+        stats = self.stats
+        saved = (stats.commits, stats.entries, stats.last_seq, stats.dropped)
         mine = own.entry is not None or own.call is not None
         work: list[JournalEntry | Request] = [*items, own] if mine else items
         try:
@@ -292,8 +293,9 @@ class JournalWriter:
         except Exception:
             done = False
         if not done:
-            self.stats.commits, self.stats.entries, self.stats.last_seq = saved
-            self._groups.take_replies()  # of a transaction rolled back: dropped
+            # Rolled back whole: nothing was committed or dropped; the thread does it anew.
+            stats.commits, stats.entries, stats.last_seq, stats.dropped = saved
+            self._groups.take_replies()
             self._requeue(items)
             return _DECLINED
         self._inline_done(self.stats.entries - saved[1])
