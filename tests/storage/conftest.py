@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from unbroken.storage.base import Storage
 from unbroken.storage.memory import MemoryStorage
+from unbroken.storage.schema import APPLICATION_ID, MIGRATIONS
 from unbroken.storage.sqlite import SqliteStorage
 
 if TYPE_CHECKING:
@@ -119,3 +121,21 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
         yield store
     finally:
         store.close()
+
+
+@contextmanager
+def sqlite_at_version(db: Path, version: int) -> Iterator[sqlite3.Connection]:
+    """A SQLite file made with the DDL of schema ``version`` and stamped as ours, holding
+    one ``running`` execution ``'old'``; what the block adds is committed at its end."""
+    with closing(sqlite3.connect(db)) as conn:
+        for migration in MIGRATIONS[:version]:
+            for sql in migration:
+                conn.execute(sql)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute(
+            "INSERT INTO executions (execution_id, workflow, status, created_at, updated_at) "
+            "VALUES ('old', 'wf', 'running', 1, 1)"
+        )
+        yield conn
+        conn.commit()

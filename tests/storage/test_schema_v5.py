@@ -18,11 +18,18 @@ from unbroken import Context, Engine, Intent, Step
 from unbroken.journal import EntryKind, JournalEntry, PromiseState
 from unbroken.storage import postgres_schema, sqlite_connection
 from unbroken.storage.base import SCHEMA_VERSION
-from unbroken.storage.schema import APPLICATION_ID, MIGRATIONS
+from unbroken.storage.schema import MIGRATIONS
 from unbroken.storage.sqlite import SqliteStorage
 from unbroken.testing import SimulatedCrash, crash_after_step
 
-from .conftest import POSTGRES_URL, admin_execute, fresh_schema, needs_postgres, schema_url
+from .conftest import (
+    POSTGRES_URL,
+    admin_execute,
+    fresh_schema,
+    needs_postgres,
+    schema_url,
+    sqlite_at_version,
+)
 from .test_contract import run_concurrently
 
 GUARDED = Step.guarded("pay", Intent.COST_BEARING)
@@ -34,16 +41,7 @@ def _v4_file(db: Path) -> None:
     idempotent results, a guarded intent and result, a checkpoint, a control row with its
     promise and timer, an integrity mark and a key; seqs with a gap where rows were
     deleted."""
-    with closing(sqlite3.connect(db)) as conn:
-        for migration in MIGRATIONS[:4]:
-            for sql in migration:
-                conn.execute(sql)
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute("PRAGMA user_version = 4")
-        conn.execute(
-            "INSERT INTO executions (execution_id, workflow, status, created_at, updated_at) "
-            "VALUES ('old', 'wf', 'running', 1, 1)"
-        )
+    with sqlite_at_version(db, 4) as conn:
         rows = [
             (1, 0, "result", "idempotent", b"k0", b"r0", 0),
             (2, 1, "intent", G, b"k1", None, 0),
@@ -65,7 +63,6 @@ def _v4_file(db: Path) -> None:
         conn.execute("INSERT INTO keys VALUES (0, x'0303', 1)")
         # What AUTOINCREMENT remembers: rows up to seq 12 existed once.
         conn.execute("UPDATE sqlite_sequence SET seq = 12 WHERE name = 'journal'")
-        conn.commit()
 
 
 def _raw(db: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -33,6 +33,8 @@ from unbroken.storage.schema import APPLICATION_ID, MIGRATIONS, migration_statem
 from unbroken.storage.sqlite import SqliteStorage
 from unbroken.storage.url import open_storage, redact_url
 
+from .conftest import sqlite_at_version
+
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
@@ -472,21 +474,12 @@ def test_a_memory_url_with_credentials_is_refused_without_the_password() -> None
 
 def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
-    with closing(sqlite3.connect(db)) as conn:
-        for sql in MIGRATIONS[0]:
-            conn.execute(sql)
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute("PRAGMA user_version = 1")
-        conn.execute(
-            "INSERT INTO executions (execution_id, workflow, status, created_at, updated_at) "
-            "VALUES ('old', 'wf', 'running', 1, 1)"
-        )
+    with sqlite_at_version(db, 1) as conn:
         conn.execute(
             "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, "
             "idem_key, payload, created_at) VALUES ('old', 0, 0, 'result', 's', 'idempotent', "
             "x'00', x'31', 1)"
         )
-        conn.commit()
     storage = SqliteStorage(db)
     storage.open()
     try:
@@ -501,16 +494,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> 
 
 def test_a_version_2_database_is_migrated_to_3_and_keeps_its_rows(tmp_path: Path) -> None:
     db = tmp_path / "v2.db"
-    with closing(sqlite3.connect(db)) as conn:
-        for migration in MIGRATIONS[:2]:
-            for sql in migration:
-                conn.execute(sql)
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute("PRAGMA user_version = 2")
-        conn.execute(
-            "INSERT INTO executions (execution_id, workflow, status, created_at, updated_at) "
-            "VALUES ('old', 'wf', 'running', 1, 1)"
-        )
+    with sqlite_at_version(db, 2) as conn:
         conn.execute(
             "INSERT INTO journal (execution_id, generation, step_id, kind, name, effect, "
             "idem_key, payload, created_at, hmac) VALUES ('old', 0, 0, 'result', 's', "
@@ -519,7 +503,6 @@ def test_a_version_2_database_is_migrated_to_3_and_keeps_its_rows(tmp_path: Path
         )
         conn.execute("INSERT INTO integrity VALUES ('old', 1, x'0102', 1)")
         conn.execute("INSERT INTO keys VALUES (0, x'0303', 1)")
-        conn.commit()
     storage = SqliteStorage(db)
     storage.open()
     try:
