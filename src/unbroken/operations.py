@@ -117,11 +117,19 @@ class _GcClock:
     """Seconds the process has spent collecting garbage: a run is timed without them (a
     full collection that happens to start inside a quick function is not its slowness)."""
 
-    __slots__ = ("_began", "spent")
+    __slots__ = ("_began", "running", "spent")
 
     def __init__(self) -> None:
         self._began = 0.0
         self.spent = 0.0
+        self.running = False
+
+    def start(self) -> None:
+        """Count from now on (only an engine that learns speeds makes every collection
+        pay for it)."""
+        if not self.running:
+            self.running = True
+            gc.callbacks.append(self)
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -131,7 +139,18 @@ class _GcClock:
 
 
 _GC_CLOCK = _GcClock()
-gc.callbacks.append(_GC_CLOCK)
+
+
+def _timed(ctx: contextvars.Context, fn: Callable[[], Any]) -> tuple[Any, Any, float]:
+    """``fn()`` in ``ctx``: its value, its exception (the step's outcome, whatever it is)
+    and how long it took, garbage collection meanwhile not counted."""
+    collecting = _GC_CLOCK.spent
+    start = time.perf_counter()
+    try:
+        value, exc = ctx.run(fn), None
+    except BaseException as error:
+        value, exc = None, error
+    return value, exc, time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
 
 
 class _Job:
@@ -250,16 +269,11 @@ class StepThreads:
         """Run ``fn()`` on this thread as a worker would (a copy of the context, no running
         loop); a run that raised or took longer than ``limit`` ends its inline runs."""
         job = _Job(contextvars.copy_context(), fn, None, None, None)
-        collecting = _GC_CLOCK.spent
-        start = time.perf_counter()
         asyncio._set_running_loop(None)
         try:
-            job.value = job.ctx.run(fn)
-        except BaseException as error:  # the step's outcome, whatever it is
-            job.exc = error
+            job.value, job.exc, took = _timed(job.ctx, fn)
         finally:
             asyncio._set_running_loop(loop)
-        took = time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
         job.finished = True
         if job.exc is not None or took > limit:
             slow = took > _SLOW_FOR_GOOD * limit
@@ -306,16 +320,17 @@ class StepThreads:
                         self._threads -= 1
                         return
                 continue
-            collecting = _GC_CLOCK.spent
-            start = time.perf_counter()
-            try:
-                value, exc = job.ctx.run(job.fn), None
-            except BaseException as error:  # the step's outcome, whatever it is
-                value, exc = None, error
-            took = time.perf_counter() - start - (_GC_CLOCK.spent - collecting)
+            learn = job.learn
+            if learn is None:
+                try:
+                    value, exc = job.ctx.run(job.fn), None
+                except BaseException as error:  # the step's outcome, whatever it is
+                    value, exc = None, error
+            else:
+                value, exc, took = _timed(job.ctx, job.fn)
             with self._lock:
-                if job.learn is not None:
-                    self._learn(job.learn, exc is None and took <= job.limit)
+                if learn is not None:
+                    self._learn(learn, exc is None and took <= job.limit)
                 self._outstanding -= 1
                 if not self._outstanding:
                     self._all_done.notify_all()
@@ -328,7 +343,7 @@ class StepThreads:
             else:
                 assert job.future is not None
                 inbox.post(job.future, value, exc)
-            del job, inbox, value, exc  # nothing of the job outlives it
+            del job, inbox, value, exc, learn  # nothing of the job outlives it
 
     def wait_idle(self) -> None:
         """Block until no step function is running (at exit, as the default executor's
@@ -365,6 +380,7 @@ def start_operation(
         return awaitable
     call = functools.partial(fn, *args, **kwargs)
     if inline_us and type(fn) is types.FunctionType:
+        _GC_CLOCK.start()
         return _run_sync(call, fn, inline_us / 1e6)
     return _run_sync(call, None, 0.0)
 
