@@ -156,27 +156,38 @@ async def _run(workload: str, params: dict[str, Any], env: Env) -> list[dict[str
     async with engine:
         await _warm_up(engine)
         out = await fn(engine, params)
-    n, size = params.get("ack_every_step_case", (0, 0)) if workload == "steps" else (0, 0)
-    if n:  # an engine of its own: the setting is per engine
-        engine = make_engine(env, journal_ack_every_step=True)
-        async with engine:
-            await _warm_up(engine)
-            start = now()
-            await engine.run("steps", n, size, "buffered (idempotent)")
-            per = (now() - start) / n * 1e6
-        case = f"N={n}, {size_label(size)}"
-        out.append(record(case, "µs/step", per, durability=EVERY_STEP))
-    n, size = params.get("sync_fn_case", (0, 0)) if workload == "steps" else (0, 0)
-    if n:  # sync step functions on the loop's thread once quick (opt-in, per engine)
-        engine = make_engine(env, sync_step_inline_us=INLINE_US)
-        async with engine:
-            await _warm_up(engine)
-            start = now()
-            await engine.run("steps_sync_fn", n, size)
-            per = (now() - start) / n * 1e6
+    if workload != "steps":
+        return out
+    # Settings are per engine: these cases get an engine of their own.
+    n, size = params.get("ack_every_step_case", (0, 0))
+    if n:
+        per = await _own_engine_per_step(env, {"journal_ack_every_step": True}, "steps", n,
+                                         size, "buffered (idempotent)")  # fmt: skip
+        out.append(record(f"N={n}, {size_label(size)}", "µs/step", per, durability=EVERY_STEP))
+    n, size = params.get("sync_fn_case", (0, 0))
+    if n:  # sync step functions on the loop's thread once quick (opt-in)
+        per = await _own_engine_per_step(env, {"sync_step_inline_us": INLINE_US},
+                                         "steps_sync_fn", n, size)  # fmt: skip
         case = f"N={n}, {size_label(size)}, sync step fn, sync_step_inline_us={INLINE_US}"
         out.append(record(case, "µs/step", per, durability="buffered (idempotent)"))
     return out
+
+
+async def _per_step_us(engine: Engine, workflow: str, n: int, *args: Any) -> float:
+    """µs per step of one run of ``workflow`` with ``n`` steps."""
+    start = now()
+    await engine.run(workflow, n, *args)
+    return (now() - start) / n * 1e6
+
+
+async def _own_engine_per_step(
+    env: Env, settings: dict[str, Any], workflow: str, n: int, *args: Any
+) -> float:
+    """``_per_step_us`` on a warmed-up engine of its own with ``settings``."""
+    engine = make_engine(env, **settings)
+    async with engine:
+        await _warm_up(engine)
+        return await _per_step_us(engine, workflow, n, *args)
 
 
 INLINE_US = 100  # ``sync_step_inline_us`` of the opted-in sync step case
@@ -208,9 +219,7 @@ async def _steps(engine: Engine, p: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(record(case, "µs/step", per, durability=cls))
     n, size = p.get("sync_fn_case", (0, 0))
     if n:  # the same buffered steps with a plain (sync) step function, in worker threads
-        start = now()
-        await engine.run("steps_sync_fn", n, size)
-        per = (now() - start) / n * 1e6
+        per = await _per_step_us(engine, "steps_sync_fn", n, size)
         case = f"N={n}, {size_label(size)}, sync step fn"
         out.append(record(case, "µs/step", per, durability="buffered (idempotent)"))
     return out
