@@ -146,8 +146,22 @@ def test_the_reads_of_a_v5_sqlite_database_use_its_partial_indexes(tmp_path: Pat
         store.close()
 
 
-def test_storages_opening_a_version_4_file_at_once_migrate_it_once(tmp_path: Path) -> None:
+def test_storages_opening_a_version_4_file_at_once_migrate_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Running the v5 rebuild twice would leave the same rows: count the migrations run.
+    migrated: list[int] = []
+    real = sqlite_connection.migration_statements
+
+    def recorded(from_version: int) -> list[str]:
+        statements = real(from_version)
+        if statements:
+            migrated.append(from_version)
+        return statements
+
+    monkeypatch.setattr(sqlite_connection, "migration_statements", recorded)
     for attempt in range(3):
+        migrated.clear()
         db = tmp_path / f"v4-{attempt}.db"
         _v4_file(db)
         before = _raw(db, "SELECT * FROM journal ORDER BY seq")
@@ -158,6 +172,7 @@ def test_storages_opening_a_version_4_file_at_once_migrate_it_once(tmp_path: Pat
         finally:
             for store in stores:
                 store.close()
+        assert migrated == [4]
         assert _raw(db, "SELECT * FROM journal ORDER BY seq") == before
         assert _raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
