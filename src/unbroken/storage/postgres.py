@@ -26,12 +26,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import psycopg
-
 from ..errors import StorageError, UnknownExecution
 from ..journal import ExecutionRecord, ExecutionStatus, JournalEntry
 from .base import WORK_TOPIC, Signer, outcomes_by_execution
-from .postgres_queue import CHANNEL_PREFIX, PostgresQueue
+from .postgres_queue import CHANNEL_PREFIX, PG_SELECT_EXECUTION, PostgresQueue
 from .postgres_retention import PostgresRetention
 from .postgres_rows import (
     Mark,
@@ -43,7 +41,7 @@ from .postgres_rows import (
     sign_marks,
 )
 from .postgres_waits import PostgresWaits
-from .sql_reads import EXECUTION_COLUMNS, SELECT_EXECUTION, SqlReads, execution_from_row
+from .sql_reads import EXECUTION_COLUMNS, SqlReads, execution_from_row
 from .sql_writes import (
     ABORT,
     ADD_KEY_VERIFIER,
@@ -57,8 +55,7 @@ from .sql_writes import (
 
 __all__ = ["PostgresStorage"]
 
-_SELECT_EXECUTION = pg_placeholders(SELECT_EXECUTION)
-# The new row, or none when the id exists (then it is read with _SELECT_EXECUTION).
+# The new row, or none when the id exists (then it is read with PG_SELECT_EXECUTION).
 _CREATE = (
     "INSERT INTO executions (execution_id, workflow, status, inputs, created_at, updated_at) "
     "VALUES (%s, %s, 'running', %s, %s, %s) "
@@ -125,14 +122,11 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """Insert a ``running`` execution unless one exists; return ``(row, created)``."""
         op = "create_execution"
         with self._writing(op) as conn:
-            try:
-                params = (execution_id, workflow, inputs, now_ms, now_ms)
-                row = conn.execute(_CREATE, params).fetchone()
-                created = row is not None
-                if row is None:  # it exists: the callers' rarer case costs a round trip more
-                    row = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
+            params = (execution_id, workflow, inputs, now_ms, now_ms)
+            row = conn.execute(_CREATE, params).fetchone()
+            created = row is not None
+            if row is None:  # it exists: the callers' rarer case costs a round trip more
+                row = conn.execute(PG_SELECT_EXECUTION, (execution_id,)).fetchone()
         if row is None:  # pruned meanwhile
             raise StorageError(op, "the execution was deleted meanwhile")
         if created:
@@ -148,7 +142,7 @@ class PostgresStorage(SqlReads, PostgresQueue, PostgresWaits, PostgresRetention)
         """
         with self._write("reopen_execution", (execution_id,)) as conn:
             conn.execute(_REOPEN, (now_ms, execution_id))
-            cursor = conn.execute(_SELECT_EXECUTION, (execution_id,))
+            cursor = conn.execute(PG_SELECT_EXECUTION, (execution_id,))
         return reopened(execution_id, cursor.fetchone())
 
     def finalize_execution(

@@ -294,14 +294,14 @@ class PostgresLocks(PostgresConnections):
             conn = self._lock_connection(op)
             try:
                 yield conn
-            except (psycopg.Error, StorageError) as exc:
-                if not conn.broken:
+            except psycopg.Error as exc:
+                failure = self._failure(op, exc)
+                raise (self._died_under(op, conn, execution_ids) or failure) from None
+            except StorageError:
+                lost = self._died_under(op, conn, execution_ids)
+                if lost is None:
                     raise
-                # The lock session died under the write: its locks went with it.
-                self._lose_session()
-                failure = self._failure(op, exc) if isinstance(exc, psycopg.Error) else exc
-                lost = self._lost_among(op, execution_ids)
-                raise (lost or failure) from None
+                raise lost from None
         finally:
             self._lock_mutex.release()
             self._report()
@@ -328,29 +328,28 @@ class PostgresLocks(PostgresConnections):
         """
         ids = list(execution_ids)
         with self._writing(op, ids) as conn:
-            try:
-                if one_statement and conn is self._lock_conn:
-                    self.fence(conn, op, ids)  # in memory only, on the lock session
-                    yield conn
-                    return
-                with conn.transaction():
-                    self.fence(conn, op, ids)
-                    yield conn
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
+            if one_statement and conn is self._lock_conn:
+                self.fence(conn, op, ids)  # in memory only, on the lock session
+                yield conn
+                return
+            with conn.transaction():
+                self.fence(conn, op, ids)
+                yield conn
 
     def _execute(self, op: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run one writing statement, committed on its own (one round trip); its rows."""
         with self._writing(op) as conn:
-            try:
-                cursor = conn.execute(query, params)
-                return cursor.fetchall() if cursor.description else []
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
 
-    def _lost_among(self, op: str, execution_ids: Iterable[str]) -> OwnershipLost | None:
-        """``OwnershipLost`` for the first of ``execution_ids`` whose lock was lost with a
-        session that died under the write."""
+    def _died_under(
+        self, op: str, conn: Connection, execution_ids: Iterable[str]
+    ) -> OwnershipLost | None:
+        """If the lock session died under a write that failed: lose its locks, and the
+        ``OwnershipLost`` of the first of ``execution_ids`` among them."""
+        if not conn.broken:
+            return None
+        self._lose_session()
         for eid in execution_ids:
             if self._key_of(eid) in self._lost:
                 return OwnershipLost(op, eid, write="unconfirmed")

@@ -41,21 +41,21 @@ from psycopg import sql
 
 from ..errors import StorageError
 from ..ids import lock_name
-from ..journal import ExecutionRecord, ExecutionStatus
+from ..journal import ExecutionRecord
 from .base import WORK_TOPIC, Claimant
 from .postgres_locks import PostgresLocks, lock_key
 from .postgres_rows import Connection
-from .sql_reads import EXECUTION_COLUMNS, SELECT_EXECUTION
+from .sql_reads import EXECUTION_COLUMNS, SELECT_EXECUTION, execution_from_row
 from .sql_writes import pg_placeholders
 
 __all__ = ["CHANNEL_PREFIX", "PostgresListener", "PostgresQueue"]
 
 CHANNEL_PREFIX = "unbroken_"
 _QUEUE_LOCK_CLASS = 0x756E_6272  # ASCII 'unbr': the first int of a queue's two-int lock
-_SELECT_EXECUTION = pg_placeholders(SELECT_EXECUTION)
+PG_SELECT_EXECUTION = pg_placeholders(SELECT_EXECUTION)
 # The new row and True (its queue's workers hear of it at commit), or the existing one and
 # False. A row inserted by a transaction that committed after this statement's snapshot is
-# neither: it is read again (_SELECT_EXECUTION).
+# neither: it is read again (PG_SELECT_EXECUTION).
 _ENQUEUE = (
     "WITH created AS (INSERT INTO executions (execution_id, workflow, status, inputs, "
     "created_at, updated_at, queue, lock_key) VALUES (%(id)s, %(wf)s, 'running', %(in)s, "
@@ -99,21 +99,18 @@ class PostgresQueue(PostgresLocks):
         notify the queue's workers; return ``(row, created)``."""
         op = "enqueue_execution"
         with self._writing(op) as conn:
-            try:
-                key = lock_key(lock_name(execution_id), self._namespace_of(conn))
-                params = {
-                    "id": execution_id, "wf": workflow, "in": inputs, "now": now_ms,
-                    "queue": queue, "key": key, "channel": CHANNEL_PREFIX + WORK_TOPIC,
-                }  # fmt: skip
-                row = conn.execute(_ENQUEUE, params).fetchone()
-                if row is None:  # created by a transaction younger than the statement
-                    found = conn.execute(_SELECT_EXECUTION, (execution_id,)).fetchone()
-                    row = None if found is None else (*found, False)
-            except psycopg.Error as exc:
-                raise self._failure(op, exc) from None
+            key = lock_key(lock_name(execution_id), self._namespace_of(conn))
+            params = {
+                "id": execution_id, "wf": workflow, "in": inputs, "now": now_ms,
+                "queue": queue, "key": key, "channel": CHANNEL_PREFIX + WORK_TOPIC,
+            }  # fmt: skip
+            row = conn.execute(_ENQUEUE, params).fetchone()
+            if row is None:  # created by a transaction younger than the statement
+                found = conn.execute(PG_SELECT_EXECUTION, (execution_id,)).fetchone()
+                row = None if found is None else (*found, False)
         if row is None:  # pruned meanwhile
             raise StorageError(op, "the execution was deleted meanwhile")
-        return ExecutionRecord(row[0], row[1], ExecutionStatus(row[2]), *row[3:-1]), bool(row[-1])
+        return execution_from_row(row[:-1]), bool(row[-1])
 
     def claim_queued(
         self,

@@ -11,6 +11,7 @@ same statement.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,8 +54,10 @@ ADD_KEY_VERIFIER = (
 """Record a key's check value unless one is: ``(key_id, verifier, now_ms)``."""
 
 
+@functools.lru_cache(maxsize=256)
 def pg_placeholders(sql: str) -> str:
-    """``sql`` with psycopg's ``%s`` placeholders."""
+    """``sql`` with psycopg's ``%s`` placeholders (each text rewritten once: the shared
+    reads pass theirs on every call)."""
     return sql.replace("?", "%s")
 
 
