@@ -280,31 +280,30 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
         self, execution_id: str, generation: int, from_step: int, limit: int
     ) -> list[JournalEntry]:
         """Rows of one generation from ``from_step`` on, by ``(step_id, seq)``."""
-        with self._lock:
-            self._check_open("read_segment")
-            rows = [
-                e
-                for e in self._journal.get(execution_id, ())
-                if e.generation == generation and e.step_id >= from_step
-            ]
-        rows.sort(key=lambda e: (e.step_id, e.seq or 0))
-        return rows[: max(limit, 0)]
+        return self._segment("read_segment", execution_id, generation, from_step, limit, True)
 
     def read_replay(
         self, execution_id: str, generation: int, from_step: int, limit: int
     ) -> list[ReplayRow]:
         """``read_segment`` less checkpoint rows, as ``ReplayRow`` tuples."""
+        rows = self._segment("read_replay", execution_id, generation, from_step, limit, False)
+        return [row_of(e) for e in rows]
+
+    def _segment(
+        self, op: str, execution_id: str, generation: int, from_step: int, limit: int,
+        checkpoints: bool,
+    ) -> list[JournalEntry]:
         with self._lock:
-            self._check_open("read_replay")
+            self._check_open(op)
             rows = [
                 e
                 for e in self._journal.get(execution_id, ())
                 if e.generation == generation
                 and e.step_id >= from_step
-                and e.kind is not EntryKind.CHECKPOINT
+                and (checkpoints or e.kind is not EntryKind.CHECKPOINT)
             ]
         rows.sort(key=lambda e: (e.step_id, e.seq or 0))
-        return [row_of(e) for e in rows[: max(limit, 0)]]
+        return rows[: max(limit, 0)]
 
     def find_by_key(self, execution_id: str, idem_key: bytes) -> list[JournalEntry]:
         """Every guarded row of any generation with this idempotency key, by ``seq``

@@ -21,6 +21,7 @@ from .rules import (
     check_folded,
     count_excess,
     expired,
+    missing_seqs,
     outcomes_of,
     take_to_fit,
 )
@@ -72,11 +73,7 @@ class MemoryRetention(MemoryTables):
             raise StorageError("fold", "the journal entry names an execution that does not exist")
         replaced = [e for e in self._journal.get(execution_id, ()) if e.seq in wanted]
         if len(replaced) != len(wanted):
-            missing = len(wanted) - len(replaced)
-            raise StorageError(
-                "fold",
-                f"{missing} of {len(wanted)} replaced seqs name no journal row of this execution",
-            )
+            raise missing_seqs(len(wanted), len(replaced))
         return replaced
 
     def read_checkpoints(self, execution_id: str, generation: int) -> list[JournalEntry]:

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from ..journal import JournalEntry, PruneReport, RetentionPolicy
 from .postgres_locks import PostgresLocks
 from .postgres_rows import Connection, append_statement
-from .rules import check_checkpoint, check_folded
+from .rules import check_checkpoint, check_folded, missing_seqs
 from .sql_retention import (
     RetentionSql,
-    missing_seqs,
     run_prune,
 )
 

@@ -42,6 +42,7 @@ __all__ = [
     "claim_in_order",
     "count_excess",
     "expired",
+    "missing_seqs",
     "outcomes_of",
     "settled_state",
     "take_to_fit",
@@ -165,3 +166,12 @@ def claim_in_order(
         if workflow in wanted and claimant.try_own(execution_id):
             claimed.append((execution_id, workflow))
     return claimed
+
+
+def missing_seqs(wanted: int, found: int) -> StorageError:
+    """The error of a fold whose replaced seqs name ``wanted - found`` rows the execution
+    does not have."""
+    return StorageError(
+        "fold",
+        f"{wanted - found} of {wanted} replaced seqs name no journal row of this execution",
+    )

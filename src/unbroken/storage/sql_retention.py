@@ -15,7 +15,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import StorageError
 from ..journal import PruneReport, RetentionPolicy
 from .rules import PHASES, Phase, active_phases, count_excess, take_to_fit, ttl_cutoffs
 
@@ -24,7 +23,6 @@ __all__ = [
     "Removed",
     "RetentionSql",
     "execution_bytes",
-    "missing_seqs",
     "run_prune",
     "select_batch",
 ]
@@ -202,7 +200,7 @@ def run_prune(
                 counts[phase] = len(ids)
                 journal_rows += count_rows(conn, ids)
                 removed.ids.update(ids)
-                if policy.max_journal_bytes > 0:
+                if policy.max_journal_bytes > 0 and phase != PHASES[-1]:  # read by later phases
                     removed.bytes += sum(execution_bytes(conn, sql, i) for i in ids)
     else:
         batch = max(policy.batch_size, 1)
@@ -216,12 +214,4 @@ def run_prune(
                     break
     return PruneReport(
         sum(counts.values()), journal_rows, counts["ttl"], counts["count"], counts["size"]
-    )
-
-
-def missing_seqs(wanted: int, found: int) -> StorageError:
-    """The error for replaced seqs that name no journal row of the execution."""
-    return StorageError(
-        "fold",
-        f"{wanted - found} of {wanted} replaced seqs name no journal row of this execution",
     )

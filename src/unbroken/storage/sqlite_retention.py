@@ -14,10 +14,9 @@ import sqlite3
 from collections.abc import Sequence
 
 from ..journal import JournalEntry, PruneReport, RetentionPolicy
-from .rules import check_checkpoint, check_folded
+from .rules import check_checkpoint, check_folded, missing_seqs
 from .sql_retention import (
     RetentionSql,
-    missing_seqs,
     run_prune,
 )
 from .sqlite_connection import SqliteConnections
