@@ -486,7 +486,7 @@ class Context:
         if self._acks(call):
             await self._journal(call, EntryKind.RESULT, value)
         else:  # the hot path: no await
-            self._run.writer.append_buffered(self._outcome(call, EntryKind.RESULT, value))
+            self._buffer(call, EntryKind.RESULT, value)
         if faults is not None:
             await self._fault_after(call.step_id)
         return value
