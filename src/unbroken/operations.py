@@ -207,18 +207,12 @@ class StepThreads:
             weakref.WeakKeyDictionary()
         )
 
-    def run(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Run ``fn()`` in a worker thread in a copy of the current context; the future
-        (of the running loop) gets its result or exception."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._submit(_Job(contextvars.copy_context(), fn, self._inbox(loop), future, None))
-        return future
-
     def call(
         self, fn: Callable[[], Any], learn: types.FunctionType | None = None, limit: float = 0.0
     ) -> _Job | asyncio.Future[Any]:
-        """``run``, except that a finished job may come back itself (``.value``, ``.exc``):
+        """Run ``fn()`` in a worker thread in a copy of the current context: a future (of the
+        running loop) gets its result or exception, except that a finished job may come
+        back itself (``.value``, ``.exc``):
 
         - when ``learn`` (the step function ``fn`` calls) has shown itself quick
           (``QUICK_RUNS`` runs in a row in worker threads, each within ``limit`` seconds,

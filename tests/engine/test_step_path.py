@@ -100,9 +100,17 @@ async def test_a_sync_operation_s_error_and_returned_coroutine(
         assert await engine.run(wf) == ("awaited", "KeyError")
 
 
+async def _result(outcome: Any) -> Any:
+    """What ``StepThreads.call`` gave: awaited if a future, else the finished job's value."""
+    if isinstance(outcome, asyncio.Future):
+        return await outcome
+    assert outcome.exc is None
+    return outcome.value
+
+
 async def test_step_threads_grow_only_while_every_thread_is_busy() -> None:
     pool = StepThreads(max_workers=2)
-    idents = [await pool.run(threading.get_ident) for _ in range(5)]
+    idents = [await _result(pool.call(threading.get_ident)) for _ in range(5)]
     assert len(set(idents)) == 1  # one after the other: one thread
 
     release = threading.Event()
@@ -113,10 +121,12 @@ async def test_step_threads_grow_only_while_every_thread_is_busy() -> None:
         release.wait(30)
         return threading.get_ident()
 
-    first, second = pool.run(hold), pool.run(hold)
+    first, second = pool.call(hold), pool.call(hold)
+    assert isinstance(first, asyncio.Future) and isinstance(second, asyncio.Future)
     for _ in range(2):
         await asyncio.get_running_loop().run_in_executor(None, started.acquire)
-    third = pool.run(threading.get_ident)  # both threads are busy and the cap is 2
+    third = pool.call(threading.get_ident)  # both threads are busy and the cap is 2
+    assert isinstance(third, asyncio.Future)
     await asyncio.sleep(0.05)
     assert not third.done()
     release.set()
@@ -127,10 +137,11 @@ async def test_step_threads_grow_only_while_every_thread_is_busy() -> None:
 async def test_a_cancelled_step_s_late_result_is_dropped() -> None:
     pool = StepThreads()
     release = threading.Event()
-    future = pool.run(lambda: release.wait(30))
+    future = pool.call(lambda: release.wait(30))
+    assert isinstance(future, asyncio.Future)  # it outlasted the loop's wait
     future.cancel()
     release.set()
-    assert await pool.run(lambda: "next") == "next"  # the late result went nowhere
+    assert await _result(pool.call(lambda: "next")) == "next"  # the late result went nowhere
 
 
 async def test_a_sync_operation_the_loop_waits_for_gives_its_value_error_and_context() -> None:
