@@ -52,19 +52,43 @@ class WriterStats:
 
 
 class GroupCommit:
-    """Commits batches the writer took, in order, counting into ``stats``; the outcome of
-    each acknowledged request waits in ``replies``."""
+    """Commits batches the writer took, in order. What a batch did (its replies, counts and
+    dropped entries) is held until ``settle`` says whether its transaction committed: an
+    inline group commit runs ``process`` inside one transaction that may yet roll back."""
 
     def __init__(self, storage: Storage, signer: Signer | None, stats: WriterStats) -> None:
         self._storage = storage
         self._signer = signer
         self._stats = stats
-        self.replies: list[tuple[Request, Any, BaseException | None]] = []
+        self._replies: list[tuple[Request, Any, BaseException | None]] = []
+        self._commits: list[tuple[int, int]] = []  # (entries, seq) of each group committed
+        self._drops: list[tuple[int, BaseException | None]] = []  # (entries, why)
 
-    def take_replies(self) -> list[tuple[Request, Any, BaseException | None]]:
-        """The replies collected so far, now the caller's to deliver."""
-        replies, self.replies = self.replies, []
-        return replies
+    def settle(
+        self, committed: bool = True
+    ) -> tuple[list[tuple[Request, Any, BaseException | None]], int]:
+        """End what ``process`` and ``count`` did since the last call: counted and logged
+        if it committed, else forgotten (nothing was written, nothing dropped). Returns
+        its replies (none if rolled back) and the entries committed."""
+        replies, commits, drops = self._replies, self._commits, self._drops
+        self._replies, self._commits, self._drops = [], [], []
+        if not committed:
+            return [], 0
+        stats = self._stats
+        for entries, seq in commits:
+            stats.commits += 1
+            stats.entries += entries
+            stats.last_seq = seq
+        for entries, error in drops:
+            stats.dropped += entries
+            expected = isinstance(error, StorageError)  # a metadata-only message says it all
+            log.warning(
+                "journal group commit of %d entries failed; they were dropped "
+                "(their steps re-run safely on resume): %s",
+                entries, error if expected else type(error).__name__,
+                exc_info=None if expected else error,
+            )
+        return replies, sum(entries for entries, _ in commits)
 
     def process(self, items: list[JournalEntry | Request]) -> None:
         """Commit everything taken in one transaction, acknowledged entries included (a
@@ -151,14 +175,7 @@ class GroupCommit:
 
     def _dropped(self, pending: list[JournalEntry]) -> None:
         """Called from an ``except`` block: the group failed and is dropped."""
-        self._stats.dropped += len(pending)
-        error = sys.exc_info()[1]
-        expected = isinstance(error, StorageError)  # a metadata-only message says it all
-        log.warning(
-            "journal group commit of %d entries failed; they were dropped "
-            "(their steps re-run safely on resume): %s",
-            len(pending), error if expected else type(error).__name__, exc_info=not expected,
-        )
+        self._drops.append((len(pending), sys.exc_info()[1]))
 
     def _run_call(self, request: Request) -> None:
         assert request.call is not None
@@ -170,9 +187,8 @@ class GroupCommit:
             self._reply(request, result, None)
 
     def _reply(self, request: Request, value: Any, exc: BaseException | None) -> None:
-        self.replies.append((request, value, exc))
+        self._replies.append((request, value, exc))
 
     def count(self, n: int, seq: int) -> None:
-        self._stats.commits += 1
-        self._stats.entries += n
-        self._stats.last_seq = seq
+        """``n`` entries were written, up to ``seq`` (counted when settled)."""
+        self._commits.append((n, seq))

@@ -275,6 +275,7 @@ class JournalWriter:
             return None
         if batch:
             self._groups.count(len(batch), result[0])
+            self._groups.settle()
             self._inline_done(len(batch))
         return result
 
@@ -284,22 +285,18 @@ class JournalWriter:
         """Queued requests too: ``GroupCommit.process`` (the thread's) in one transaction,
         each write a savepoint, so one refused entry or failed call is set apart as on the
         thread."""
-        stats = self.stats
-        saved = (stats.commits, stats.entries, stats.last_seq, stats.dropped)
         mine = own.entry is not None or own.call is not None
         work: list[JournalEntry | Request] = [*items, own] if mine else items
         try:
             done, _ = local.try_write(lambda storage: self._groups.process(work), isolate=True)
         except Exception:
             done = False
+        # Rolled back whole, nothing was committed or dropped: the thread does it anew.
+        replies, entries = self._groups.settle(done)
         if not done:
-            # Rolled back whole: nothing was committed or dropped; the thread does it anew.
-            stats.commits, stats.entries, stats.last_seq, stats.dropped = saved
-            self._groups.take_replies()
             self._requeue(items)
             return _DECLINED
-        self._inline_done(self.stats.entries - saved[1])
-        replies = self._groups.take_replies()
+        self._inline_done(entries)
         value, error = None, None
         for request, result, exc in replies:
             if request is own:
@@ -393,7 +390,7 @@ class JournalWriter:
                 batch = self._take()
                 if batch:
                     self._groups.process(batch)
-                replies = self._groups.take_replies()
+                replies, _ = self._groups.settle()
             # Replies go out once the mutex is free: whoever resumes finds the writer idle.
             for request, value, exc in replies:
                 _resolve(request, value, exc)

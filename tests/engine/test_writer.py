@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from unbroken.errors import JournalUnavailable, StorageError
+from unbroken.group_commit import GroupCommit, Request, WriterStats
 from unbroken.journal import EntryKind, JournalEntry
 from unbroken.storage import Signer
 from unbroken.storage.memory import MemoryStorage
@@ -154,3 +155,23 @@ async def test_calls_run_in_order_after_buffered_entries(storage: RecordingStora
     count = await w.call(lambda s: len(s.read_segment("e", 0, 0, 10)))
     assert count == 1
     w.close()
+
+
+def test_a_group_rolled_back_counts_and_logs_nothing_it_did(
+    storage: RecordingStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An inline group commit runs inside a transaction that may roll back: what it wrote
+    or dropped counts only once settled as committed."""
+    stats = WriterStats()
+    groups = GroupCommit(storage, None, stats)
+    storage.append([_entry(0)])
+    batch: list[JournalEntry | Request] = [_entry(0), _entry(1)]  # a duplicate: dropped
+    groups.process(batch)
+    assert groups.settle(committed=False) == ([], 0)
+    assert (stats.commits, stats.entries, stats.dropped) == (0, 0, 0)
+    assert "dropped" not in caplog.text
+    groups.process([_entry(0), _entry(2)])
+    groups.process([_entry(3)])
+    assert groups.settle() == ([], 1)
+    assert (stats.commits, stats.entries, stats.dropped) == (1, 1, 2)
+    assert "journal group commit of 2 entries failed" in caplog.text
