@@ -52,7 +52,7 @@ class ReplayReader:
     """Reads one generation's journal into its replay cursor: the checkpoints' folded
     rows first, then the segments, each when a lookup needs it."""
 
-    __slots__ = ("_cursor", "_fold_at", "_lock", "_open_result", "_preloaded", "_run")
+    __slots__ = ("_cursor", "_lock", "_open_result", "_preloaded", "_run", "fold_at")
 
     def __init__(self, run: RunServices) -> None:
         steps = run.config.replay_segment_steps
@@ -66,7 +66,7 @@ class ReplayReader:
         self._lock = asyncio.Lock()
         self._preloaded = False
         self._open_result: Callable[[bytes | None, int, bytes], Any] | None = None
-        self._fold_at = fold_point(run.config.max_steps_per_execution)
+        self.fold_at = fold_point(run.config.max_steps_per_execution)
         """Where the step cap's checks and fold start: the full lookup's from there on."""
 
     def ready(self, step_id: int) -> bool:
@@ -109,7 +109,7 @@ class ReplayReader:
             IntegrityAbort: the row does not open (fail closed, as the full lookup does).
         """
         open_result = self._open_result
-        if open_result is None or step_id >= self._fold_at:
+        if open_result is None or step_id >= self.fold_at:
             return MISS
         row = self._cursor.take_result(step_id, idem_key)
         if row is None:

@@ -114,7 +114,7 @@ class Context:
         self._derive_key = step_keys(run.execution_id)
         self._ack_all = run.config.journal_ack_every_step
         # No cap check below this step.
-        self._fold_at = checkpoints.fold_point(run.config.max_steps_per_execution)
+        self._fold_at = self._reader.fold_at
         # The workflow's task also calls ``cancel_inflight``: only other tasks' steps are
         # tracked in ``_tasks``.
         self._loop, self._owner = running_task()

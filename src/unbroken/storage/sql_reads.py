@@ -226,8 +226,8 @@ class SqlReads:
         """``result`` and ``error`` rows of the execution, every generation, plus the
         ``folded`` counts of its checkpoint rows."""
         # Two index scans: outcome rows through their partial unique index, which holds
-        # nothing else (1,000,000 rows: 0.1 s; through the (execution, generation, step)
-        # index with a table lookup per row: 0.25 s), and checkpoint rows through theirs.
+        # nothing else (no table lookup per row, as the (execution, generation, step)
+        # index would need), and checkpoint rows through theirs.
         rows = self._select(
             "count_outcomes",
             "SELECT (SELECT COUNT(*) FROM journal WHERE execution_id = ? "
