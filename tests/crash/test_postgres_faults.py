@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -64,14 +65,12 @@ def _count(q: Queue, status: str, workflow: str) -> int | None:
 
 
 def _wait_for(q: Queue, workflow: str, done: int, workers: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + DRAIN_LIMIT_SECS
-    while (_count(q, "completed", workflow) or 0) < done:
-        for proc in workers:
-            assert proc.poll() is None, q.stderr(proc)
-        if time.monotonic() > deadline:
-            tails = [_log_lines(q.stderr(proc)) for proc in workers]
-            raise AssertionError(f"fewer than {done} executions completed", tails)
-        time.sleep(0.1)
+    _wait_until(
+        f"fewer than {done} executions completed",
+        lambda: (_count(q, "completed", workflow) or 0) >= done,
+        q,
+        workers,
+    )
 
 
 def _log_lines(err: str) -> list[str]:
@@ -82,18 +81,20 @@ def _log_lines(err: str) -> list[str]:
 
 def _outputs(q: Queue, count: int) -> dict[str, list[int]]:
     """The journaled output of every ``traced`` execution (read, not re-run)."""
+    return _journaled(q, "traced", [f"traced-{i:05d}" for i in range(count)])
 
-    async def never(ctx: Context, seconds: float) -> list[int]:
+
+def _journaled(q: Queue, workflow: str, execution_ids: list[str]) -> dict[str, Any]:
+    """The journaled outputs of completed executions of ``workflow`` (read, not re-run)."""
+
+    async def never(ctx: Context, *inputs: Any) -> Any:
         raise AssertionError("a completed execution is never run again")
 
-    async def go() -> dict[str, list[int]]:
+    async def go() -> dict[str, Any]:
         engine = Engine(q.url)
-        engine.workflow(name="traced")(never)
+        engine.workflow(name=workflow)(never)
         async with engine:
-            return {
-                f"traced-{i:05d}": await engine.run("traced", 0.0, execution_id=f"traced-{i:05d}")
-                for i in range(count)
-            }
+            return {eid: await engine.run(workflow, execution_id=eid) for eid in execution_ids}
 
     return asyncio.run(go())
 
@@ -309,12 +310,7 @@ def test_a_resumed_owner_whose_step_ends_before_anything_noticed_the_lapse_commi
         code, err = queue.stop(proc)
         assert code == 0, err
 
-    async def read() -> int:
-        engine = Engine(queue.url)
-        engine.workflow(name="gated")(never)
-        async with engine:
-            return await engine.run("gated", execution_id="gated-1")
-
-    assert asyncio.run(read()) == other.pid, "the paused worker's late result committed"
+    late = _journaled(queue, "gated", ["gated-1"])["gated-1"]
+    assert late == other.pid, "the paused worker's late result committed"
     results = admin_execute(f"SELECT COUNT(*) FROM {queue.schema}.journal WHERE kind = 'result'")
     assert results == [(1,)]
