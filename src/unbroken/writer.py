@@ -84,6 +84,7 @@ class JournalWriter:
         self._checkpoint_due = False
         self._owner: asyncio.Task[Any] | None = None  # committed inline this loop iteration
         self._group_scheduled = False
+        self._deadlines = _Deadlines(ack_timeout_ms)
 
     @property
     def commits_inline(self) -> bool:
@@ -344,14 +345,10 @@ class JournalWriter:
         return await self._reply_of(request)
 
     async def _reply_of(self, request: Request) -> Any:
-        assert request.future is not None
-        try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-            # cancellation that arrives just as the reply does.
-            async with asyncio.timeout(self.ack_timeout_ms / 1000):
-                return await request.future
-        except TimeoutError:
-            raise JournalUnavailable(self.ack_timeout_ms) from None
+        future, loop = request.future, request.loop
+        assert future is not None and loop is not None
+        self._deadlines.watch(loop, future)
+        return await future
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -446,6 +443,45 @@ class JournalWriter:
         self._requests = 0
         self._due_now = False
         return items
+
+
+class _Deadlines:
+    """Replies awaited from the writer thread, oldest first, each failed with
+    ``JournalUnavailable`` once ``timeout_ms`` passed without it. One loop timer, armed
+    while replies are awaited, serves them all: every wait of its own (``asyncio.timeout``)
+    would cost a timer handle and a scope per acknowledged append. Every wait is as long,
+    so the oldest is always the next due; replies that came are dropped as waits are added.
+    """
+
+    __slots__ = ("_timeout_ms", "_timer", "_waiting")
+
+    def __init__(self, timeout_ms: int) -> None:
+        self._timeout_ms = timeout_ms
+        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        """Fail ``future`` (awaited on ``loop``) if it is not done in time."""
+        waiting = self._waiting
+        while waiting and waiting[0][1].done():
+            waiting.popleft()
+        due = loop.time() + self._timeout_ms / 1000
+        waiting.append((due, future))
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiting, now = self._waiting, loop.time()
+        while waiting:
+            due, future = waiting[0]
+            if not future.done():
+                if due > now:
+                    self._timer = loop.call_at(due, self._expire, loop)
+                    return
+                # The caller moves on; a reply still to come finds the future done.
+                future.set_exception(JournalUnavailable(self._timeout_ms))
+            waiting.popleft()
 
 
 def _noop(_: Storage) -> None:

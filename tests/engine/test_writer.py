@@ -97,6 +97,28 @@ async def test_acked_append_times_out_when_the_writer_is_stalled_fr_de_11(
     w.close()
 
 
+async def test_each_acked_append_gets_its_own_full_timeout(storage: RecordingStorage) -> None:
+    """Waits overlap: each fails a full timeout after it began, not at an earlier one's
+    expiry and not never; an answered wait leaves the others' clocks alone."""
+    w = _writer(storage, ack_timeout_ms=300)
+    loop = asyncio.get_running_loop()
+    await w.append_acked(_entry(0))  # answered at once
+    storage.gate.clear()
+    first = asyncio.ensure_future(w.append_acked(_entry(1, EntryKind.INTENT)))
+    await asyncio.sleep(0.2)
+    began = loop.time()
+    second = asyncio.ensure_future(w.append_acked(_entry(2, EntryKind.INTENT)))
+    with pytest.raises(JournalUnavailable):
+        await asyncio.wait_for(first, 2)
+    assert not second.done()  # 100 ms left of its own 300
+    with pytest.raises(JournalUnavailable):
+        await asyncio.wait_for(second, 2)  # never failing would be a TimeoutError
+    assert loop.time() - began >= 0.29
+    storage.gate.set()
+    assert await w.append_acked(_entry(3, EntryKind.INTENT)) > 0
+    w.close()
+
+
 async def test_acked_append_errors_when_the_writer_is_gone_inv12(storage: RecordingStorage) -> None:
     w = _writer(storage)
     await asyncio.get_running_loop().run_in_executor(None, w.close)
