@@ -80,8 +80,10 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
                 "ON CONFLICT (execution_id) DO NOTHING",
                 (execution_id, workflow, inputs, now_ms, now_ms, queue),
             )
+            if cursor.rowcount == 1:  # the row is what was inserted: no read back
+                return _new_row(execution_id, workflow, inputs, queue, now_ms), True
             row = conn.execute(SELECT_EXECUTION, (execution_id,)).fetchone()
-        return execution_from_row(row), cursor.rowcount == 1
+        return execution_from_row(row), False
 
     def reopen_execution(self, execution_id: str, now_ms: int) -> ExecutionRecord:
         """Un-finalize a terminal execution (INV-16); return the row as it is now.
@@ -194,3 +196,23 @@ def _insert_entries(
             finally:
                 signing.signer = None
     return seq
+
+
+def _new_row(
+    execution_id: str, workflow: str, inputs: bytes, queue: str | None, now_ms: int
+) -> ExecutionRecord:
+    """The row ``_insert`` just inserted, as the database holds it."""
+    return ExecutionRecord(
+        execution_id,
+        workflow,
+        ExecutionStatus.RUNNING,
+        generation=0,
+        inputs=inputs,
+        output=None,
+        error_type=None,
+        error=None,
+        created_at_ms=now_ms,
+        updated_at_ms=now_ms,
+        finalized_at_ms=None,
+        queue=queue,
+    )
