@@ -42,6 +42,7 @@ _FIRST_KEEP = 16  # spares kept at first; more once starts had to wait for one
 _MAX_KEEP = 512
 _BATCH = 16  # spares made between two looks at what is used and wanted
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+_ATTEMPTS = 5  # opens of one lock file that each found it removed once flocked
 
 
 class LockDir:
@@ -66,25 +67,39 @@ class LockDir:
 
         Raises:
             ExecutionLocked: another open file description holds it.
-            StorageError: the directory or file cannot be created or opened.
+            StorageError: the directory or file cannot be created or opened, or the file
+                was removed under this call again and again.
         """
         name = f"{lock_name(execution_id)}.lock"
-        try:
-            fd, made = self._open(name)
-        except OSError as exc:
-            raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder_pid(fd)
+        for _ in range(_ATTEMPTS):
+            try:
+                fd, made, dir_fd = self._open(name)
+            except OSError as exc:
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                current = _names(fd, name, dir_fd)
+            except BlockingIOError:
+                holder = _holder_pid(fd)
+                os.close(fd)
+                raise ExecutionLocked(execution_id, holder) from None
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            if current:
+                if not made:  # a file made ahead holds our pid already
+                    _write_pid(fd)
+                return fd
+            # Its owner removed the file between our open and our flock (see the module
+            # docstring): the lock of that inode locks nothing. Open the name again.
             os.close(fd)
-            raise ExecutionLocked(execution_id, holder) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        if not made:  # a file made ahead holds our pid already
-            _write_pid(fd)
-        return fd
+        raise StorageError(
+            "lock execution",
+            f"lock file {name} was removed after each of {_ATTEMPTS} opens before its flock",
+        )
 
     def held(self, execution_id: str) -> bool:
         """Whether another open file description holds the lock (a missing file: no).
@@ -93,20 +108,26 @@ class LockDir:
             StorageError: the lock file exists but cannot be opened.
         """
         path = self.path / f"{lock_name(execution_id)}.lock"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing drops the probe's shared lock
-        return False
-
+        for _ in range(_ATTEMPTS):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                if _names(fd, path, None):
+                    return False
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            finally:
+                os.close(fd)  # closing drops the probe's shared lock
+            # Removed by its owner since our open: the probe looked at a file no longer
+            # in use; look at the one the name gives now (or none).
+        return True  # removed under the probe again and again: in use all along
     def short(self) -> bool:
         """Whether spares are made ahead but none is ready now (``made`` waits for one).
         The first call starts the maker (an engine that only resumes never needs one)."""
@@ -133,8 +154,9 @@ class LockDir:
         with self._guard:
             self._handles.close()
 
-    def _open(self, name: str) -> tuple[int, bool]:
-        """The lock file ``name`` opened, and whether it is a spare linked into place."""
+    def _open(self, name: str) -> tuple[int, bool, int]:
+        """The lock file ``name`` opened, whether it is a spare linked into place, and the
+        directory it was opened in."""
         handles = self._handles
         dir_fd = handles.dir_fd if handles.dir_fd is not None else self._open_dir()
         spares = self._spares()
@@ -151,13 +173,14 @@ class LockDir:
                 spares.used(spare)
                 made = True
         try:
-            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made, dir_fd
         except FileNotFoundError:  # the directory was removed: make it again, once
             with self._guard:
                 if handles.dir_fd == dir_fd:
                     handles.close(wait=False)  # on the event loop: ``close`` waits for it
                     self._started = False
-            return os.open(name, _OPEN, 0o600, dir_fd=self._open_dir()), False
+            dir_fd = self._open_dir()
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), False, dir_fd
 
     def _open_dir(self) -> int:
         with self._guard:
@@ -376,6 +399,16 @@ def _alive(pid: int) -> bool:
     except OSError:  # it exists but is not ours to signal
         return True
     return True
+
+
+def _names(fd: int, name: str | Path, dir_fd: int | None) -> bool:
+    """Whether ``name`` (relative to ``dir_fd``) still names the file open as ``fd``."""
+    try:
+        named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return named.st_ino == opened.st_ino and named.st_dev == opened.st_dev
 
 
 def _holder_pid(fd: int) -> int:

@@ -4,6 +4,7 @@ uses it): a file linked into place is a lock like any other."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import os
 import shutil
@@ -12,14 +13,14 @@ import sys
 import textwrap
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import unbroken
 from unbroken import Engine, lockfiles
-from unbroken.errors import ExecutionLocked
+from unbroken.errors import ExecutionLocked, StorageError
 from unbroken.ids import lock_name
 from unbroken.lockfiles import LockDir
 from unbroken.ownership import Ownership
@@ -30,7 +31,7 @@ TRY = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from unbroken.errors import ExecutionLocked
+    from unbroken.errors import ExecutionLocked, StorageError
     from unbroken.ownership import Ownership
 
     try:
@@ -253,3 +254,82 @@ def test_a_removed_lock_directory_does_not_make_acquire_wait_for_the_maker(
         closing.join()
     assert not maker.is_alive()  # no spare is made once close returned
     assert _lock_file(lock_dir).exists()
+
+
+def _flock_hook(monkeypatch: pytest.MonkeyPatch, before: Callable[[int], None]) -> None:
+    """``lockfiles`` takes its locks through a ``flock`` that first calls ``before(fd)``:
+    what another process does between a lock file's open and its flock."""
+
+    def flock(fd: int, operation: int) -> None:
+        before(fd)
+        fcntl.flock(fd, operation)
+
+    names = ("LOCK_EX", "LOCK_NB", "LOCK_SH")
+    hooked = types.SimpleNamespace(flock=flock, **{n: getattr(fcntl, n) for n in names})
+    monkeypatch.setattr(lockfiles, "fcntl", hooked)
+
+
+def _removed_by_its_owner(path: Path, owner_fd: int) -> Callable[[int], None]:
+    """A ``before`` for the first flock only: the owner unlinks the file while it holds it,
+    then closes it (as it does when its execution has ended)."""
+    opened: list[int] = []
+
+    def before(fd: int) -> None:
+        if not opened:
+            opened.append(os.fstat(fd).st_ino)
+            assert opened[0] == path.stat().st_ino  # the caller opened the owner's file
+            os.unlink(path)
+            os.close(owner_fd)
+
+    return before
+
+
+def test_inv15_an_acquire_that_flocked_a_removed_file_takes_the_current_one(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _lock_file(lock_dir)
+    owner_fd = LockDir(lock_dir).acquire(EXECUTION)
+    _flock_hook(monkeypatch, _removed_by_its_owner(path, owner_fd))
+    fd = LockDir(lock_dir).acquire(EXECUTION)
+    monkeypatch.undo()
+    try:
+        # It holds the file the name gives, so a third process is locked out; holding the
+        # removed one, both would own the execution.
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+        assert os.fstat(fd).st_ino == path.stat().st_ino
+    finally:
+        os.close(fd)
+    assert _try_elsewhere(lock_dir, EXECUTION) == "acquired"
+
+
+def test_an_acquire_whose_file_is_removed_at_every_open_fails_naming_it(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _lock_file(lock_dir)
+    _flock_hook(monkeypatch, lambda fd: path.unlink())
+    with pytest.raises(StorageError, match=r"removed after each of \d+ opens"):
+        LockDir(lock_dir).acquire(EXECUTION)
+
+
+def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _lock_file(lock_dir)
+    owner_fd = LockDir(lock_dir).acquire(EXECUTION)
+    removed = _removed_by_its_owner(path, owner_fd)
+    newcomer = LockDir(lock_dir)
+
+    def before(fd: int) -> None:  # the owner removes its file, a newcomer makes another
+        removed(fd)
+        monkeypatch.undo()
+        later.append(newcomer.acquire(EXECUTION))
+
+    later: list[int] = []
+    _flock_hook(monkeypatch, before)
+    try:
+        assert LockDir(lock_dir).held(EXECUTION)
+    finally:
+        monkeypatch.undo()
+        for fd in later:
+            os.close(fd)
+    assert not LockDir(lock_dir).held(EXECUTION)
