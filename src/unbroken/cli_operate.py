@@ -77,11 +77,13 @@ def cancel(ctx: click.Context, execution_id: str) -> None:
                 "cancel it there or stop that process first",
                 EXIT_NOT_FOUND,
             )
+        ended = False
         try:
             won = storage.finalize_execution(execution_id, ExecutionStatus.CANCELED, _now_ms())
+            ended = True  # canceled now, or ended meanwhile
             after = storage.get_execution(execution_id) if not won else None
         finally:
-            lock.release()
+            lock.release(ended=ended)
     if won:
         click.echo(f"canceled {shown}")
     else:  # it ended between the read and the lock: first terminal write wins

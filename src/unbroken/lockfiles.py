@@ -2,8 +2,21 @@
 
 An owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel
 drops the lock when the owner's process dies. The file holds the owner's pid, for error
-messages only, and is never unlinked: a waiter that opened the old inode and a newcomer
-that created a new one could then both hold "the" lock.
+messages only.
+
+Lock files are removed, or they would add up to one (an inode) per execution ever run;
+each only by a process holding its lock: by its owner once the execution has ended
+(``release`` with ``remove``: completed, failed, aborted or canceled; never one still
+running). Unlinking a file in use is unsafe by itself: a process that opened the old
+inode before the unlink can flock it after, while a newcomer creates a new file under the
+name and flocks that, and both would hold "the" lock. So ``acquire``, once its flock
+succeeded, checks that the name still names the inode it opened (same ``st_dev`` and
+``st_ino``) and opens the name again if not; the ``held`` probe checks the same. A file
+is created only where the name is missing and unlinked only by its holder, so while it is
+held the name names it: whoever passed the check holds the lock of the file every later
+``acquire`` opens. A release that finds the name naming another file (the directory was
+removed and made again meanwhile) leaves it alone. Versions of this library that do not
+make the check must not share a lock directory with one that removes files.
 
 The directory is opened once and every file is opened relative to it (no path walk and no
 ``mkdir`` per lock). Creating a file allocates an inode, which costs some file systems
@@ -100,6 +113,22 @@ class LockDir:
             "lock execution",
             f"lock file {name} was removed after each of {_ATTEMPTS} opens before its flock",
         )
+
+    def release(self, fd: int, execution_id: str, remove: bool = False) -> None:
+        """Give back the lock ``acquire`` returned as ``fd``. ``remove``: the execution has
+        ended, so first unlink its file, while ``fd`` still holds it (not if the name
+        gives another file now, as after the directory was removed and made again)."""
+        try:
+            if remove:
+                name = f"{lock_name(execution_id)}.lock"
+                with self._guard:  # the directory stays open until the unlink is done
+                    dir_fd = self._handles.dir_fd
+                    if dir_fd is not None and _names(fd, name, dir_fd):
+                        os.unlink(name, dir_fd=dir_fd)
+        except OSError as exc:  # the file stays; pruning its execution removes it
+            log.debug("lock file of %r not removed: %s", execution_id, exc)
+        finally:
+            os.close(fd)
 
     def held(self, execution_id: str) -> bool:
         """Whether another open file description holds the lock (a missing file: no).

@@ -101,6 +101,7 @@ class Retention:
                 lock = self._ownership.acquire(execution_id)
             except ExecutionLocked:
                 continue  # a live owner
+            ended = False
             try:
                 now_ms = int(self._clock.now() * 1000)
                 if await self._io(
@@ -112,6 +113,7 @@ class Retention:
                         execution_id,
                         workflow,
                     )
+                ended = True  # aborted now, or ended meanwhile
             finally:
-                lock.release()
+                lock.release(ended=ended)
         return swept

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from unbroken import Context, Engine, ExecutionCanceled, StepFailed
 from unbroken.cli import main
+from unbroken.ids import lock_name
 from unbroken.ownership import Ownership
 from unbroken.testing import SimulatedCrash, crash_after_step
 
@@ -75,13 +76,19 @@ def _orphan_and_completed(db: Path) -> None:
     asyncio.run(go())
 
 
+def _lock_file(db: Path, eid: str) -> Path:
+    return Path(f"{db}.locks") / f"{lock_name(eid)}.lock"
+
+
 def test_cancel_an_orphan_and_it_never_resumes(tmp_path: Path) -> None:
     db = tmp_path / "u.db"
     _orphan_and_completed(db)
     assert _status(db, "orphan") == "running"
+    assert _lock_file(db, "orphan").exists()
     code, out, err = _cli(db, "cancel", "orphan")
     assert (code, out, err) == (0, "canceled orphan\n", "")
     assert _status(db, "orphan") == "canceled"
+    assert not _lock_file(db, "orphan").exists()  # it ended: its lock file went with it
     code, out, _ = _cli(db, "cancel", "orphan")
     assert (code, out) == (0, "orphan is already canceled\n")
 

@@ -114,6 +114,23 @@ def test_inv15_a_lock_file_made_ahead_is_never_unlinked(lock_dir: Path) -> None:
     assert _lock_file(lock_dir).stat().st_ino == inode
 
 
+def test_inv15_an_ended_execution_s_file_goes_and_its_next_owner_links_a_spare(
+    lock_dir: Path,
+) -> None:
+    ownership = _ready(Ownership(lock_dir, ahead=True))
+    try:
+        ownership.acquire(EXECUTION).release(ended=True)
+        assert not _lock_file(lock_dir).exists()
+        _ready(ownership)
+        spares = _spares(lock_dir)
+        with ownership.acquire(EXECUTION):  # reopened (a failed one runs again)
+            assert _lock_file(lock_dir).stat().st_ino in spares
+            assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+        assert _try_elsewhere(lock_dir, EXECUTION) == "acquired"
+    finally:
+        ownership.close()
+
+
 def test_closing_removes_unused_spares_and_a_dead_process_spares_go_too(
     lock_dir: Path,
 ) -> None:
@@ -158,7 +175,7 @@ async def test_an_engine_starts_many_executions_on_lock_files_made_ahead(
         results = await asyncio.gather(*(engine.run("twice", n) for n in range(100)))
     assert results == [n * 2 for n in range(100)]
     locks = tmp_path / "app.db.locks"
-    assert len(list(locks.glob("*.lock"))) == 100
+    assert list(locks.glob("*.lock")) == []  # each went with its execution's end
     assert _spares(locks) == {}  # the engine's close removed those not used
 
 
@@ -269,17 +286,19 @@ def _flock_hook(monkeypatch: pytest.MonkeyPatch, before: Callable[[int], None]) 
     monkeypatch.setattr(lockfiles, "fcntl", hooked)
 
 
-def _removed_by_its_owner(path: Path, owner_fd: int) -> Callable[[int], None]:
-    """A ``before`` for the first flock only: the owner unlinks the file while it holds it,
-    then closes it (as it does when its execution has ended)."""
+def _removed_by_its_owner(lock_dir: Path) -> Callable[[int], None]:
+    """An owner holds the lock; the ``before`` of the first flock after: the owner's
+    execution ends, so it unlinks the file while it holds it, then closes it."""
+    owner = LockDir(lock_dir)
+    owner_fd = owner.acquire(EXECUTION)
     opened: list[int] = []
 
     def before(fd: int) -> None:
         if not opened:
             opened.append(os.fstat(fd).st_ino)
-            assert opened[0] == path.stat().st_ino  # the caller opened the owner's file
-            os.unlink(path)
-            os.close(owner_fd)
+            assert opened[0] == _lock_file(lock_dir).stat().st_ino  # the owner's file
+            owner.release(owner_fd, EXECUTION, remove=True)
+            assert not _lock_file(lock_dir).exists()
 
     return before
 
@@ -287,16 +306,14 @@ def _removed_by_its_owner(path: Path, owner_fd: int) -> Callable[[int], None]:
 def test_inv15_an_acquire_that_flocked_a_removed_file_takes_the_current_one(
     lock_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _lock_file(lock_dir)
-    owner_fd = LockDir(lock_dir).acquire(EXECUTION)
-    _flock_hook(monkeypatch, _removed_by_its_owner(path, owner_fd))
+    _flock_hook(monkeypatch, _removed_by_its_owner(lock_dir))
     fd = LockDir(lock_dir).acquire(EXECUTION)
     monkeypatch.undo()
     try:
         # It holds the file the name gives, so a third process is locked out; holding the
         # removed one, both would own the execution.
         assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
-        assert os.fstat(fd).st_ino == path.stat().st_ino
+        assert os.fstat(fd).st_ino == _lock_file(lock_dir).stat().st_ino
     finally:
         os.close(fd)
     assert _try_elsewhere(lock_dir, EXECUTION) == "acquired"
@@ -314,9 +331,7 @@ def test_an_acquire_whose_file_is_removed_at_every_open_fails_naming_it(
 def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
     lock_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _lock_file(lock_dir)
-    owner_fd = LockDir(lock_dir).acquire(EXECUTION)
-    removed = _removed_by_its_owner(path, owner_fd)
+    removed = _removed_by_its_owner(lock_dir)
     newcomer = LockDir(lock_dir)
 
     def before(fd: int) -> None:  # the owner removes its file, a newcomer makes another
