@@ -7,7 +7,8 @@ messages only.
 Lock files are removed, or they would add up to one (an inode) per execution ever run;
 each only by a process holding its lock: by its owner once the execution has ended
 (``release`` with ``remove``: completed, failed, aborted or canceled; never one still
-running). Unlinking a file in use is unsafe by itself: a process that opened the old
+running), and by anyone who can take the lock of an execution that was pruned
+(``discard``). Unlinking a file in use is unsafe by itself: a process that opened the old
 inode before the unlink can flock it after, while a newcomer creates a new file under the
 name and flocks that, and both would hold "the" lock. So ``acquire``, once its flock
 succeeded, checks that the name still names the inode it opened (same ``st_dev`` and
@@ -40,6 +41,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 from unbroken.errors import ExecutionLocked, StorageError
@@ -129,6 +131,28 @@ class LockDir:
             log.debug("lock file of %r not removed: %s", execution_id, exc)
         finally:
             os.close(fd)
+
+    def discard(self, execution_ids: Iterable[str]) -> int:
+        """Remove the lock files of executions that are gone (pruned), each only if its
+        lock can be taken (no one owns the execution, as a new one with the same id
+        might); return how many were removed. Creates neither a file nor the directory."""
+        try:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        failed: OSError | None = None
+        try:
+            for execution_id in execution_ids:
+                try:
+                    removed += _discard(f"{lock_name(execution_id)}.lock", dir_fd)
+                except OSError as exc:
+                    failed = exc
+        finally:
+            os.close(dir_fd)
+        if failed is not None:
+            log.warning("some lock files of pruned executions stay: %s", failed)
+        return removed
 
     def held(self, execution_id: str) -> bool:
         """Whether another open file description holds the lock (a missing file: no).
@@ -438,6 +462,24 @@ def _names(fd: int, name: str | Path, dir_fd: int | None) -> bool:
         return False
     opened = os.fstat(fd)
     return named.st_ino == opened.st_ino and named.st_dev == opened.st_dev
+
+
+def _discard(name: str, dir_fd: int) -> bool:
+    """Unlink the lock file ``name`` while holding its lock, if no one else holds it."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _names(fd, name, dir_fd):
+            return False  # removed since our open, by whoever held it
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except BlockingIOError:
+        return False  # owned: an execution started again with this id
+    finally:
+        os.close(fd)
 
 
 def _holder_pid(fd: int) -> int:

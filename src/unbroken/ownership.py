@@ -4,8 +4,8 @@ Exactly one live process owns an execution at a time. With a lock directory (SQL
 owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel drops
 the lock when the owner's process dies, so an orphan is reclaimable at once (the files are
 ``lockfiles.LockDir``'s). A file is removed by its holder when the execution has ended
-(``OwnedLock.release(ended=True)``), never while it is still running; ``lockfiles`` says
-why removing a held file is safe.
+(``OwnedLock.release(ended=True)``) or was pruned (``discard``), never while it is still
+running; ``lockfiles`` says why removing a held file is safe.
 
 ``flock`` locks belong to an open file description, so a second ``acquire`` of the same id
 in the same process fails too; a forked child inherits the description and the lock.
@@ -23,7 +23,7 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -153,6 +153,16 @@ class Ownership:
         if self._session is not None:
             return _acquire_session(self._session, execution_id, barrier)
         return self._acquire_in_process(execution_id)
+
+    def discard(self, execution_ids: Sequence[str]) -> None:
+        """The executions are gone (pruned): remove their lock files that no one holds.
+        Nothing without lock files (session and in-process locks leave nothing behind).
+
+        Each file's lock is taken for a moment, so an ``acquire`` racing it in another
+        process can fail as if the execution were owned (as with ``is_held``).
+        """
+        if self._files is not None and execution_ids:
+            self._files.discard(execution_ids)
 
     def short(self) -> bool:
         """Whether lock files are made ahead and none is ready now (``made`` waits)."""

@@ -1,10 +1,11 @@
 """Lock files go when their executions end (INV-15 on SQLite): the owner removes the file of
-an execution that completed, failed, was aborted or canceled; the file of an execution
-still running stays."""
+an execution that completed, failed, was aborted or canceled; retention removes those of
+the executions it prunes; the file of an execution still running stays."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,10 @@ import pytest
 from unbroken import Context, Engine, ExecutionCanceled
 from unbroken.ids import lock_name
 from unbroken.journal import ExecutionStatus
+from unbroken.ownership import Ownership
 from unbroken.testing import SimulatedCrash, VirtualClock, crash_after_step
+
+DAY = 86_400
 
 
 def _engine(tmp_path: Path, **settings: Any) -> Engine:
@@ -85,3 +89,29 @@ async def test_a_crashed_run_keeps_its_file_until_the_sweep_aborts_it(tmp_path: 
         info = await sweeper.get_execution("orphan")
     assert info is not None and info.status == ExecutionStatus.ABORTED
     assert _files(tmp_path) == set()
+
+
+async def test_prune_removes_the_lock_files_of_pruned_executions_no_one_holds(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock(autojump_after=None)
+    engine = _engine(tmp_path, clock=clock)
+    waiting = {"running": asyncio.Event()}
+    wf = _register(engine, waiting)
+    async with engine:
+        for eid in ("old", "reused"):
+            await engine.run(wf, "ok", execution_id=eid)
+        await engine.start(wf, "wait", execution_id="running")
+        await asyncio.wait_for(waiting["running"].wait(), 10)
+        # The files an earlier version kept after the executions ended.
+        for eid in ("old", "reused"):
+            (_lock_dir(tmp_path) / _file(eid)).write_text(f"{os.getpid()}\n")
+        clock.advance(8 * DAY)
+        dry = await engine.prune(dry_run=True)
+        assert dry.executions == 2
+        assert _files(tmp_path) == {_file(e) for e in ("old", "reused", "running")}
+        # Someone owns "reused" again (a new execution under the same id): its file stays.
+        with Ownership(_lock_dir(tmp_path)).acquire("reused"):
+            report = await engine.prune()
+        assert report.executions == 2
+        assert _files(tmp_path) == {_file("reused"), _file("running")}
