@@ -102,7 +102,7 @@ def test_inv15_a_file_made_ahead_never_replaces_a_held_lock_file(
         ownership.close()
 
 
-def test_inv15_a_lock_file_made_ahead_is_never_unlinked(lock_dir: Path) -> None:
+def test_inv15_a_lock_file_made_ahead_stays_while_its_execution_runs(lock_dir: Path) -> None:
     ownership = _ready(Ownership(lock_dir, ahead=True))
     try:
         with ownership.acquire(EXECUTION):
