@@ -135,9 +135,10 @@ class Run:
             await self._release()
 
     async def _release(self) -> None:
-        """Give ownership back, removing the lock file of an ended execution (a few µs
-        on the loop); a database lock is released off the event loop (and is released
-        even if this task is cancelled meanwhile)."""
+        """Give ownership back, removing the lock file of an ended execution (on the
+        loop, as the file's release always was: a stat of the name, the unlink, and the
+        inode freed at close); a database lock is released off the event loop (and is
+        released even if this task is cancelled meanwhile)."""
         ended = self.ended and not self.lost
         if not self.lock.remote:
             self.lock.release(ended=ended)
