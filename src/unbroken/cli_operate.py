@@ -77,11 +77,13 @@ def cancel(ctx: click.Context, execution_id: str) -> None:
                 "cancel it there or stop that process first",
                 EXIT_NOT_FOUND,
             )
+        ended = False
         try:
             won = storage.finalize_execution(execution_id, ExecutionStatus.CANCELED, _now_ms())
+            ended = True  # canceled now, or ended meanwhile
             after = storage.get_execution(execution_id) if not won else None
         finally:
-            lock.release()
+            lock.release(ended=ended)
     if won:
         click.echo(f"canceled {shown}")
     else:  # it ended between the read and the lock: first terminal write wins
@@ -195,11 +197,13 @@ def prune(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     Applies the configured policy, as an engine's retention service does: completed
     executions past ttl_completed_secs, failed, aborted and canceled ones past
     ttl_failed_secs, then the oldest ended ones over max_executions or max_journal_bytes
-    (UNBROKEN_TTL_COMPLETED_SECS and the like override the configuration file).
+    (UNBROKEN_TTL_COMPLETED_SECS and the like override the configuration file). The
+    lock files of the pruned executions are removed too, unless in use.
     """
     policy = policy_from(load_config(None))
     with _storage(ctx) as storage:
-        report = storage.prune(policy, _now_ms(), dry_run=dry_run)
+        discard = ownership_for(storage).discard  # the lock files of pruned executions
+        report = storage.prune(policy, _now_ms(), dry_run=dry_run, on_pruned=discard)
     if as_json:
         _echo_json({"dry_run": dry_run, **asdict(report)})
         return

@@ -495,8 +495,10 @@ class Engine:
             won: bool = await writer.call(
                 lambda s: s.finalize_execution(execution_id, ExecutionStatus.CANCELED, now_ms())
             )
-        finally:
+        except BaseException:
             lock.release()
+            raise
+        lock.release(ended=True)  # canceled now, or ended meanwhile
         return won
 
     async def prune(self, *, dry_run: bool = False) -> PruneReport:

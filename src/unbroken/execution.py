@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ class Run:
     started: bool = False
     """Its task began ``drive``."""
     stop_requested: bool = False
+    ended: bool = False
+    """A terminal status is written (by this run or, first, by another writer): its lock
+    file goes with its lock."""
 
     def stop(self) -> None:
         """Stop it at its next await; one whose task has not begun yet stops as it begins
@@ -131,12 +135,16 @@ class Run:
             await self._release()
 
     async def _release(self) -> None:
-        """Give ownership back; a database lock is released off the event loop (and is
+        """Give ownership back, removing the lock file of an ended execution (on the
+        loop, as the file's release always was: a stat of the name, the unlink, and the
+        inode freed at close); a database lock is released off the event loop (and is
         released even if this task is cancelled meanwhile)."""
+        ended = self.ended and not self.lost
         if not self.lock.remote:
-            self.lock.release()
+            self.lock.release(ended=ended)
             return
-        done = asyncio.get_running_loop().run_in_executor(None, self.lock.release)
+        release = functools.partial(self.lock.release, ended=ended)
+        done = asyncio.get_running_loop().run_in_executor(None, release)
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -208,6 +216,7 @@ class Run:
         self.canceled = await self.services.writer.call(
             lambda s: s.finalize_execution(eid, ExecutionStatus.CANCELED, now_ms())
         )
+        self.ended = True  # canceled now, or ended already
         if self.future.done():
             return
         if self.canceled:
@@ -272,6 +281,7 @@ class Run:
                 error=error_blob,
             )
         )
+        self.ended = True  # by this write, or by an earlier one (first terminal write wins)
         if not won:
             row = await services.read(services.storage.get_execution, services.execution_id)
             if row is not None and row.status is ExecutionStatus.CANCELED:

@@ -33,6 +33,10 @@ __all__ = ["Launcher"]
 
 log = logging.getLogger("unbroken")
 
+_ENDED = (ExecutionCanceled, IntegrityViolation)
+"""What a start raises for an execution whose status is terminal: canceled, or aborted
+for failing its integrity check."""
+
 
 @dataclass(slots=True)
 class Launcher:
@@ -100,26 +104,26 @@ class Launcher:
             row = None if fresh else await self._read(self._storage.get_execution, eid)
             settled = row is not None and self._settled(wf, row, future)
             inputs = b"" if row is not None else self.encode_inputs(eid, args, kwargs)
-        except BaseException:
+        except BaseException as exc:
             if owned is not None:
-                owned.release()
+                owned.release(ended=isinstance(exc, _ENDED))
             raise
         if settled:
             if owned is not None:
-                owned.release()
+                owned.release(ended=True)
             self.results.pop(eid, None)
             return
         # A row that did not exist a moment ago has no previous owner's write to wait out.
         lock = owned if owned is not None else await self._acquire(eid, row is not None)
         try:
             row, replaying = await self._claim(wf, eid, inputs, row)
-            if row is None:
-                lock.release()
+            if row is None:  # it completed meanwhile
+                lock.release(ended=True)
                 self.results.pop(eid, None)
                 return
             self._launch(wf, row, replaying, lock, future)
-        except BaseException:
-            lock.release()
+        except BaseException as exc:
+            lock.release(ended=isinstance(exc, _ENDED))
             raise
 
     async def _acquire(self, eid: str, barrier: bool) -> OwnedLock:

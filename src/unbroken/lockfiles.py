@@ -2,8 +2,22 @@
 
 An owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel
 drops the lock when the owner's process dies. The file holds the owner's pid, for error
-messages only, and is never unlinked: a waiter that opened the old inode and a newcomer
-that created a new one could then both hold "the" lock.
+messages only.
+
+Lock files are removed, or they would add up to one (an inode) per execution ever run;
+each only by a process holding its lock: by its owner once the execution has ended
+(``release`` with ``remove``: completed, failed, aborted or canceled; never one still
+running), and by anyone who can take the lock of an execution that was pruned
+(``discard``). Unlinking a file in use is unsafe by itself: a process that opened the old
+inode before the unlink can flock it after, while a newcomer creates a new file under the
+name and flocks that, and both would hold "the" lock. So ``acquire``, once its flock
+succeeded, checks that the name still names the inode it opened (same ``st_dev`` and
+``st_ino``) and opens the name again if not; the ``held`` probe checks the same. A file
+is created only where the name is missing and unlinked only by its holder, so while it is
+held the name names it: whoever passed the check holds the lock of the file every later
+``acquire`` opens. A release that finds the name naming another file (the directory was
+removed and made again meanwhile) leaves it alone. Versions of this library that do not
+make the check must not share a lock directory with one that removes files.
 
 The directory is opened once and every file is opened relative to it (no path walk and no
 ``mkdir`` per lock). Creating a file allocates an inode, which costs some file systems
@@ -27,6 +41,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 from unbroken.errors import ExecutionLocked, StorageError
@@ -42,6 +57,7 @@ _FIRST_KEEP = 16  # spares kept at first; more once starts had to wait for one
 _MAX_KEEP = 512
 _BATCH = 16  # spares made between two looks at what is used and wanted
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+_ATTEMPTS = 5  # opens of one lock file that each found it removed once flocked
 
 
 class LockDir:
@@ -66,25 +82,77 @@ class LockDir:
 
         Raises:
             ExecutionLocked: another open file description holds it.
-            StorageError: the directory or file cannot be created or opened.
+            StorageError: the directory or file cannot be created or opened, or the file
+                was removed under this call again and again.
         """
         name = f"{lock_name(execution_id)}.lock"
-        try:
-            fd, made = self._open(name)
-        except OSError as exc:
-            raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder_pid(fd)
+        for _ in range(_ATTEMPTS):
+            try:
+                fd, made, dir_fd = self._open(name)
+            except OSError as exc:
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                current = _names(fd, name, dir_fd)
+            except BlockingIOError:
+                holder = _holder_pid(fd)
+                os.close(fd)
+                raise ExecutionLocked(execution_id, holder) from None
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            if current:
+                if not made:  # a file made ahead holds our pid already
+                    _write_pid(fd)
+                return fd
+            # Its owner removed the file between our open and our flock (see the module
+            # docstring): the lock of that inode locks nothing. Open the name again.
             os.close(fd)
-            raise ExecutionLocked(execution_id, holder) from None
-        except BaseException:
+        raise StorageError(
+            "lock execution",
+            f"lock file {name} was removed after each of {_ATTEMPTS} opens before its flock",
+        )
+
+    def release(self, fd: int, execution_id: str, remove: bool = False) -> None:
+        """Give back the lock ``acquire`` returned as ``fd``. ``remove``: the execution has
+        ended, so first unlink its file, while ``fd`` still holds it (not if the name
+        gives another file now, as after the directory was removed and made again)."""
+        try:
+            if remove:
+                name = f"{lock_name(execution_id)}.lock"
+                with self._guard:  # the directory stays open until the unlink is done
+                    dir_fd = self._handles.dir_fd
+                    if dir_fd is not None and _names(fd, name, dir_fd):
+                        os.unlink(name, dir_fd=dir_fd)
+        except OSError as exc:  # the file stays; pruning its execution removes it
+            log.debug("lock file of %r not removed: %s", execution_id, exc)
+        finally:
             os.close(fd)
-            raise
-        if not made:  # a file made ahead holds our pid already
-            _write_pid(fd)
-        return fd
+
+    def discard(self, execution_ids: Iterable[str]) -> int:
+        """Remove the lock files of executions that are gone (pruned), each only if its
+        lock can be taken (no one owns the execution, as a new one with the same id
+        might); return how many were removed. Creates neither a file nor the directory."""
+        try:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        failed: OSError | None = None
+        try:
+            for execution_id in execution_ids:
+                try:
+                    removed += _discard(f"{lock_name(execution_id)}.lock", dir_fd)
+                except OSError as exc:
+                    failed = exc
+        finally:
+            os.close(dir_fd)
+        if failed is not None:
+            log.warning("some lock files of pruned executions stay: %s", failed)
+        return removed
 
     def held(self, execution_id: str) -> bool:
         """Whether another open file description holds the lock (a missing file: no).
@@ -93,20 +161,26 @@ class LockDir:
             StorageError: the lock file exists but cannot be opened.
         """
         path = self.path / f"{lock_name(execution_id)}.lock"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing drops the probe's shared lock
-        return False
-
+        for _ in range(_ATTEMPTS):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                if _names(fd, path, None):
+                    return False
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+            finally:
+                os.close(fd)  # closing drops the probe's shared lock
+            # Removed by its owner since our open: the probe looked at a file no longer
+            # in use; look at the one the name gives now (or none).
+        return True  # removed under the probe again and again: in use all along
     def short(self) -> bool:
         """Whether spares are made ahead but none is ready now (``made`` waits for one).
         The first call starts the maker (an engine that only resumes never needs one)."""
@@ -133,8 +207,9 @@ class LockDir:
         with self._guard:
             self._handles.close()
 
-    def _open(self, name: str) -> tuple[int, bool]:
-        """The lock file ``name`` opened, and whether it is a spare linked into place."""
+    def _open(self, name: str) -> tuple[int, bool, int]:
+        """The lock file ``name`` opened, whether it is a spare linked into place, and the
+        directory it was opened in."""
         handles = self._handles
         dir_fd = handles.dir_fd if handles.dir_fd is not None else self._open_dir()
         spares = self._spares()
@@ -151,13 +226,14 @@ class LockDir:
                 spares.used(spare)
                 made = True
         try:
-            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made, dir_fd
         except FileNotFoundError:  # the directory was removed: make it again, once
             with self._guard:
                 if handles.dir_fd == dir_fd:
                     handles.close(wait=False)  # on the event loop: ``close`` waits for it
                     self._started = False
-            return os.open(name, _OPEN, 0o600, dir_fd=self._open_dir()), False
+            dir_fd = self._open_dir()
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), False, dir_fd
 
     def _open_dir(self) -> int:
         with self._guard:
@@ -378,6 +454,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _names(fd: int, name: str | Path, dir_fd: int | None) -> bool:
+    """Whether ``name`` (relative to ``dir_fd``) still names the file open as ``fd``."""
+    try:
+        named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return named.st_ino == opened.st_ino and named.st_dev == opened.st_dev
+
+
+def _discard(name: str, dir_fd: int) -> bool:
+    """Unlink the lock file ``name`` while holding its lock, if no one else holds it."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _names(fd, name, dir_fd):
+            return False  # removed since our open, by whoever held it
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except BlockingIOError:
+        return False  # owned: an execution started again with this id
+    finally:
+        os.close(fd)
+
+
 def _holder_pid(fd: int) -> int:
     """The holder's pid; it writes it just after taking the lock, so an empty file is
     re-read a few times (2 ms apart) before the pid is reported unknown (0)."""
@@ -399,9 +503,16 @@ def _read_pid(fd: int) -> int:
 
 
 def _write_pid(fd: int) -> None:
-    """Record our pid for others' error messages; the lock does not depend on it."""
+    """Record our pid for others' error messages; the lock does not depend on it.
+
+    Written over what is there, then cut to its length: truncating to zero first would
+    make ext4 flush the file's data when it is closed (``auto_da_alloc``), some µs per
+    release and tens of µs once the file is also unlinked. A reader that comes in between
+    sees no valid pid and reads again (``_holder_pid``).
+    """
+    text = f"{os.getpid()}\n".encode("ascii")
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.pwrite(fd, text, 0)
+        os.ftruncate(fd, len(text))
     except OSError:
         pass

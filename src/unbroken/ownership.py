@@ -3,7 +3,9 @@
 Exactly one live process owns an execution at a time. With a lock directory (SQLite) an
 owner holds ``fcntl.flock(LOCK_EX)`` on ``<lock_dir>/<lock_name(id)>.lock``; the kernel drops
 the lock when the owner's process dies, so an orphan is reclaimable at once (the files are
-``lockfiles.LockDir``'s).
+``lockfiles.LockDir``'s). A file is removed by its holder when the execution has ended
+(``OwnedLock.release(ended=True)``) or was pruned (``discard``), never while it is still
+running; ``lockfiles`` says why removing a held file is safe.
 
 ``flock`` locks belong to an open file description, so a second ``acquire`` of the same id
 in the same process fails too; a forked child inherits the description and the lock.
@@ -21,7 +23,7 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -42,10 +44,10 @@ class OwnedLock:
     __slots__ = ("_on_release", "execution_id", "remote")
 
     def __init__(
-        self, execution_id: str, on_release: Callable[[], None], *, remote: bool = False
+        self, execution_id: str, on_release: Callable[[bool], None], *, remote: bool = False
     ) -> None:
         self.execution_id = execution_id
-        self._on_release: Callable[[], None] | None = on_release
+        self._on_release: Callable[[bool], None] | None = on_release
         self.remote = remote
         """Whether releasing it is a database round trip (keep it off the event loop)."""
 
@@ -54,11 +56,17 @@ class OwnedLock:
         """Whether this lock has not been released yet."""
         return self._on_release is not None
 
-    def release(self) -> None:
-        """Give up ownership; releasing twice is harmless."""
+    def release(self, *, ended: bool = False) -> None:
+        """Give up ownership; releasing twice is harmless.
+
+        Args:
+            ended: the execution's status is terminal (completed, failed, aborted or
+                canceled): nothing resumes it under this lock, so a lock file is removed
+                (while still held) rather than kept. Never for one that is still running.
+        """
         on_release, self._on_release = self._on_release, None
         if on_release is not None:
-            on_release()
+            on_release(ended)
 
     def __enter__(self) -> OwnedLock:
         return self
@@ -141,10 +149,20 @@ class Ownership:
         """
         if self._files is not None:
             fd = self._files.acquire(execution_id)
-            return OwnedLock(execution_id, functools.partial(os.close, fd))
+            return OwnedLock(execution_id, functools.partial(self._files.release, fd, execution_id))
         if self._session is not None:
             return _acquire_session(self._session, execution_id, barrier)
         return self._acquire_in_process(execution_id)
+
+    def discard(self, execution_ids: Sequence[str]) -> None:
+        """The executions are gone (pruned): remove their lock files that no one holds.
+        Nothing without lock files (session and in-process locks leave nothing behind).
+
+        Each file's lock is taken for a moment, so an ``acquire`` racing it in another
+        process can fail as if the execution were owned (as with ``is_held``).
+        """
+        if self._files is not None and execution_ids:
+            self._files.discard(execution_ids)
 
     def short(self) -> bool:
         """Whether lock files are made ahead and none is ready now (``made`` waits)."""
@@ -211,7 +229,7 @@ class Ownership:
                 raise ExecutionLocked(execution_id, os.getpid())
             held.add(execution_id)
 
-        def release() -> None:
+        def release(ended: bool) -> None:
             with _registry_guard:
                 held.discard(execution_id)
 
@@ -229,7 +247,7 @@ def _acquire_session(session: SessionLocks, execution_id: str, barrier: bool) ->
         except BaseException:
             session.unlock(name)
             raise
-    return OwnedLock(execution_id, lambda: session.unlock(name), remote=True)
+    return OwnedLock(execution_id, lambda ended: session.unlock(name), remote=True)
 
 
 def ownership_for(storage: object, *, ahead: bool = False) -> Ownership:

@@ -3,7 +3,9 @@
 A background task of each engine, every ``prune_interval_secs``: first the orphan sweep
 (only when ``stale_running_after_secs`` is set), then ``storage.prune`` with the TTLs and
 caps of the configuration. Both run on the engine's I/O thread, never on the step hot
-path; pruning deletes in batches of ``prune_batch_size`` executions per transaction.
+path; pruning deletes in batches of ``prune_batch_size`` executions per transaction, and
+then the lock files of each batch that no one holds (left by versions that kept them, or
+by an owner that could not remove its own).
 
 Orphans of registered workflows are resumed by recovery, not swept. The sweep aborts a
 ``running`` execution only when its workflow is not registered here, no live process owns
@@ -75,7 +77,9 @@ class Retention:
         """One sweep and one prune; returns (executions swept, prune report)."""
         swept = 0 if dry_run else await self.sweep()
         now_ms = int(self._clock.now() * 1000)
-        prune = functools.partial(self._storage.prune, dry_run=dry_run)
+        prune = functools.partial(
+            self._storage.prune, dry_run=dry_run, on_pruned=self._ownership.discard
+        )
         report: PruneReport = await self._io(prune, policy_from(self._config), now_ms)
         if swept or report.executions:
             log.info(
@@ -101,6 +105,7 @@ class Retention:
                 lock = self._ownership.acquire(execution_id)
             except ExecutionLocked:
                 continue  # a live owner
+            ended = False
             try:
                 now_ms = int(self._clock.now() * 1000)
                 if await self._io(
@@ -112,6 +117,7 @@ class Retention:
                         execution_id,
                         workflow,
                     )
+                ended = True  # aborted now, or ended meanwhile
             finally:
-                lock.release()
+                lock.release(ended=ended)
         return swept

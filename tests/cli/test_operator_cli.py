@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from unbroken import Context, Engine, ExecutionCanceled, StepFailed
 from unbroken.cli import main
+from unbroken.ids import lock_name
 from unbroken.ownership import Ownership
 from unbroken.testing import SimulatedCrash, crash_after_step
 
@@ -75,13 +76,19 @@ def _orphan_and_completed(db: Path) -> None:
     asyncio.run(go())
 
 
+def _lock_file(db: Path, eid: str) -> Path:
+    return Path(f"{db}.locks") / f"{lock_name(eid)}.lock"
+
+
 def test_cancel_an_orphan_and_it_never_resumes(tmp_path: Path) -> None:
     db = tmp_path / "u.db"
     _orphan_and_completed(db)
     assert _status(db, "orphan") == "running"
+    assert _lock_file(db, "orphan").exists()
     code, out, err = _cli(db, "cancel", "orphan")
     assert (code, out, err) == (0, "canceled orphan\n", "")
     assert _status(db, "orphan") == "canceled"
+    assert not _lock_file(db, "orphan").exists()  # it ended: its lock file went with it
     code, out, _ = _cli(db, "cancel", "orphan")
     assert (code, out) == (0, "orphan is already canceled\n")
 
@@ -307,15 +314,19 @@ def test_prune_removes_a_completed_execution_past_its_ttl_and_keeps_a_running_on
 ) -> None:
     db = tmp_path / "u.db"
     _completed_and_running(db)
+    _lock_file(db, "done").write_text("1\n")  # as versions that kept lock files left it
     monkeypatch.setenv("UNBROKEN_TTL_COMPLETED_SECS", "0")
     code, out, err = _cli(db, "prune", "--dry-run")
     assert code == 0 and err == ""
     assert out.startswith("would prune 1 execution (") and "1 by TTL" in out
     assert _status(db, "done") == "completed"  # the dry run changed nothing
+    assert _lock_file(db, "done").exists()
     code, out, _ = _cli(db, "prune")
     assert code == 0 and out.startswith("pruned 1 execution (") and "1 by TTL" in out
     assert _cli(db, "show", "done")[0] == 1
+    assert not _lock_file(db, "done").exists()
     assert _status(db, "orphan") == "running"
+    assert _lock_file(db, "orphan").exists()
     code, out, _ = _cli(db, "prune")
     assert code == 0 and out.startswith("pruned 0 executions (0 journal rows)")
 

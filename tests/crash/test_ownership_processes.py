@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from unbroken.ids import lock_name
+
 from .conftest import (
+    EXECUTION_ID,
     OPS,
     Baseline,
     Workers,
@@ -52,11 +55,20 @@ def kill_holder(proc: subprocess.Popen[str]) -> None:
     assert proc.wait(10) == -signal.SIGKILL
 
 
+def lock_file(workers: Workers, db: Path) -> Path | None:
+    """The execution's lock file on SQLite (PostgreSQL has none)."""
+    if workers.backend != "sqlite":
+        return None
+    return Path(f"{db}.locks") / f"{lock_name(EXECUTION_ID)}.lock"
+
+
 def test_INV_15_live_owner_locks_out_others_and_its_death_frees_the_execution(
     workers: Workers, service: CountingService, baseline: Baseline
 ) -> None:
     db = workers.db()
     holder = start_holder(workers, db)
+    file = lock_file(workers, db)
+    assert file is None or file.exists()
     try:
         second = workers.run(db)
         assert second.returncode == 1, second.describe()
@@ -69,6 +81,7 @@ def test_INV_15_live_owner_locks_out_others_and_its_death_frees_the_execution(
         assert inspect_execution(db).status == "running"
     finally:
         kill_holder(holder)
+    assert file is None or file.exists()  # a dead owner's file stays, its lock dropped
 
     recovered = workers.run(db)
     assert recovered.returncode == 0, recovered.describe()
@@ -78,6 +91,7 @@ def test_INV_15_live_owner_locks_out_others_and_its_death_frees_the_execution(
     assert recovered.report["ops"] == len(OPS)
     assert service.counts() == dict.fromkeys(OPS, 1)
     assert_journal_complete(inspect_execution(db))
+    assert file is None or not file.exists()  # completed: its lock file went with it
 
 
 @pytest.mark.parametrize("op_delay", ["0", "0.05"])
@@ -107,3 +121,5 @@ def test_INV_15_two_processes_recovering_one_orphan_run_it_once(
     assert drivers[0].report is not None and drivers[0].report["ops"] == len(OPS)
     assert service.counts() == dict.fromkeys(OPS, 1)
     assert_journal_complete(inspect_execution(db))
+    file = lock_file(workers, db)
+    assert file is None or not file.exists()  # whoever held it last saw it completed

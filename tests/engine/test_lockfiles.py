@@ -4,6 +4,7 @@ uses it): a file linked into place is a lock like any other."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import os
 import shutil
@@ -12,14 +13,14 @@ import sys
 import textwrap
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import unbroken
 from unbroken import Engine, lockfiles
-from unbroken.errors import ExecutionLocked
+from unbroken.errors import ExecutionLocked, StorageError
 from unbroken.ids import lock_name
 from unbroken.lockfiles import LockDir
 from unbroken.ownership import Ownership
@@ -30,7 +31,7 @@ TRY = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from unbroken.errors import ExecutionLocked
+    from unbroken.errors import ExecutionLocked, StorageError
     from unbroken.ownership import Ownership
 
     try:
@@ -101,7 +102,7 @@ def test_inv15_a_file_made_ahead_never_replaces_a_held_lock_file(
         ownership.close()
 
 
-def test_inv15_a_lock_file_made_ahead_is_never_unlinked(lock_dir: Path) -> None:
+def test_inv15_a_lock_file_made_ahead_stays_while_its_execution_runs(lock_dir: Path) -> None:
     ownership = _ready(Ownership(lock_dir, ahead=True))
     try:
         with ownership.acquire(EXECUTION):
@@ -111,6 +112,23 @@ def test_inv15_a_lock_file_made_ahead_is_never_unlinked(lock_dir: Path) -> None:
     finally:
         ownership.close()
     assert _lock_file(lock_dir).stat().st_ino == inode
+
+
+def test_inv15_an_ended_execution_s_file_goes_and_its_next_owner_links_a_spare(
+    lock_dir: Path,
+) -> None:
+    ownership = _ready(Ownership(lock_dir, ahead=True))
+    try:
+        ownership.acquire(EXECUTION).release(ended=True)
+        assert not _lock_file(lock_dir).exists()
+        _ready(ownership)
+        spares = _spares(lock_dir)
+        with ownership.acquire(EXECUTION):  # reopened (a failed one runs again)
+            assert _lock_file(lock_dir).stat().st_ino in spares
+            assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+        assert _try_elsewhere(lock_dir, EXECUTION) == "acquired"
+    finally:
+        ownership.close()
 
 
 def test_closing_removes_unused_spares_and_a_dead_process_spares_go_too(
@@ -157,7 +175,7 @@ async def test_an_engine_starts_many_executions_on_lock_files_made_ahead(
         results = await asyncio.gather(*(engine.run("twice", n) for n in range(100)))
     assert results == [n * 2 for n in range(100)]
     locks = tmp_path / "app.db.locks"
-    assert len(list(locks.glob("*.lock"))) == 100
+    assert list(locks.glob("*.lock")) == []  # each went with its execution's end
     assert _spares(locks) == {}  # the engine's close removed those not used
 
 
@@ -253,3 +271,80 @@ def test_a_removed_lock_directory_does_not_make_acquire_wait_for_the_maker(
         closing.join()
     assert not maker.is_alive()  # no spare is made once close returned
     assert _lock_file(lock_dir).exists()
+
+
+def _flock_hook(monkeypatch: pytest.MonkeyPatch, before: Callable[[int], None]) -> None:
+    """``lockfiles`` takes its locks through a ``flock`` that first calls ``before(fd)``:
+    what another process does between a lock file's open and its flock."""
+
+    def flock(fd: int, operation: int) -> None:
+        before(fd)
+        fcntl.flock(fd, operation)
+
+    names = ("LOCK_EX", "LOCK_NB", "LOCK_SH")
+    hooked = types.SimpleNamespace(flock=flock, **{n: getattr(fcntl, n) for n in names})
+    monkeypatch.setattr(lockfiles, "fcntl", hooked)
+
+
+def _removed_by_its_owner(lock_dir: Path) -> Callable[[int], None]:
+    """An owner holds the lock; the ``before`` of the first flock after: the owner's
+    execution ends, so it unlinks the file while it holds it, then closes it."""
+    owner = LockDir(lock_dir)
+    owner_fd = owner.acquire(EXECUTION)
+    opened: list[int] = []
+
+    def before(fd: int) -> None:
+        if not opened:
+            opened.append(os.fstat(fd).st_ino)
+            assert opened[0] == _lock_file(lock_dir).stat().st_ino  # the owner's file
+            owner.release(owner_fd, EXECUTION, remove=True)
+            assert not _lock_file(lock_dir).exists()
+
+    return before
+
+
+def test_inv15_an_acquire_that_flocked_a_removed_file_takes_the_current_one(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _flock_hook(monkeypatch, _removed_by_its_owner(lock_dir))
+    fd = LockDir(lock_dir).acquire(EXECUTION)
+    monkeypatch.undo()
+    try:
+        # It holds the file the name gives, so a third process is locked out; holding the
+        # removed one, both would own the execution.
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+        assert os.fstat(fd).st_ino == _lock_file(lock_dir).stat().st_ino
+    finally:
+        os.close(fd)
+    assert _try_elsewhere(lock_dir, EXECUTION) == "acquired"
+
+
+def test_an_acquire_whose_file_is_removed_at_every_open_fails_naming_it(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _lock_file(lock_dir)
+    _flock_hook(monkeypatch, lambda fd: path.unlink())
+    with pytest.raises(StorageError, match=r"removed after each of \d+ opens"):
+        LockDir(lock_dir).acquire(EXECUTION)
+
+
+def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    removed = _removed_by_its_owner(lock_dir)
+    newcomer = LockDir(lock_dir)
+
+    def before(fd: int) -> None:  # the owner removes its file, a newcomer makes another
+        removed(fd)
+        monkeypatch.undo()
+        later.append(newcomer.acquire(EXECUTION))
+
+    later: list[int] = []
+    _flock_hook(monkeypatch, before)
+    try:
+        assert LockDir(lock_dir).held(EXECUTION)
+    finally:
+        monkeypatch.undo()
+        for fd in later:
+            os.close(fd)
+    assert not LockDir(lock_dir).held(EXECUTION)

@@ -54,7 +54,7 @@ def test_inv15_reacquire_after_release_succeeds(lock_dir: Path) -> None:
     assert not again.held
 
 
-def test_inv15_lock_file_is_never_unlinked(lock_dir: Path) -> None:
+def test_inv15_a_lock_file_stays_while_its_execution_runs(lock_dir: Path) -> None:
     path = lock_dir / f"{lock_name(EXECUTION)}.lock"
     with Ownership(lock_dir).acquire(EXECUTION):
         inode = path.stat().st_ino

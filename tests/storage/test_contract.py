@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from typing import TypeVar
@@ -1000,6 +1000,25 @@ def test_prune_respects_the_batch_size_and_prunes_everything_eligible(storage: S
     assert report == PruneReport(executions=7, journal_rows=14, by_ttl=7)
     assert ids(storage) == set()
     assert not storage.has_executions()
+
+
+def test_prune_tells_its_caller_each_batch_once_deleted_and_a_dry_run_nothing(
+    storage: Storage,
+) -> None:
+    for n in range(7):
+        finished(storage, f"ex-{n}", finalized_at_ms=1_000 + n)
+    create(storage, "running")
+    heard: list[list[str]] = []
+
+    def on_pruned(batch: Sequence[str]) -> None:
+        assert [storage.get_execution(e) for e in batch] == [None] * len(batch)  # committed
+        heard.append(list(batch))
+
+    policy = replace(OFF, ttl_completed_ms=0, batch_size=3)
+    storage.prune(policy, 10_000, dry_run=True, on_pruned=on_pruned)
+    assert heard == []
+    storage.prune(policy, 10_000, on_pruned=on_pruned)
+    assert heard == [["ex-0", "ex-1", "ex-2"], ["ex-3", "ex-4", "ex-5"], ["ex-6"]]
 
 
 def test_prune_dry_run_changes_nothing_and_reports_what_a_run_removes(storage: Storage) -> None:

@@ -374,11 +374,20 @@ class Storage(Protocol):
         """The checkpoint rows of one generation, by ``seq``."""
         ...
 
-    def prune(self, policy: RetentionPolicy, now_ms: int, *, dry_run: bool = False) -> PruneReport:
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        now_ms: int,
+        *,
+        dry_run: bool = False,
+        on_pruned: Callable[[Sequence[str]], None] | None = None,
+    ) -> PruneReport:
         """Delete terminal executions past their TTL, then the oldest terminal ones past
         the count and size caps, ``batch_size`` per transaction; ``running`` ones never.
 
         An execution is deleted with its journal rows, promises, timers and integrity row.
+        ``on_pruned`` is given the ids of each batch once it is deleted (committed), on the
+        calling thread; a dry run deletes nothing and calls it never.
         """
         ...
 

@@ -7,7 +7,7 @@ deleted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ..errors import StorageError
@@ -88,11 +88,19 @@ class MemoryRetention(MemoryTables):
 
     # -- pruning ----------------------------------------------------------------------
 
-    def prune(self, policy: RetentionPolicy, now_ms: int, *, dry_run: bool = False) -> PruneReport:
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        now_ms: int,
+        *,
+        dry_run: bool = False,
+        on_pruned: Callable[[Sequence[str]], None] | None = None,
+    ) -> PruneReport:
         """Delete terminal executions past their TTL, then the oldest terminal ones past
         the count and size caps, ``batch_size`` per locked step; ``running`` ones never.
 
-        A dry run counts what a real run would delete and changes nothing.
+        A dry run counts what a real run would delete and changes nothing. ``on_pruned``
+        hears each batch's ids once they are deleted.
         """
         counts = dict.fromkeys(PHASES, 0)
         journal_rows = 0
@@ -114,6 +122,8 @@ class MemoryRetention(MemoryTables):
                         ids = self._prune_batch(phase, policy, now_ms, batch, set())
                         journal_rows += sum(map(self._delete_execution, ids))
                     counts[phase] += len(ids)
+                    if ids and on_pruned is not None:
+                        on_pruned(ids)
                     if len(ids) < batch:
                         break
         return PruneReport(

@@ -13,7 +13,7 @@ and the fenced fold are here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..journal import JournalEntry, PruneReport, RetentionPolicy
 from .postgres_locks import PostgresLocks
@@ -118,16 +118,24 @@ class PostgresRetention(PostgresLocks):
 
     # -- pruning ----------------------------------------------------------------------
 
-    def prune(self, policy: RetentionPolicy, now_ms: int, *, dry_run: bool = False) -> PruneReport:
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        now_ms: int,
+        *,
+        dry_run: bool = False,
+        on_pruned: Callable[[Sequence[str]], None] | None = None,
+    ) -> PruneReport:
         """Delete terminal executions past their TTL, then the oldest terminal ones past
         the count and size caps, ``batch_size`` per transaction; ``running`` ones never.
 
         Each transaction locks its candidates as it chooses them. A dry run reads one
-        snapshot, counts what a real run would delete and changes nothing.
+        snapshot, counts what a real run would delete and changes nothing. ``on_pruned``
+        hears each batch's ids once it committed.
         """
         # On a pooled connection: pruned rows are terminal (nothing to fence), and a batch on
         # the lock session would hold it from ``try_lock`` and the heartbeat meanwhile.
         return run_prune(
             self, self._pooled_write, RETENTION_SQL, policy, now_ms, dry_run,
-            delete_executions, count_journal_rows,
+            delete_executions, count_journal_rows, on_pruned,
         )  # fmt: skip

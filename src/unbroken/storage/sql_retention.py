@@ -186,10 +186,12 @@ def run_prune(
     dry_run: bool,
     delete: Callable[[Any, Sequence[str]], int],
     count_rows: Callable[[Any, Sequence[str]], int],
+    on_pruned: Callable[[Sequence[str]], None] | None = None,
 ) -> PruneReport:
     """Run the retention rules in order, ``batch_size`` executions per ``write``
-    transaction (``delete`` removes a batch, returning its journal rows); a dry run
-    counts (``count_rows``) inside one ``host._snapshot`` and changes nothing."""
+    transaction (``delete`` removes a batch, returning its journal rows; ``on_pruned``
+    hears its ids once it committed); a dry run counts (``count_rows``) inside one
+    ``host._snapshot`` and changes nothing."""
     counts = dict.fromkeys(PHASES, 0)
     journal_rows = 0
     if dry_run:
@@ -210,6 +212,8 @@ def run_prune(
                     ids = select_batch(conn, sql, phase, policy, now_ms, batch)
                     journal_rows += delete(conn, ids)
                 counts[phase] += len(ids)
+                if ids and on_pruned is not None:
+                    on_pruned(ids)
                 if len(ids) < batch:
                     break
     return PruneReport(

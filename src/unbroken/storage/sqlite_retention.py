@@ -11,7 +11,7 @@ calls ``select_batch`` with no limit inside one read snapshot and deletes nothin
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..journal import JournalEntry, PruneReport, RetentionPolicy
 from .rules import check_checkpoint, check_folded, missing_seqs
@@ -123,14 +123,22 @@ class SqliteRetention(SqliteConnections):
 
     # -- pruning ----------------------------------------------------------------------
 
-    def prune(self, policy: RetentionPolicy, now_ms: int, *, dry_run: bool = False) -> PruneReport:
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        now_ms: int,
+        *,
+        dry_run: bool = False,
+        on_pruned: Callable[[Sequence[str]], None] | None = None,
+    ) -> PruneReport:
         """Delete terminal executions past their TTL, then the oldest terminal ones past
         the count and size caps, ``batch_size`` per transaction; ``running`` ones never.
 
         Each transaction chooses its candidates under the write lock. A dry run reads one
-        snapshot, counts what a real run would delete and changes nothing.
+        snapshot, counts what a real run would delete and changes nothing. ``on_pruned``
+        hears each batch's ids once it committed.
         """
         return run_prune(
             self, self._write, RETENTION_SQL, policy, now_ms, dry_run,
-            delete_executions, count_journal_rows,
+            delete_executions, count_journal_rows, on_pruned,
         )  # fmt: skip
