@@ -181,6 +181,7 @@ class LockDir:
             # Removed by its owner since our open: the probe looked at a file no longer
             # in use; look at the one the name gives now (or none).
         return True  # removed under the probe again and again: in use all along
+
     def short(self) -> bool:
         """Whether spares are made ahead but none is ready now (``made`` waits for one).
         The first call starts the maker (an engine that only resumes never needs one)."""
