@@ -19,7 +19,7 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .errors import ExecutionCanceled, IntegrityViolation, WorkflowMismatch
+from .errors import ExecutionCanceled, IntegrityViolation, UnknownExecution, WorkflowMismatch
 from .execution import ExecutionHandle, Run, Workflow
 from .journal import ExecutionRecord, ExecutionStatus
 from .ownership import OwnedLock, Ownership
@@ -33,9 +33,9 @@ __all__ = ["Launcher"]
 
 log = logging.getLogger("unbroken")
 
-_ENDED = (ExecutionCanceled, IntegrityViolation)
-"""What a start raises for an execution whose status is terminal: canceled, or aborted
-for failing its integrity check."""
+_ENDED = (ExecutionCanceled, IntegrityViolation, UnknownExecution)
+"""What a start raises for an execution that will not run again: canceled, aborted for
+failing its integrity check, or gone (pruned while it was being reopened)."""
 
 
 @dataclass(slots=True)

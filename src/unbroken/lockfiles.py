@@ -15,9 +15,11 @@ succeeded, checks that the name still names the inode it opened (same ``st_dev``
 ``st_ino``) and opens the name again if not; the ``held`` probe checks the same. A file
 is created only where the name is missing and unlinked only by its holder, so while it is
 held the name names it: whoever passed the check holds the lock of the file every later
-``acquire`` opens. A release that finds the name naming another file (the directory was
-removed and made again meanwhile) leaves it alone. Versions of this library that do not
-make the check must not share a lock directory with one that removes files.
+``acquire`` opens; a flock refused by a file whose holder removed it meanwhile is tried
+again on the name's file too. A release unlinks its name in the directory it opened the
+file in; once the directory was opened again (it was removed: the name there may be
+another's file) it leaves the name alone. Versions of this library that do not make the
+check must not share a lock directory with one that removes files.
 
 The directory is opened once and every file is opened relative to it (no path walk and no
 ``mkdir`` per lock). Creating a file allocates an inode, which costs some file systems
@@ -43,6 +45,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from unbroken.errors import ExecutionLocked, StorageError
 from unbroken.ids import lock_name
@@ -60,6 +63,15 @@ _OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
 _ATTEMPTS = 5  # opens of one lock file that each found it removed once flocked
 
 
+class _Held(NamedTuple):
+    """What ``release`` needs of a file ``acquire`` took: its name, the ``generation`` of
+    the directory it was opened in, and the process that took it."""
+
+    name: str
+    generation: int
+    pid: int
+
+
 class LockDir:
     """The lock directory of one database, opened on first use and kept open.
 
@@ -73,6 +85,7 @@ class LockDir:
         self._ahead = ahead
         self._guard = threading.Lock()
         self._handles = _Handles()
+        self._held: dict[int, _Held] = {}  # what ``release`` needs of each file acquired
         self._started = False  # the first ``short`` starts making spares
         self._closer = weakref.finalize(self, self._handles.close)
 
@@ -88,25 +101,23 @@ class LockDir:
         name = f"{lock_name(execution_id)}.lock"
         for _ in range(_ATTEMPTS):
             try:
-                fd, made, dir_fd = self._open(name)
+                fd, made, dir_fd, generation = self._open(name)
             except OSError as exc:
                 raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                current = _names(fd, name, dir_fd)
-            except BlockingIOError:
-                holder = _holder_pid(fd)
-                os.close(fd)
-                raise ExecutionLocked(execution_id, holder) from None
+                opened = _take(fd, name, dir_fd, execution_id)
             except OSError as exc:
                 os.close(fd)
                 raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
             except BaseException:
                 os.close(fd)
                 raise
-            if current:
-                if not made:  # a file made ahead holds our pid already
+            if opened is not None:
+                # A spare made ahead holds our pid already, unless what was opened is not
+                # it (a holder removed the name between the link and the open).
+                if not made or opened.st_size == 0:
                     _write_pid(fd)
+                self._held[fd] = _Held(name, generation, os.getpid())
                 return fd
             # Its owner removed the file between our open and our flock (see the module
             # docstring): the lock of that inode locks nothing. Open the name again.
@@ -118,15 +129,16 @@ class LockDir:
 
     def release(self, fd: int, execution_id: str, remove: bool = False) -> None:
         """Give back the lock ``acquire`` returned as ``fd``. ``remove``: the execution has
-        ended, so first unlink its file, while ``fd`` still holds it (not if the name
-        gives another file now, as after the directory was removed and made again)."""
+        ended, so first unlink its file, while ``fd`` still holds it; not if the directory
+        was opened again since the file was (it was removed: the name there is another's
+        file), nor in a forked child (the parent holds the same lock)."""
+        held = self._held.pop(fd, None)
         try:
-            if remove:
-                name = f"{lock_name(execution_id)}.lock"
+            if remove and held is not None and held.pid == os.getpid():
                 with self._guard:  # the directory stays open until the unlink is done
-                    dir_fd = self._handles.dir_fd
-                    if dir_fd is not None and _names(fd, name, dir_fd):
-                        os.unlink(name, dir_fd=dir_fd)
+                    handles = self._handles
+                    if handles.dir_fd is not None and handles.generation == held.generation:
+                        os.unlink(held.name, dir_fd=handles.dir_fd)
         except OSError as exc:  # the file stays; pruning its execution removes it
             log.debug("lock file of %r not removed: %s", execution_id, exc)
         finally:
@@ -139,6 +151,9 @@ class LockDir:
         try:
             dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
+            return 0
+        except OSError as exc:  # not ours to open (another user): pruning goes on
+            log.warning("lock files of pruned executions stay: %s", exc.strerror or exc)
             return 0
         removed = 0
         failed: OSError | None = None
@@ -155,7 +170,8 @@ class LockDir:
         return removed
 
     def held(self, execution_id: str) -> bool:
-        """Whether another open file description holds the lock (a missing file: no).
+        """Whether another open file description holds the lock (a missing file: no; one
+        removed under the probe at each of its attempts: yes, it was in use all along).
 
         Raises:
             StorageError: the lock file exists but cannot be opened.
@@ -170,7 +186,7 @@ class LockDir:
                 raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                if _names(fd, path, None):
+                if _named(fd, path, None) is not None:
                     return False
             except BlockingIOError:
                 return True
@@ -208,11 +224,14 @@ class LockDir:
         with self._guard:
             self._handles.close()
 
-    def _open(self, name: str) -> tuple[int, bool, int]:
+    def _open(self, name: str) -> tuple[int, bool, int, int]:
         """The lock file ``name`` opened, whether it is a spare linked into place, and the
-        directory it was opened in."""
+        directory it was opened in with that directory's ``generation``."""
         handles = self._handles
-        dir_fd = handles.dir_fd if handles.dir_fd is not None else self._open_dir()
+        generation = handles.generation  # read first: it may only be older than dir_fd's
+        dir_fd = handles.dir_fd
+        if dir_fd is None:
+            dir_fd, generation = self._open_dir()
         spares = self._spares()
         spare = spares.take() if spares is not None else None
         made = False
@@ -227,16 +246,17 @@ class LockDir:
                 spares.used(spare)
                 made = True
         try:
-            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made, dir_fd
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), made, dir_fd, generation
         except FileNotFoundError:  # the directory was removed: make it again, once
             with self._guard:
                 if handles.dir_fd == dir_fd:
                     handles.close(wait=False)  # on the event loop: ``close`` waits for it
                     self._started = False
-            dir_fd = self._open_dir()
-            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), False, dir_fd
+            dir_fd, generation = self._open_dir()
+            return os.open(name, _OPEN, 0o600, dir_fd=dir_fd), False, dir_fd, generation
 
-    def _open_dir(self) -> int:
+    def _open_dir(self) -> tuple[int, int]:
+        """The directory, opened (and made) if it is not, and its ``generation``."""
         with self._guard:
             handles = self._handles
             if handles.dir_fd is None:
@@ -244,11 +264,12 @@ class LockDir:
                 handles.dir_fd = os.open(
                     self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                 )
-            return handles.dir_fd
+                handles.generation += 1
+            return handles.dir_fd, handles.generation
 
     def _start_spares(self) -> None:
         try:
-            dir_fd = self._open_dir()
+            dir_fd, _ = self._open_dir()
         except OSError:
             return  # ``acquire`` reports it
         with self._guard:
@@ -264,10 +285,11 @@ class LockDir:
 class _Handles:
     """What a ``LockDir`` holds open (closed by ``close``, or when it is collected)."""
 
-    __slots__ = ("dir_fd", "spares", "stopped")
+    __slots__ = ("dir_fd", "generation", "spares", "stopped")
 
     def __init__(self) -> None:
         self.dir_fd: int | None = None
+        self.generation = 0  # how many times the directory was opened
         self.spares: _Spares | None = None
         self.stopped: list[_Spares] = []  # told to stop, not waited for yet
 
@@ -455,25 +477,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _names(fd: int, name: str | Path, dir_fd: int | None) -> bool:
-    """Whether ``name`` (relative to ``dir_fd``) still names the file open as ``fd``."""
+def _named(fd: int, name: str | Path, dir_fd: int | None) -> os.stat_result | None:
+    """The file open as ``fd`` if ``name`` (relative to ``dir_fd``) still names it."""
     try:
         named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return False
+        return None
     opened = os.fstat(fd)
-    return named.st_ino == opened.st_ino and named.st_dev == opened.st_dev
+    same = named.st_ino == opened.st_ino and named.st_dev == opened.st_dev
+    return opened if same else None
+
+
+def _take(fd: int, name: str, dir_fd: int, execution_id: str) -> os.stat_result | None:
+    """Flock ``fd``; the file if ``name`` still names it, ``None`` if its holder removed
+    it between our open and our flock (the name is to be opened again).
+
+    Raises:
+        ExecutionLocked: another open file description holds the name's file.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if _named(fd, name, dir_fd) is None:
+            return None  # refused by a holder that has removed the file since
+        raise ExecutionLocked(execution_id, _holder_pid(fd)) from None
+    return _named(fd, name, dir_fd)
 
 
 def _discard(name: str, dir_fd: int) -> bool:
     """Unlink the lock file ``name`` while holding its lock, if no one else holds it."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)  # as ``acquire``'s
     except FileNotFoundError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if not _names(fd, name, dir_fd):
+        if _named(fd, name, dir_fd) is None:
             return False  # removed since our open, by whoever held it
         os.unlink(name, dir_fd=dir_fd)
         return True
@@ -507,9 +546,9 @@ def _write_pid(fd: int) -> None:
     """Record our pid for others' error messages; the lock does not depend on it.
 
     Written over what is there, then cut to its length: truncating to zero first would
-    make ext4 flush the file's data when it is closed (``auto_da_alloc``), some µs per
-    release and tens of µs once the file is also unlinked. A reader that comes in between
-    sees no valid pid and reads again (``_holder_pid``).
+    make ext4 flush the file's data when it is closed (``auto_da_alloc``), a cost at every
+    release. A reader that comes in between sees no valid pid and reads again
+    (``_holder_pid``).
     """
     text = f"{os.getpid()}\n".encode("ascii")
     try:

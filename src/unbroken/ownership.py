@@ -158,8 +158,9 @@ class Ownership:
         """The executions are gone (pruned): remove their lock files that no one holds.
         Nothing without lock files (session and in-process locks leave nothing behind).
 
-        Each file's lock is taken for a moment, so an ``acquire`` racing it in another
-        process can fail as if the execution were owned (as with ``is_held``).
+        Each file's lock is taken for a moment, so an ``acquire`` racing it (in another
+        process, or on another thread of this one) can fail as if the execution were
+        owned (as with ``is_held``).
         """
         if self._files is not None and execution_ids:
             self._files.discard(execution_ids)

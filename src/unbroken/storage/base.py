@@ -387,7 +387,8 @@ class Storage(Protocol):
 
         An execution is deleted with its journal rows, promises, timers and integrity row.
         ``on_pruned`` is given the ids of each batch once it is deleted (committed), on the
-        calling thread; a dry run deletes nothing and calls it never.
+        calling thread (what it raises is logged, and pruning goes on); a dry run deletes
+        nothing and calls it never.
         """
         ...
 

@@ -24,6 +24,7 @@ from .rules import (
     missing_seqs,
     outcomes_of,
     take_to_fit,
+    tell_pruned,
 )
 
 __all__ = ["MemoryRetention"]
@@ -122,8 +123,7 @@ class MemoryRetention(MemoryTables):
                         ids = self._prune_batch(phase, policy, now_ms, batch, set())
                         journal_rows += sum(map(self._delete_execution, ids))
                     counts[phase] += len(ids)
-                    if ids and on_pruned is not None:
-                        on_pruned(ids)
+                    tell_pruned(on_pruned, ids)
                     if len(ids) < batch:
                         break
         return PruneReport(

@@ -10,6 +10,7 @@ cannot see owners in SQL.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -175,3 +176,16 @@ def missing_seqs(wanted: int, found: int) -> StorageError:
         "fold",
         f"{wanted - found} of {wanted} replaced seqs name no journal row of this execution",
     )
+
+
+def tell_pruned(on_pruned: Callable[[Sequence[str]], None] | None, ids: Sequence[str]) -> None:
+    """Give ``prune``'s ``on_pruned`` a committed batch; what it raises is logged, never
+    raised: the batch is gone either way, and the next batches are pruned still."""
+    if not ids or on_pruned is None:
+        return
+    try:
+        on_pruned(ids)
+    except Exception as exc:
+        logging.getLogger("unbroken").warning(
+            "after pruning %d executions: %s", len(ids), type(exc).__name__, exc_info=exc
+        )

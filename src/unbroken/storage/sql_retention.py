@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..journal import PruneReport, RetentionPolicy
-from .rules import PHASES, Phase, active_phases, count_excess, take_to_fit, ttl_cutoffs
+from .rules import (
+    PHASES,
+    Phase,
+    active_phases,
+    count_excess,
+    take_to_fit,
+    tell_pruned,
+    ttl_cutoffs,
+)
 
 __all__ = [
     "UNLIMITED",
@@ -212,8 +220,7 @@ def run_prune(
                     ids = select_batch(conn, sql, phase, policy, now_ms, batch)
                     journal_rows += delete(conn, ids)
                 counts[phase] += len(ids)
-                if ids and on_pruned is not None:
-                    on_pruned(ids)
+                tell_pruned(on_pruned, ids)
                 if len(ids) < batch:
                     break
     return PruneReport(
