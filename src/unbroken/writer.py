@@ -62,7 +62,6 @@ class JournalWriter:
         self._signer = signer
         self._interval = max(flush_interval_ms, 1) / 1000
         self._max_batch = max(max_batch, 1)
-        self.ack_timeout_ms = ack_timeout_ms
         self._items: deque[JournalEntry | Request] = deque()
         self._buffered = 0
         self._requests = 0
@@ -85,6 +84,11 @@ class JournalWriter:
         self._owner: asyncio.Task[Any] | None = None  # committed inline this loop iteration
         self._group_scheduled = False
         self._deadlines = _Deadlines(ack_timeout_ms)
+
+    @property
+    def ack_timeout_ms(self) -> int:
+        """How long acknowledged work waits for the writer before ``JournalUnavailable``."""
+        return self._deadlines.timeout_ms
 
     @property
     def commits_inline(self) -> bool:
@@ -447,25 +451,33 @@ class JournalWriter:
 
 class _Deadlines:
     """Replies awaited from the writer thread, oldest first, each failed with
-    ``JournalUnavailable`` once ``timeout_ms`` passed without it. One loop timer, armed
-    while replies are awaited, serves them all: every wait of its own (``asyncio.timeout``)
-    would cost a timer handle and a scope per acknowledged append. Every wait is as long,
-    so the oldest is always the next due; replies that came are dropped as waits are added.
+    ``JournalUnavailable`` once ``timeout_ms`` passed without it. One loop timer serves
+    them all (every wait of its own, ``asyncio.timeout``, would cost a timer handle and a
+    scope per acknowledged append): armed for the oldest wait not answered, and again at
+    its expiry for the next one. Every wait is as long, so the oldest is always the next
+    due; replies that came are dropped as waits are added. Waits come from one event loop
+    at a time (the engine's); a wait from another loop starts the list over.
     """
 
-    __slots__ = ("_timeout_ms", "_timer", "_waiting")
+    __slots__ = ("_loop", "_timer", "_waiting", "timeout_ms")
 
     def __init__(self, timeout_ms: int) -> None:
-        self._timeout_ms = timeout_ms
+        self.timeout_ms = timeout_ms
         self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def watch(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
         """Fail ``future`` (awaited on ``loop``) if it is not done in time."""
         waiting = self._waiting
+        if loop is not self._loop:  # the previous loop's timer and waits went with it
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._loop = None, loop
+            waiting.clear()
         while waiting and waiting[0][1].done():
             waiting.popleft()
-        due = loop.time() + self._timeout_ms / 1000
+        due = loop.time() + self.timeout_ms / 1000
         waiting.append((due, future))
         if self._timer is None:
             self._timer = loop.call_at(due, self._expire, loop)
@@ -480,7 +492,7 @@ class _Deadlines:
                     self._timer = loop.call_at(due, self._expire, loop)
                     return
                 # The caller moves on; a reply still to come finds the future done.
-                future.set_exception(JournalUnavailable(self._timeout_ms))
+                future.set_exception(JournalUnavailable(self.timeout_ms))
             waiting.popleft()
 
 

@@ -119,6 +119,29 @@ async def test_each_acked_append_gets_its_own_full_timeout(storage: RecordingSto
     w.close()
 
 
+def test_acked_waits_time_out_on_each_event_loop_the_writer_serves(
+    storage: RecordingStorage,
+) -> None:
+    """A writer outlives an event loop (``asyncio.run`` after ``asyncio.run``): the timeout
+    of a wait on the second loop must not hang on the first loop's timer."""
+    w = _writer(storage, ack_timeout_ms=100)
+
+    async def answered() -> None:  # its loop ends with the wait's timer still armed
+        await w.append_acked(_entry(0))
+
+    async def stalled() -> None:
+        storage.gate.clear()
+        try:
+            with pytest.raises(JournalUnavailable):
+                await asyncio.wait_for(w.append_acked(_entry(1, EntryKind.INTENT)), 2)
+        finally:
+            storage.gate.set()
+
+    asyncio.run(answered())
+    asyncio.run(stalled())  # never failing would be a TimeoutError
+    w.close()
+
+
 async def test_acked_append_errors_when_the_writer_is_gone_inv12(storage: RecordingStorage) -> None:
     w = _writer(storage)
     await asyncio.get_running_loop().run_in_executor(None, w.close)
