@@ -138,6 +138,15 @@ class ExecutionRecord:
     queue: str | None = None
     """The queue an enqueued execution waits in for a worker; ``None`` for one started."""
 
+    @classmethod
+    def created(
+        cls, execution_id: str, workflow: str, inputs: bytes, now_ms: int, queue: str | None
+    ) -> ExecutionRecord:
+        """The row of a new execution, as storage inserts it: running, generation 0."""
+        status = ExecutionStatus.RUNNING
+        return cls(execution_id, workflow, status, 0, inputs, None, None, None, now_ms, now_ms,
+                   None, queue)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class ExecutionSummary:

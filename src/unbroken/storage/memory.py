@@ -61,20 +61,7 @@ class MemoryStorage(MemoryWaits, MemoryRetention):
             existing = self._executions.get(execution_id)
             if existing is not None:
                 return existing, False
-            record = ExecutionRecord(
-                execution_id,
-                workflow,
-                ExecutionStatus.RUNNING,
-                0,
-                inputs,
-                None,
-                None,
-                None,
-                now_ms,
-                now_ms,
-                None,
-                queue,
-            )
+            record = ExecutionRecord.created(execution_id, workflow, inputs, now_ms, queue)
             self._executions[execution_id] = record
             return record, True
 

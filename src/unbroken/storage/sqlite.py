@@ -81,7 +81,7 @@ class SqliteStorage(SqlReads, SqliteWaits, SqliteRetention):
                 (execution_id, workflow, inputs, now_ms, now_ms, queue),
             )
             if cursor.rowcount == 1:  # the row is what was inserted: no read back
-                return _new_row(execution_id, workflow, inputs, queue, now_ms), True
+                return ExecutionRecord.created(execution_id, workflow, inputs, now_ms, queue), True
             row = conn.execute(SELECT_EXECUTION, (execution_id,)).fetchone()
         return execution_from_row(row), False
 
@@ -197,22 +197,3 @@ def _insert_entries(
                 signing.signer = None
     return seq
 
-
-def _new_row(
-    execution_id: str, workflow: str, inputs: bytes, queue: str | None, now_ms: int
-) -> ExecutionRecord:
-    """The row ``_insert`` just inserted, as the database holds it."""
-    return ExecutionRecord(
-        execution_id,
-        workflow,
-        ExecutionStatus.RUNNING,
-        generation=0,
-        inputs=inputs,
-        output=None,
-        error_type=None,
-        error=None,
-        created_at_ms=now_ms,
-        updated_at_ms=now_ms,
-        finalized_at_ms=None,
-        queue=queue,
-    )
