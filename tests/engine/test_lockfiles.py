@@ -348,3 +348,44 @@ def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
         for fd in later:
             os.close(fd)
     assert not LockDir(lock_dir).held(EXECUTION)
+
+
+def test_inv15_a_discard_that_flocked_a_removed_file_leaves_the_new_owner_s_file(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    removed = _removed_by_its_owner(lock_dir)
+    newcomer = LockDir(lock_dir)
+
+    def before(fd: int) -> None:  # the execution ends; a new one under its id starts
+        removed(fd)
+        monkeypatch.undo()
+        later.append(newcomer.acquire(EXECUTION))
+
+    later: list[int] = []
+    _flock_hook(monkeypatch, before)
+    try:
+        assert LockDir(lock_dir).discard([EXECUTION]) == 0
+        monkeypatch.undo()
+        assert _lock_file(lock_dir).stat().st_ino == os.fstat(later[0]).st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        monkeypatch.undo()
+        for fd in later:
+            os.close(fd)
+
+
+def test_inv15_a_release_after_the_lock_directory_was_made_again_leaves_the_new_file(
+    lock_dir: Path,
+) -> None:
+    files = LockDir(lock_dir)
+    fd = files.acquire(EXECUTION)
+    shutil.rmtree(lock_dir)  # the directory is removed under its owner, then made again
+    os.close(files.acquire("other"))
+    other = LockDir(lock_dir).acquire(EXECUTION)  # a new file in the new directory
+    try:
+        files.release(fd, EXECUTION, remove=True)  # the execution ended
+        assert _lock_file(lock_dir).stat().st_ino == os.fstat(other).st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        os.close(other)
+
