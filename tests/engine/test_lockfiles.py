@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -389,3 +390,47 @@ def test_inv15_a_release_after_the_lock_directory_was_made_again_leaves_the_new_
     finally:
         os.close(other)
 
+
+def test_inv15_an_acquire_refused_by_a_file_its_holder_just_removed_takes_a_new_one(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner_fd = LockDir(lock_dir).acquire(EXECUTION)
+    inode = _lock_file(lock_dir).stat().st_ino
+
+    def before(fd: int) -> None:
+        # After our open its owner's execution ends: it unlinks the file it still holds.
+        if os.fstat(fd).st_ino == inode:
+            _lock_file(lock_dir).unlink()
+
+    _flock_hook(monkeypatch, before)
+    try:
+        fd = LockDir(lock_dir).acquire(EXECUTION)
+    finally:
+        monkeypatch.undo()
+        os.close(owner_fd)
+    try:
+        assert os.fstat(fd).st_ino == _lock_file(lock_dir).stat().st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        os.close(fd)
+
+
+def test_inv15_a_forked_child_s_release_leaves_its_parent_s_lock_file(lock_dir: Path) -> None:
+    files = LockDir(lock_dir)
+    fd = files.acquire(EXECUTION)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child gives back what it inherited, as if its execution ended
+            code = 1
+            try:
+                files.release(fd, EXECUTION, remove=True)
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert os.fstat(fd).st_ino == _lock_file(lock_dir).stat().st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        files.release(fd, EXECUTION)
