@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import sqlite3
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from unbroken import Context, Engine, ExecutionCanceled
+from unbroken import Context, Engine, ExecutionCanceled, IntegrityViolation
 from unbroken.ids import lock_name
 from unbroken.journal import ExecutionStatus
+from unbroken.lockfiles import LockDir
 from unbroken.ownership import Ownership
 from unbroken.testing import SimulatedCrash, VirtualClock, crash_after_step
 
@@ -115,3 +120,85 @@ async def test_prune_removes_the_lock_files_of_pruned_executions_no_one_holds(
             report = await engine.prune()
         assert report.executions == 2
         assert _files(tmp_path) == {_file("reused"), _file("running")}
+
+
+async def test_an_execution_aborted_for_failing_its_integrity_check_leaves_no_lock_file(
+    tmp_path: Path,
+) -> None:
+    first = _engine(tmp_path)
+    wf = _register(first, {})
+    async with first:
+        with crash_after_step(first, 0), pytest.raises(SimulatedCrash):
+            await first.run(wf, "ok", execution_id="tampered")
+    with closing(sqlite3.connect(tmp_path / "app.db")) as conn, conn:
+        conn.execute("DELETE FROM journal WHERE execution_id = 'tampered'")
+    again = _engine(tmp_path)
+    _register(again, {})
+    async with again:
+        with pytest.raises(IntegrityViolation):
+            await again.run("wf", "ok", execution_id="tampered")
+        info = await again.get_execution("tampered")
+    assert info is not None and info.status == ExecutionStatus.ABORTED
+    assert _files(tmp_path) == set()
+
+
+async def test_cancel_of_an_execution_another_engine_left_running_removes_its_lock_file(
+    tmp_path: Path,
+) -> None:
+    first = _engine(tmp_path)
+    waiting = {"left": asyncio.Event()}
+    wf = _register(first, waiting)
+    async with first:
+        await first.start(wf, "wait", execution_id="left")
+        await asyncio.wait_for(waiting["left"].wait(), 10)
+    assert _files(tmp_path) == {_file("left")}
+    other = _engine(tmp_path)  # its workflow is not registered here: nothing resumes it
+    async with other:
+        assert await other.cancel("left") is True
+        info = await other.get_execution("left")
+    assert info is not None and info.status == ExecutionStatus.CANCELED
+    assert _files(tmp_path) == set()
+
+
+async def test_a_claimed_execution_canceled_before_it_starts_leaves_no_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine(tmp_path)
+    wf = _register(engine, {})
+    async with engine:
+        await engine.enqueue(wf, "ok", execution_id="queued")
+        storage = engine.storage
+        claim_queued = storage.claim_queued
+
+        def claimed_then_canceled(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+            # The row is canceled between the claim and the start (written past the lock:
+            # a cancel that takes it is refused while the claim holds it).
+            claimed = claim_queued(*args, **kwargs)
+            for eid, _ in claimed:
+                storage.finalize_execution(eid, ExecutionStatus.CANCELED, int(time.time() * 1e3))
+            return claimed
+
+        monkeypatch.setattr(storage, "claim_queued", claimed_then_canceled)
+        assert await engine.claim() == []
+        info = await engine.get_execution("queued")
+    assert info is not None and info.status == ExecutionStatus.CANCELED
+    assert _files(tmp_path) == set()
+
+
+async def test_prune_goes_on_when_the_lock_directory_cannot_be_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = VirtualClock(autojump_after=None)
+    first = _engine(tmp_path, clock=clock)
+    wf = _register(first, {})
+    async with first:
+        for eid in ("a", "b", "c"):
+            await first.run(wf, "ok", execution_id=eid)
+    shutil.rmtree(_lock_dir(tmp_path))
+    _lock_dir(tmp_path).write_text("not a directory")
+    clock.advance(8 * DAY)
+    async with _engine(tmp_path, clock=clock, prune_batch_size=1) as pruner:
+        report = await pruner.prune()
+    assert report.executions == 3
+    assert "lock files of pruned executions stay" in caplog.text  # said, not raised
+    assert LockDir(_lock_dir(tmp_path)).discard(["a"]) == 0

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -348,3 +349,88 @@ def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
         for fd in later:
             os.close(fd)
     assert not LockDir(lock_dir).held(EXECUTION)
+
+
+def test_inv15_a_discard_that_flocked_a_removed_file_leaves_the_new_owner_s_file(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    removed = _removed_by_its_owner(lock_dir)
+    newcomer = LockDir(lock_dir)
+
+    def before(fd: int) -> None:  # the execution ends; a new one under its id starts
+        removed(fd)
+        monkeypatch.undo()
+        later.append(newcomer.acquire(EXECUTION))
+
+    later: list[int] = []
+    _flock_hook(monkeypatch, before)
+    try:
+        assert LockDir(lock_dir).discard([EXECUTION]) == 0
+        monkeypatch.undo()
+        assert _lock_file(lock_dir).stat().st_ino == os.fstat(later[0]).st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        monkeypatch.undo()
+        for fd in later:
+            os.close(fd)
+
+
+def test_inv15_a_release_after_the_lock_directory_was_made_again_leaves_the_new_file(
+    lock_dir: Path,
+) -> None:
+    files = LockDir(lock_dir)
+    fd = files.acquire(EXECUTION)
+    shutil.rmtree(lock_dir)  # the directory is removed under its owner, then made again
+    os.close(files.acquire("other"))
+    other = LockDir(lock_dir).acquire(EXECUTION)  # a new file in the new directory
+    try:
+        files.release(fd, EXECUTION, remove=True)  # the execution ended
+        assert _lock_file(lock_dir).stat().st_ino == os.fstat(other).st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        os.close(other)
+
+
+def test_inv15_an_acquire_refused_by_a_file_its_holder_just_removed_takes_a_new_one(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner_fd = LockDir(lock_dir).acquire(EXECUTION)
+    inode = _lock_file(lock_dir).stat().st_ino
+
+    def before(fd: int) -> None:
+        # After our open its owner's execution ends: it unlinks the file it still holds.
+        if os.fstat(fd).st_ino == inode:
+            _lock_file(lock_dir).unlink()
+
+    _flock_hook(monkeypatch, before)
+    try:
+        fd = LockDir(lock_dir).acquire(EXECUTION)
+    finally:
+        monkeypatch.undo()
+        os.close(owner_fd)
+    try:
+        assert os.fstat(fd).st_ino == _lock_file(lock_dir).stat().st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        os.close(fd)
+
+
+def test_inv15_a_forked_child_s_release_leaves_its_parent_s_lock_file(lock_dir: Path) -> None:
+    files = LockDir(lock_dir)
+    fd = files.acquire(EXECUTION)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child gives back what it inherited, as if its execution ended
+            code = 1
+            try:
+                files.release(fd, EXECUTION, remove=True)
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert os.fstat(fd).st_ino == _lock_file(lock_dir).stat().st_ino
+        assert _try_elsewhere(lock_dir, EXECUTION) == f"locked {os.getpid()}"
+    finally:
+        files.release(fd, EXECUTION)

@@ -1021,6 +1021,22 @@ def test_prune_tells_its_caller_each_batch_once_deleted_and_a_dry_run_nothing(
     assert heard == [["ex-0", "ex-1", "ex-2"], ["ex-3", "ex-4", "ex-5"], ["ex-6"]]
 
 
+def test_prune_goes_through_every_batch_when_on_pruned_raises(storage: Storage) -> None:
+    for n in range(7):
+        finished(storage, f"ex-{n}", finalized_at_ms=1_000 + n)
+    heard: list[list[str]] = []
+
+    def on_pruned(batch: Sequence[str]) -> None:
+        heard.append(list(batch))
+        raise OSError("lock files cannot be removed")
+
+    policy = replace(OFF, ttl_completed_ms=0, batch_size=3)
+    report = storage.prune(policy, 10_000, on_pruned=on_pruned)
+    assert report == PruneReport(executions=7, journal_rows=14, by_ttl=7)
+    assert ids(storage) == set()
+    assert heard == [["ex-0", "ex-1", "ex-2"], ["ex-3", "ex-4", "ex-5"], ["ex-6"]]
+
+
 def test_prune_dry_run_changes_nothing_and_reports_what_a_run_removes(storage: Storage) -> None:
     finished(storage, "ttl", ExecutionStatus.FAILED, finalized_at_ms=1_000)
     for n in range(5):
