@@ -329,19 +329,26 @@ def test_an_acquire_whose_file_is_removed_at_every_open_fails_naming_it(
         LockDir(lock_dir).acquire(EXECUTION)
 
 
-def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
-    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _replaced_before_the_flock(lock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Before the next flock: the owner removes its file, and a newcomer takes the lock of
+    a new one under the name (its file descriptor lands in the list returned)."""
     removed = _removed_by_its_owner(lock_dir)
     newcomer = LockDir(lock_dir)
+    later: list[int] = []
 
-    def before(fd: int) -> None:  # the owner removes its file, a newcomer makes another
+    def before(fd: int) -> None:
         removed(fd)
         monkeypatch.undo()
         later.append(newcomer.acquire(EXECUTION))
 
-    later: list[int] = []
     _flock_hook(monkeypatch, before)
+    return later
+
+
+def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later = _replaced_before_the_flock(lock_dir, monkeypatch)
     try:
         assert LockDir(lock_dir).held(EXECUTION)
     finally:
@@ -354,16 +361,7 @@ def test_the_probe_looks_at_the_current_file_when_its_file_was_removed(
 def test_inv15_a_discard_that_flocked_a_removed_file_leaves_the_new_owner_s_file(
     lock_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    removed = _removed_by_its_owner(lock_dir)
-    newcomer = LockDir(lock_dir)
-
-    def before(fd: int) -> None:  # the execution ends; a new one under its id starts
-        removed(fd)
-        monkeypatch.undo()
-        later.append(newcomer.acquire(EXECUTION))
-
-    later: list[int] = []
-    _flock_hook(monkeypatch, before)
+    later = _replaced_before_the_flock(lock_dir, monkeypatch)  # ended; started again
     try:
         assert LockDir(lock_dir).discard([EXECUTION]) == 0
         monkeypatch.undo()
