@@ -136,9 +136,9 @@ class Run:
 
     async def _release(self) -> None:
         """Give ownership back, removing the lock file of an ended execution (on the
-        loop, as the file's release always was: a stat of the name, the unlink, and the
-        inode freed at close); a database lock is released off the event loop (and is
-        released even if this task is cancelled meanwhile)."""
+        loop, as the file's release always was: the unlink, and the inode freed at
+        close); a database lock is released off the event loop (and is released even if
+        this task is cancelled meanwhile)."""
         ended = self.ended and not self.lost
         if not self.lock.remote:
             self.lock.release(ended=ended)
