@@ -167,7 +167,8 @@ class Launcher:
                     None, self._ownership.barrier, eid
                 )
         row = await self._read(self._storage.get_execution, eid)
-        assert row is not None
+        if row is None:  # pruned since the first read
+            raise UnknownExecution(eid)
         future = self.results[eid]
         if self._settled(wf, row, future):
             return None, False

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from unbroken import Context, Engine, ExecutionCanceled, IntegrityViolation
+from unbroken import Context, Engine, ExecutionCanceled, IntegrityViolation, UnknownExecution
 from unbroken.ids import lock_name
 from unbroken.journal import ExecutionStatus
 from unbroken.lockfiles import LockDir
@@ -139,6 +139,40 @@ async def test_an_execution_aborted_for_failing_its_integrity_check_leaves_no_lo
             await again.run("wf", "ok", execution_id="tampered")
         info = await again.get_execution("tampered")
     assert info is not None and info.status == ExecutionStatus.ABORTED
+    assert _files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("gone", ["before the read under the lock", "before the reopen"])
+async def test_a_start_that_finds_its_execution_pruned_under_the_lock_leaves_no_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone: str
+) -> None:
+    engine = _engine(tmp_path)
+    wf = _register(engine, {})
+    async with engine:
+        with pytest.raises(RuntimeError):
+            await engine.run(wf, "fail", execution_id="gone")  # failed: a start reopens it
+        storage, reads = engine.storage, 0
+        real_read = storage.get_execution
+
+        def prune() -> None:
+            with closing(sqlite3.connect(tmp_path / "app.db")) as conn, conn:
+                for table in ("journal", "integrity", "executions"):
+                    conn.execute(f"DELETE FROM {table} WHERE execution_id = 'gone'")
+
+        def read(execution_id: str) -> Any:
+            nonlocal reads
+            reads += 1
+            if reads == 2 and gone == "before the read under the lock":
+                prune()
+            row = real_read(execution_id)
+            if reads == 2 and gone == "before the reopen":
+                prune()
+            return row
+
+        monkeypatch.setattr(storage, "get_execution", read)
+        with pytest.raises(UnknownExecution):
+            await engine.run(wf, "ok", execution_id="gone")
+    assert reads == 2
     assert _files(tmp_path) == set()
 
 
