@@ -143,9 +143,20 @@ class ExecutionRecord:
         cls, execution_id: str, workflow: str, inputs: bytes, now_ms: int, queue: str | None
     ) -> ExecutionRecord:
         """The row of a new execution, as storage inserts it: running, generation 0."""
-        status = ExecutionStatus.RUNNING
-        return cls(execution_id, workflow, status, 0, inputs, None, None, None, now_ms, now_ms,
-                   None, queue)  # fmt: skip
+        return cls(
+            execution_id,
+            workflow,
+            ExecutionStatus.RUNNING,
+            generation=0,
+            inputs=inputs,
+            output=None,
+            error_type=None,
+            error=None,
+            created_at_ms=now_ms,
+            updated_at_ms=now_ms,
+            finalized_at_ms=None,
+            queue=queue,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,8 +113,8 @@ class LockDir:
                 os.close(fd)
                 raise
             if opened is not None:
-                # A spare made ahead holds our pid already, unless what was opened is not
-                # it (a holder removed the name between the link and the open).
+                # A spare made ahead holds our pid already; a file found empty does not (a
+                # holder removed the name between the link and the open, and we made it).
                 if not made or opened.st_size == 0:
                     _write_pid(fd)
                 self._held[fd] = _Held(name, generation, os.getpid())

@@ -47,7 +47,8 @@ _DECLINED: Any = object()  # ``_inline``: the work cannot be done on this thread
 
 
 class JournalWriter:
-    """Group-committing journal writer on a dedicated thread."""
+    """Group-committing journal writer on a dedicated thread, used from one event loop at a
+    time (an engine's)."""
 
     def __init__(
         self,

@@ -379,7 +379,7 @@ def test_inv15_a_release_after_the_lock_directory_was_made_again_leaves_the_new_
     files = LockDir(lock_dir)
     fd = files.acquire(EXECUTION)
     shutil.rmtree(lock_dir)  # the directory is removed under its owner, then made again
-    os.close(files.acquire("other"))
+    files.release(files.acquire("other"), "other")
     other = LockDir(lock_dir).acquire(EXECUTION)  # a new file in the new directory
     try:
         files.release(fd, EXECUTION, remove=True)  # the execution ended

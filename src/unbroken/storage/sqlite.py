@@ -196,4 +196,3 @@ def _insert_entries(
             finally:
                 signing.signer = None
     return seq
-
