@@ -13,6 +13,7 @@ import itertools
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,22 @@ def assert_never_two_at_once(
             assert end_a <= start_b, f"{eid} ran in pids {pid_a} and {pid_b} at once"
 
 
+def _running_steps(log: Path) -> bool:
+    """Whether a worker's record file shows a step it started and has not ended yet."""
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    open_steps: set[tuple[str, str]] = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 5:
+            continue  # a line being written
+        eid, _, step, phase, _ = fields
+        (open_steps.add if phase == "start" else open_steps.discard)((eid, step))
+    return bool(open_steps)
+
+
 def test_the_oracle_sees_two_processes_running_one_execution_at_once() -> None:
     rows = [Record(1, 0, "start", 1.0), Record(1, 0, "end", 2.0), Record(2, 1, "start", 1.5)]
     rows.append(Record(2, 1, "end", 3.0))
@@ -80,7 +97,10 @@ def test_four_workers_drain_2000_executions_and_finish_a_killed_ones_work(queue:
     start = time.monotonic()
     workers = [queue.start("--concurrency", str(CONCURRENCY)) for _ in range(WORKERS)]
     victim = workers[0]
-    while queue.count("completed") < EXECUTIONS // 4:
+    victim_log = queue.records / f"{victim.pid}.log"
+    # A quarter drained, and the victim running steps (a worker slow to start on a loaded
+    # machine could otherwise be killed with nothing in flight).
+    while queue.count("completed") < EXECUTIONS // 4 or not _running_steps(victim_log):
         assert victim.poll() is None, queue.stderr(victim)
         assert time.monotonic() - start < DRAIN_LIMIT_SECS, "the workers made no progress"
         time.sleep(0.05)
