@@ -103,12 +103,12 @@ class LockDir:
             try:
                 fd, made, dir_fd, generation = self._open(name)
             except OSError as exc:
-                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+                raise _failed(exc) from exc
             try:
                 opened = _take(fd, name, dir_fd, execution_id)
             except OSError as exc:
                 os.close(fd)
-                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+                raise _failed(exc) from exc
             except BaseException:
                 os.close(fd)
                 raise
@@ -183,7 +183,7 @@ class LockDir:
             except FileNotFoundError:
                 return False
             except OSError as exc:
-                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+                raise _failed(exc) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 if _named(fd, path, None) is not None:
@@ -191,7 +191,7 @@ class LockDir:
             except BlockingIOError:
                 return True
             except OSError as exc:
-                raise StorageError("lock execution", exc.strerror or type(exc).__name__) from exc
+                raise _failed(exc) from exc
             finally:
                 os.close(fd)  # closing drops the probe's shared lock
             # Removed by its owner since our open: the probe looked at a file no longer
@@ -475,6 +475,11 @@ def _alive(pid: int) -> bool:
     except OSError:  # it exists but is not ours to signal
         return True
     return True
+
+
+def _failed(exc: OSError) -> StorageError:
+    """What a lock file's open, flock or stat that failed is reported as."""
+    return StorageError("lock execution", exc.strerror or type(exc).__name__)
 
 
 def _named(fd: int, name: str | Path, dir_fd: int | None) -> os.stat_result | None:
